@@ -3,7 +3,9 @@
 Each :class:`Criterion` says which *base quantities* a batch must provide and how one batch's
 quantities become that batch's score. :func:`oba_ext.score` averages the per-batch scores.
 
-Base quantities, per parameter ``i`` on target layers (SPEC §2), computed by an implementation
+Quantities are computed per batch by an implementation. The reference path looks them up in
+``oba_ext.reference.quantities.QUANTITIES`` (extensible: a new quantity is a function there);
+the engine computes the base quantities. Base quantities, per parameter ``i`` on target layers (SPEC §2), computed by an implementation
 (the reference path or the engine) at the requested granularities:
 
 - ``"taylor"``: ``θ_i g_i``                       (first order)
@@ -17,7 +19,7 @@ Criterion squares the per-batch channel sum, SPEC §6).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Mapping, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 from torch import Tensor
 
@@ -35,6 +37,8 @@ class Criterion:
     norm_layers: bool = False
     #: implementations that can compute it ("reference", "kernel")
     impls: Tuple[str, ...] = ("reference", "kernel")
+    #: applied to the batch-averaged score (e.g. ``torch.sqrt`` for an L2 norm); None = identity
+    finalize: Optional[Callable[[Tensor], Tensor]] = None
 
 
 CRITERIA: Dict[str, Criterion] = {}

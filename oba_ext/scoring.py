@@ -334,7 +334,10 @@ def _finish(acc, num, layers, crit, gran, impl_ran, model) -> ScoreResult:
         ref = layers[name].param(layers[name].params[0])
         ls = LayerScores()
         for key, s in sums.items():
-            v = (s / num).to(ref.dtype)
+            v = s / num
+            if crit.finalize is not None:
+                v = crit.finalize(v)
+            v = v.to(ref.dtype)
             if key.startswith("parts."):
                 ls.parts[key[len("parts."):]] = v
             else:
