@@ -68,3 +68,36 @@ def get(kind: str) -> Criterion:
     if not isinstance(kind, str) or kind not in CRITERIA:
         raise ValueError(f"kind: unknown score kind {kind!r}; expected one of {sorted(CRITERIA)}")
     return CRITERIA[kind]
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimal Brain Connection and baseline criteria (quantities in oba_ext/reference/baselines.py
+# and oba_ext/reference/fastoba.py; appended by the OBC/baselines engineer).
+# ---------------------------------------------------------------------------------------------
+def _sqrt_nonneg(t: Tensor) -> Tensor:
+    return t.clamp_min(0).sqrt()
+
+
+register(Criterion("jacobian", ("taylor",), lambda q: q["taylor"] ** 2,
+                   "Optimal Brain Connection's Jacobian Criterion: mean over batches of "
+                   "(Σ_m w⊙∇L_batch)² per component (filter+bias, input slice, BN/LN channel)",
+                   norm_layers=True))
+register(Criterion("magnitude_l1", ("magnitude_l1",), lambda q: q["magnitude_l1"],
+                   "L1 magnitude Σ|w| per channel (no gradients)", impls=("reference",)))
+register(Criterion("magnitude_l2", ("magnitude_l2",), lambda q: q["magnitude_l2"],
+                   "L2 magnitude sqrt(Σw²) per channel (no gradients)", impls=("reference",),
+                   finalize=_sqrt_nonneg))
+register(Criterion("random", ("random",), lambda q: q["random"],
+                   "seeded random scores (seed = torch.initial_seed())", impls=("reference",)))
+register(Criterion("taylor_abs", ("taylor_abs",), lambda q: q["taylor_abs"],
+                   "first-order Taylor with absolute values Σ|w⊙∇L| per channel",
+                   impls=("reference",)))
+register(Criterion("fisher", ("fisher",), lambda q: q["fisher"],
+                   "diagonal empirical-Fisher OBD w²·mean_n g_n² (per-sample gradients)",
+                   impls=("reference",)))
+register(Criterion("fastoba2", ("fastoba2",), lambda q: q["fastoba2"],
+                   "FastOBA 2nd-order term θ⊙∂(DL[θ]) = θ⊙Hθ by nested autograd",
+                   impls=("reference",)))
+register(Criterion("fastoba3", ("fastoba3",), lambda q: q["fastoba3"],
+                   "FastOBA 3rd-order term θ⊙∂(D²L[θ,θ]) by nested autograd",
+                   impls=("reference",)))
