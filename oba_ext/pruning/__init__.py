@@ -1,0 +1,13 @@
+"""Turning scores into smaller models.
+
+- :class:`OBAImportance`: a Torch-Pruning importance fed by :func:`oba_ext.score`.
+- :func:`build_pruner`, :func:`prune_to_target`: structured pruning (MetaPruner) to a ratio or
+  to a FLOPs / parameter target.
+- :func:`unstructured_masks`, :func:`apply_masks`: per-weight masks at an exact sparsity.
+"""
+from .importance import OBAImportance
+from .structured import (PruneOutcome, TargetUnreachableError, apply_fixups, build_pruner, count,
+                         output_layers, prune_once, prune_to_target)
+
+__all__ = ["OBAImportance", "PruneOutcome", "TargetUnreachableError", "apply_fixups", "build_pruner",
+           "count", "output_layers", "prune_once", "prune_to_target"]
