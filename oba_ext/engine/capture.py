@@ -1,0 +1,188 @@
+"""Graph capture for the engine: ``torch.fx`` symbolic tracing, checked and compiled into steps.
+
+Why fx (and not torch.export): scores are keyed by qualified module names, and fx keeps a
+``call_module`` node per leaf-module call with exactly that name (``layer1.0.conv1``); export
+inlines modules into aten ops and only keeps names as metadata. fx also keeps the user-level
+ops (``F.relu``, ``x.view``, ``operator.add``) that the rule registry is keyed by, needs no
+example input, and does not specialize shapes, so one capture serves every batch size.
+Cost: models with data-dependent Python control flow cannot be traced → ``CaptureError``.
+
+Leaf modules: every module with a rule (Linear, Conv, BN, LN, GN, activations, pooling,
+dropout, …), the modules in ``rules.UNSUPPORTED`` and fx's default leaves (torch.nn modules).
+
+A :class:`Step` per node holds everything the sweep needs that does not depend on the data:
+the rule, the flattened argument template, which leaves are nodes, the scored layer name,
+whether the node is *live* (downstream of a target or scored norm layer, so it carries streams
+and needs cotangents) and which earlier values can be freed after it.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Dict, List, Optional
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from . import rules as R
+from .rules.generic import GENERIC
+
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      torch.relu_, torch.nn.functional.relu_}
+
+
+class CaptureError(Exception):
+    """The model cannot be captured by the engine (the message says why)."""
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if R.module_rule(m) is not None or any(c in R.UNSUPPORTED for c in type(m).__mro__):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+class Step:
+    __slots__ = ("node", "op", "rule", "fn", "module", "flat", "spec", "node_pos", "live",
+                 "layer", "free_after", "tuple_getitem", "needs_nodes")
+
+    def __init__(self, node):
+        self.node = node
+        self.op = node.op
+        self.rule = None
+        self.fn = None
+        self.module = None
+        self.flat = None
+        self.spec = None
+        self.node_pos: List[int] = []
+        self.live = False
+        self.layer: Optional[str] = None
+        self.free_after: List[fx.Node] = []
+        self.tuple_getitem = False
+
+
+class Program:
+    """A captured model: ``steps`` in topological order, ``output`` node, ``placeholders``."""
+
+    def __init__(self, steps, output, placeholders, defaults):
+        self.steps = steps
+        self.output = output
+        self.placeholders = placeholders
+        self.defaults = defaults
+
+
+def _fetch_attr(model, target: str):
+    obj = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _is_inplace(node, modules) -> bool:
+    if node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"):
+        return True
+    if node.op == "call_function" and node.target in _INPLACE_FUNCTIONS:
+        return True
+    if node.kwargs.get("inplace", False) is True:
+        return True
+    if node.op == "call_module" and getattr(modules[node.target], "inplace", False) is True:
+        return True
+    return False
+
+
+def capture(model: nn.Module, layers: Dict[str, "LayerSpec"]) -> Program:  # noqa: F821
+    """Trace ``model`` and compile its graph into :class:`Step` s; ``CaptureError`` if not possible."""
+    R._load()
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # fx raises many types (TraceError, TypeError, …) for untraceable code
+        raise CaptureError(f"torch.fx symbolic tracing of {type(model).__name__} failed: "
+                           f"{type(e).__name__}: {e}") from e
+    modules = dict(model.named_modules())
+    target_params = {id(s.param(p)): s.qualified(p) for s in layers.values()
+                     if s.kind != "norm" for p in s.params}
+    nodes = list(graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    steps: List[Step] = []
+    placeholders, defaults, output = [], [], None
+    live: Dict[fx.Node, bool] = {}
+    called_layers = set()
+    for node in nodes:
+        st = Step(node)
+        if node.op == "placeholder":
+            placeholders.append(node)
+            defaults.append(node.args[0] if node.args else inspect_empty)
+            live[node] = False
+        elif node.op == "get_attr":
+            val = _fetch_attr(model, node.target)
+            if id(val) in target_params:
+                raise CaptureError(f"target parameter {target_params[id(val)]!r} is used outside "
+                                   f"its module's forward (node {node.name!r}); the engine needs "
+                                   f"target layers called as modules")
+            live[node] = False
+        elif node.op == "output":
+            output = node.args[0]
+            if not isinstance(output, fx.Node):
+                raise CaptureError(f"{type(model).__name__} returns {type(output).__name__}; the "
+                                   f"engine needs a model that returns a single tensor")
+            continue
+        else:
+            reason = R.unsupported_reason(node, modules)
+            if reason is not None:
+                raise CaptureError(f"node {node.name!r}: {reason}")
+            if node.op == "call_module":
+                st.module = modules[node.target]
+                st.fn = st.module
+                if node.target in layers:
+                    st.layer = node.target
+                    called_layers.add(node.target)
+                    if layers[node.target].kind != "norm":
+                        pm = getattr(st.module, "padding_mode", "zeros")
+                        if pm != "zeros":
+                            raise CaptureError(f"{node.target}: padding_mode={pm!r} is not "
+                                               f"supported by the engine (only 'zeros')")
+            elif node.op == "call_function":
+                st.fn = node.target
+            else:
+                st.fn = getattr(torch.Tensor, node.target, None)
+                if st.fn is None:
+                    raise CaptureError(f"node {node.name!r}: unknown tensor method "
+                                       f".{node.target}()")
+            st.rule = R.lookup(node, modules)
+            st.flat, st.spec = pytree.tree_flatten((tuple(node.args), dict(node.kwargs)))
+            st.node_pos = [i for i, a in enumerate(st.flat) if isinstance(a, fx.Node)]
+            st.tuple_getitem = (node.op == "call_function" and node.target is operator.getitem)
+            inputs_live = any(live.get(st.flat[i], False) for i in st.node_pos)
+            st.live = inputs_live or st.layer is not None
+            live[node] = st.live
+            if st.live and _is_inplace(node, modules) and st.node_pos:
+                mutated = st.flat[st.node_pos[0]]
+                later = [u for u in mutated.users if order[u] > order[node]]
+                if later:
+                    raise CaptureError(f"node {node.name!r} mutates {mutated.name!r} in place, "
+                                       f"which {later[0].name!r} reads afterwards; the engine "
+                                       f"computes out of place (rewrite without in-place ops)")
+            if st.live and st.rule is None:
+                st.rule = GENERIC
+        steps.append(st)
+    if output is None:
+        raise CaptureError("the traced graph has no output")
+    if not live.get(output, False):
+        raise CaptureError("the model output does not depend on any target layer")
+    # free each value after its last forward reader
+    last = {}
+    for st in steps:
+        for i in st.node_pos:
+            last[st.flat[i]] = st
+    for n, st in last.items():
+        if n is not output:
+            st.free_after.append(n)
+    return Program(steps, output, placeholders, defaults)
+
+
+class _Empty:
+    def __repr__(self):
+        return "<no default>"
+
+
+inspect_empty = _Empty()

@@ -1,0 +1,70 @@
+"""The one place that chooses between our compiled kernels and their pure-PyTorch twins.
+
+The engine calls the score reductions of SPEC §5 through the three names below. Each resolves,
+per device type, to the compiled op in :mod:`oba_ext.ops` when
+``oba_ext._ext.kernels_available(device)`` says kernels exist for that device, else to the
+same-named twin in :mod:`oba_ext.reference.channel` / :mod:`oba_ext.reference.weight`.
+
+- ``channel_score_reduce(a, b, c, d, channel_dim) -> (second, first)``:
+  ``second[k] = Σ_{dims≠k} a⊙(b−d) + c⊙d``, ``first[k] = Σ a⊙d`` (``b=None``: zero tangent;
+  here also ``c=None``: zero second cotangent, see below).
+- ``linear_weight_score(w, grads, inputs) = w ⊙ Σ_k grads[k]ᵀ inputs[k]`` (leading dims flattened).
+- ``conv_weight_score(w, grads, inputs, stride, padding, dilation, groups)
+  = w ⊙ Σ_k wgrad(inputs[k], grads[k])``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import List, Optional
+
+from torch import Tensor
+
+from .. import _ext
+from ..ops import channel as _ops_channel
+from ..ops import weight as _ops_weight
+from ..reference import channel as _ref_channel
+from ..reference import weight as _ref_weight
+
+_NAMES = ("channel_score_reduce", "linear_weight_score", "conv_weight_score")
+_KERNELS = {"channel_score_reduce": _ops_channel, "linear_weight_score": _ops_weight,
+            "conv_weight_score": _ops_weight}
+_TWINS = {"channel_score_reduce": _ref_channel, "linear_weight_score": _ref_weight,
+          "conv_weight_score": _ref_weight}
+
+
+@functools.lru_cache(maxsize=None)
+def resolve(name: str, device_type: str):
+    """The implementation of op ``name`` for tensors on ``device_type`` ("cpu", "cuda", ...)."""
+    if name not in _NAMES:
+        raise KeyError(f"engine.kernels: unknown op {name!r}; expected one of {list(_NAMES)}")
+    try:
+        use_kernel = bool(_ext.kernels_available(device_type))
+    except Exception:  # an unknown device type means "no kernels", never a crash
+        use_kernel = False
+    return getattr((_KERNELS if use_kernel else _TWINS)[name], name)
+
+
+def which(device_type: str) -> dict:
+    """{op name: "module.function"} actually used on ``device_type`` (for info and tests)."""
+    return {n: f"{resolve(n, device_type).__module__}.{n}" for n in _NAMES}
+
+
+def channel_score_reduce(a: Tensor, b: Optional[Tensor], c: Optional[Tensor], d: Tensor,
+                         channel_dim: int):
+    fn = resolve("channel_score_reduce", a.device.type)
+    if c is None:
+        # C = 0 (oba right after the loss): with c := a the op returns Σ a⊙b (resp. 0 for
+        # b=None) as "second"; subtracting "first" = Σ a⊙d gives Σ a⊙(b−d) without a zeros tensor.
+        s, f = fn(a, b, a, d, channel_dim)
+        return s - f, f
+    return fn(a, b, c, d, channel_dim)
+
+
+def linear_weight_score(w: Tensor, grads: List[Tensor], inputs: List[Tensor]) -> Tensor:
+    return resolve("linear_weight_score", w.device.type)(w, grads, inputs)
+
+
+def conv_weight_score(w: Tensor, grads: List[Tensor], inputs: List[Tensor], stride, padding,
+                      dilation, groups: int) -> Tensor:
+    return resolve("conv_weight_score", w.device.type)(w, grads, inputs, stride, padding,
+                                                       dilation, groups)

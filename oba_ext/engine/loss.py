@@ -1,0 +1,112 @@
+"""The loss node of the sweep: ``G = ∇ℓ(z)``; ``C = 0`` for ``oba``, ``C = ∇²ℓ · T_z`` for ``exact``.
+
+Hand-written rules (registry :data:`LOSS_RULES`, keyed by function object or loss-module
+class) for mean cross-entropy over class indices or probabilities, ``z: (B, K)``::
+
+    p = softmax(z);  G = (p − y) / B;  C = (p⊙T_z − p·(pᵀT_z)) / B     ((diag p − ppᵀ) T_z / B)
+
+and mean squared error, ``G = 2(z − y)/N``, ``C = 2 T_z / N``. Any other loss (or an
+unsupported configuration: class weights, label smoothing, ignored targets, other shapes) uses
+autograd: ``G = ∇ℓ``, ``C = ∇(∇ℓ · T_z)`` (one double backward through the loss only).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _ce(z: Tensor, t_z: Optional[Tensor], y: Tensor, exact: bool):
+    if z.dim() != 2 or not (y.dim() == 1 and not y.is_floating_point() or y.shape == z.shape):
+        return None
+    n = z.shape[0]
+    p = torch.softmax(z, 1)
+    if y.is_floating_point():
+        g = (p - y) / n
+    else:
+        if ((y < 0) | (y >= z.shape[1])).any():
+            return None  # ignore_index / invalid: let autograd say what it does
+        g = p.clone()
+        g[torch.arange(n, device=z.device), y] -= 1
+        g = g / n
+    c = None
+    if exact and t_z is not None:
+        pt = p * t_z
+        c = (pt - p * pt.sum(1, keepdim=True)) / n
+    return g, c
+
+
+def _mse(z: Tensor, t_z: Optional[Tensor], y: Tensor, exact: bool):
+    if y.shape != z.shape:
+        return None
+    n = z.numel()
+    g = (z - y) * (2.0 / n)
+    c = t_z * (2.0 / n) if (exact and t_z is not None) else None
+    return g, c
+
+
+def _ce_module(m: nn.CrossEntropyLoss):
+    if m.weight is None and m.label_smoothing == 0 and m.reduction == "mean":
+        return _ce
+    return None
+
+
+def _mse_module(m: nn.MSELoss):
+    return _mse if m.reduction == "mean" else None
+
+
+#: function object -> rule; loss-module class -> (module -> rule or None)
+LOSS_RULES: Dict[object, Callable] = {F.cross_entropy: _ce, F.mse_loss: _mse}
+LOSS_MODULE_RULES: Dict[type, Callable] = {nn.CrossEntropyLoss: _ce_module, nn.MSELoss: _mse_module}
+
+
+def _register_default():
+    from ..scoring import default_loss
+    LOSS_RULES[default_loss] = _ce
+
+
+def resolve_loss_rule(loss_fn) -> Optional[Callable]:
+    """The hand-written rule for ``loss_fn`` (unwrapping ``__wrapped__``), or None."""
+    _register_default()
+    base = loss_fn
+    while hasattr(base, "__wrapped__"):
+        base = base.__wrapped__
+    try:
+        rule = LOSS_RULES.get(base)
+    except TypeError:
+        rule = None
+    if rule is not None:
+        return rule
+    for cls in type(base).__mro__:
+        make = LOSS_MODULE_RULES.get(cls)
+        if make is not None:
+            return make(base)
+    return None
+
+
+def autograd_loss_streams(loss_fn, z: Tensor, t_z: Optional[Tensor], targets, exact: bool
+                          ) -> Tuple[Tensor, Optional[Tensor]]:
+    """``G = ∇ℓ(z)`` and, for ``exact``, ``C = ∇²ℓ·T_z`` by (double) backward."""
+    with torch.enable_grad():
+        zz = z.detach().requires_grad_(True)
+        loss = loss_fn(zz, targets)
+        want_c = exact and t_z is not None
+        (g,) = torch.autograd.grad(loss, zz, create_graph=want_c)
+        c = None
+        if want_c:
+            (c,) = torch.autograd.grad(g, zz, grad_outputs=t_z, allow_unused=True)
+            if c is None:
+                c = torch.zeros_like(z)
+            c = c.detach()
+    return g.detach(), c
+
+
+def loss_streams(rule, loss_fn, z, t_z, targets, exact: bool):
+    """(G, C) at the model output for one mode; C is None when it is zero."""
+    if rule is not None:
+        out = rule(z, t_z, targets, exact)
+        if out is not None:
+            return out
+    return autograd_loss_streams(loss_fn, z, t_z, targets, exact)

@@ -1,0 +1,168 @@
+"""Per-op rules of the two-stream sweep (SPEC §3), and the registry that finds them.
+
+Rule API (what a new rule provides — one file plus a registry entry)
+-------------------------------------------------------------------
+A rule is an object with two methods::
+
+    forward(call, ctx) -> (y, t_y)
+    backward(ctx, g, c) -> [ (g_i, c_i) or None  for each tensor input i of the call ]
+
+``call`` (:class:`Call`) holds the node's real inputs: ``call.inputs`` (tensor leaves of the
+args/kwargs, in flatten order), ``call.tangents`` (their tangents ``T``, ``None`` = zero),
+``call.needs`` (whether input i needs a cotangent), ``call.args`` / ``call.kwargs`` (with the
+values substituted), ``call.module`` (for module calls), ``call.fn`` (the callable) and
+``call.rebuild(new_inputs)`` -> ``(args, kwargs)`` with the tensor leaves replaced.
+``ctx`` is a per-node namespace: the rule saves what backward needs on it (and nothing more).
+The sweep sets, before backward:
+
+- ``ctx.mode``: "oba" or "exact" (second stream ``C`` wanted), or ``None`` (first order only:
+  ``c`` is always ``None`` and the rule returns ``c_i = None``);
+- ``ctx.exact``: ``ctx.mode == "exact"`` — add the op's own second-order term
+  (e.g. ``σ''(a)·T_a·G``), which ``oba`` leaves out unless the op is a bilinear product;
+- ``ctx.tangents``: whether the forward carried tangents at all;
+- ``ctx.layer``: the scored layer name for target/norm modules (else ``None``), and
+  ``ctx.record(quantity, key, tensor)`` to add a score (accumulates: weight sharing sums);
+- ``ctx.keys``, ``ctx.first``: requested keys and whether "taylor" is wanted.
+
+``None`` for a tangent or cotangent means zero; rules exploit it to skip work, and return
+``None`` rather than a tensor of zeros. ``g`` may be ``None`` only when nothing downstream
+reached the node (the sweep then skips the rule). Rules never modify their inputs in place.
+
+Registry: :data:`MODULE_RULES` (module class, looked up along the MRO),
+:data:`FUNCTION_RULES` (function object: ``torch.relu``, ``operator.add``, ...),
+:data:`METHOD_RULES` (tensor-method name: ``"view"``, ``"relu"``, ...). :func:`lookup`
+returns the rule for an fx node or ``None`` (the sweep then uses the generic rule,
+:mod:`.generic`, with a one-time warning). :data:`UNSUPPORTED` lists ops the generic rule
+would get wrong in ``oba`` mode (bilinear products inside: attention) — the sweep raises
+``CaptureError`` for them until a rule is registered.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import _pytree as pytree
+
+MODULE_RULES: Dict[type, Any] = {}
+FUNCTION_RULES: Dict[Any, Any] = {}
+METHOD_RULES: Dict[str, Any] = {}
+
+#: ops whose generic linearization is wrong for ``oba`` (they contain products of two
+#: θ-dependent activations) and that have no rule yet: capture refuses them.
+UNSUPPORTED: Dict[Any, str] = {
+    nn.MultiheadAttention: "nn.MultiheadAttention (attention rules not registered yet)",
+    F.scaled_dot_product_attention: "scaled_dot_product_attention (attention rules not registered yet)",
+    F.multi_head_attention_forward: "multi_head_attention_forward (attention rules not registered yet)",
+    nn.Bilinear: "nn.Bilinear (bilinear in its two inputs)",
+    F.bilinear: "F.bilinear (bilinear in its two inputs)",
+    torch.addmm: "torch.addmm (use matmul + add)",
+    torch.baddbmm: "torch.baddbmm (use bmm + add)",
+}
+
+
+def register_module(*classes):
+    def deco(rule):
+        for c in classes:
+            MODULE_RULES[c] = rule
+        return rule
+    return deco
+
+
+def register_function(*fns):
+    def deco(rule):
+        for f in fns:
+            FUNCTION_RULES[f] = rule
+        return rule
+    return deco
+
+
+def register_method(*names):
+    def deco(rule):
+        for n in names:
+            METHOD_RULES[n] = rule
+        return rule
+    return deco
+
+
+def module_rule(module: nn.Module):
+    for cls in type(module).__mro__:
+        r = MODULE_RULES.get(cls)
+        if r is not None:
+            return r
+    return None
+
+
+def unsupported_reason(node, modules) -> Optional[str]:
+    if node.op == "call_module":
+        for cls in type(modules[node.target]).__mro__:
+            if cls in UNSUPPORTED and cls not in MODULE_RULES:
+                return UNSUPPORTED[cls]
+    elif node.op == "call_function":
+        try:
+            if node.target in UNSUPPORTED and node.target not in FUNCTION_RULES:
+                return UNSUPPORTED[node.target]
+        except TypeError:  # unhashable target
+            return None
+    return None
+
+
+def lookup(node, modules):
+    """The registered rule for fx ``node`` (or ``None``)."""
+    if node.op == "call_module":
+        return module_rule(modules[node.target])
+    if node.op == "call_function":
+        try:
+            return FUNCTION_RULES.get(node.target)
+        except TypeError:
+            return None
+    if node.op == "call_method":
+        return METHOD_RULES.get(node.target)
+    return None
+
+
+class Call:
+    """One execution of an fx node with real values (see the module docstring)."""
+
+    __slots__ = ("node", "module", "fn", "args", "kwargs", "inputs", "tangents", "needs",
+                 "_spec", "_leaves", "_slots")
+
+    def __init__(self, node, module, fn, args, kwargs, leaves, spec, slots, tangents, needs):
+        self.node = node
+        self.module = module
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self._leaves = leaves
+        self._spec = spec
+        self._slots = slots
+        self.inputs: List[torch.Tensor] = [leaves[i] for i in slots]
+        self.tangents = tangents
+        self.needs = needs
+
+    @property
+    def positions(self):
+        """Index of each tensor input among the flattened (args, kwargs) leaves."""
+        return self._slots
+
+    def rebuild(self, new_inputs):
+        """(args, kwargs) with tensor input i replaced by ``new_inputs[i]``."""
+        leaves = list(self._leaves)
+        for i, v in zip(self._slots, new_inputs):
+            leaves[i] = v
+        return pytree.tree_unflatten(leaves, self._spec)
+
+    def invoke(self, new_inputs):
+        args, kwargs = self.rebuild(new_inputs)
+        return self.fn(*args, **kwargs)
+
+
+def _load():
+    # importing the rule files fills the registries
+    from . import arith, conv, elementwise, linear, norm, pool, shape  # noqa: F401
+
+
+__all__ = ["MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES", "UNSUPPORTED", "Call", "lookup",
+           "register_module", "register_function", "register_method", "operator"]

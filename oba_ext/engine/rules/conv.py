@@ -1,0 +1,71 @@
+"""nn.Conv1d / nn.Conv2d (any stride, padding, dilation, groups incl. depthwise; with or without
+bias), target or not. X: (N, C_in, *spatial) with batch; channels on dim 1.
+
+Input gradient and weight gradient use ``aten.convolution_backward`` (the op autograd itself
+calls), so the stacked streams cost one input-gradient convolution over 2N.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import kernels
+from . import register_module
+from .target import TwoStreamLayerRule
+
+
+def conv_padding(module) -> list:
+    """Numeric padding of ``module`` (resolving "same"/"valid"); ValueError if asymmetric."""
+    p = module.padding
+    k, d = module.kernel_size, module.dilation
+    if p == "valid":
+        return [0] * len(k)
+    if p == "same":
+        out = []
+        for ki, di in zip(k, d):
+            total = di * (ki - 1)
+            if total % 2:
+                raise ValueError(f"padding='same' with kernel {k} and dilation {d} is asymmetric")
+            out.append(total // 2)
+        return out
+    return list(p)
+
+
+class ConvRule(TwoStreamLayerRule):
+    def _params(self, m):
+        return list(m.stride), conv_padding(m), list(m.dilation), m.groups
+
+    def apply(self, module, x, w):
+        stride, padding, dilation, groups = self._params(module)
+        return torch.ops.aten.convolution(x, w, None, stride, padding, dilation, False,
+                                          [0] * (w.dim() - 2), groups)
+
+    def input_grad(self, module, g, w, x_shape):
+        stride, padding, dilation, groups = self._params(module)
+        x_like = g.new_empty(()).expand(x_shape)
+        gx, _, _ = torch.ops.aten.convolution_backward(
+            g, x_like, w, None, stride, padding, dilation, False, [0] * (w.dim() - 2), groups,
+            [True, False, False])
+        return gx
+
+    def weight_score(self, module, w, grads, inputs):
+        stride, padding, dilation, groups = self._params(module)
+        return kernels.conv_weight_score(w, grads, inputs, stride, padding, dilation, groups)
+
+    def channel_dims(self, y):
+        return 1, 1
+
+    def bias_view(self, b, y):
+        return b.view((-1,) + (1,) * (y.dim() - 2))
+
+    def forward(self, call, ctx):
+        x = call.inputs[0]
+        nd = call.module.weight.dim() - 2
+        if x.dim() != nd + 2:
+            raise ValueError(f"{ctx.name}: the engine needs batched input (N, C, *spatial) of "
+                             f"dim {nd + 2} for {type(call.module).__name__}, got shape "
+                             f"{tuple(x.shape)}")
+        return super().forward(call, ctx)
+
+
+register_module(nn.Conv1d, nn.Conv2d)(ConvRule())

@@ -1,0 +1,162 @@
+"""Pointwise activations ``y = σ(a)`` (SPEC §3):
+
+    T_y = σ'(a)·T_a,   G_a = σ'(a)·G,   C_a = σ'(a)·C  (+ σ''(a)·T_a·G for ``exact``).
+
+Each activation is one function ``(x, opts, want_d2) -> (y, σ', σ'' or None)`` (σ'' = None
+when it is zero, e.g. ReLU), registered for its module, functional and tensor-method forms
+(in-place variants compute out of place: the sweep never mutates a value). Derivatives follow
+PyTorch's own backward formulas at the kinks (ReLU'(0) = 0, Hardswish'(±3) as in autograd).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import register_function, register_method, register_module
+
+_SQRT_2PI_INV = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _relu(x, o, d2):
+    return torch.relu(x), x > 0, None
+
+
+def _hardtanh(x, o, d2):
+    lo, hi = o.get("min_val", -1.0), o.get("max_val", 1.0)
+    return torch.clamp(x, lo, hi), (x > lo) & (x < hi), None
+
+
+def _leaky_relu(x, o, d2):
+    s = o.get("negative_slope", 0.01)
+    pos = x > 0
+    return torch.where(pos, x, x * s), torch.where(pos, 1.0, s).to(x.dtype), None
+
+
+def _gelu(x, o, d2):
+    if o.get("approximate", "none") == "tanh":
+        k = 0.044715
+        u = _SQRT_2_OVER_PI * (x + k * x ** 3)
+        du = _SQRT_2_OVER_PI * (1 + 3 * k * x * x)
+        th = torch.tanh(u)
+        sech2 = 1 - th * th
+        y = 0.5 * x * (1 + th)
+        d1 = 0.5 * (1 + th) + 0.5 * x * sech2 * du
+        dd = None
+        if d2:
+            ddu = _SQRT_2_OVER_PI * 6 * k * x
+            dd = sech2 * du + 0.5 * x * (sech2 * ddu - 2 * th * sech2 * du * du)
+        return y, d1, dd
+    cdf = 0.5 * (1 + torch.erf(x * (1 / math.sqrt(2.0))))
+    pdf = torch.exp(-0.5 * x * x) * _SQRT_2PI_INV
+    return x * cdf, cdf + x * pdf, (pdf * (2 - x * x) if d2 else None)
+
+
+def _silu(x, o, d2):
+    s = torch.sigmoid(x)
+    d1 = s * (1 + x * (1 - s))
+    return x * s, d1, (s * (1 - s) * (2 + x * (1 - 2 * s)) if d2 else None)
+
+
+def _sigmoid(x, o, d2):
+    s = torch.sigmoid(x)
+    d1 = s * (1 - s)
+    return s, d1, (d1 * (1 - 2 * s) if d2 else None)
+
+
+def _tanh(x, o, d2):
+    y = torch.tanh(x)
+    d1 = 1 - y * y
+    return y, d1, (-2 * y * d1 if d2 else None)
+
+
+def _hardswish(x, o, d2):
+    # autograd: 0 for x < -3, x/3 + 1/2 for -3 <= x <= 3, 1 for x > 3
+    d1 = torch.where(x < -3, 0.0, torch.where(x <= 3, x / 3 + 0.5, 1.0)).to(x.dtype)
+    return F.hardswish(x), d1, (((x > -3) & (x < 3)).to(x.dtype) / 3 if d2 else None)
+
+
+def _hardsigmoid(x, o, d2):
+    return F.hardsigmoid(x), ((x > -3) & (x < 3)).to(x.dtype) / 6, None
+
+
+ACTIVATIONS: Dict[str, Callable] = {
+    "relu": _relu, "hardtanh": _hardtanh, "leaky_relu": _leaky_relu, "gelu": _gelu,
+    "silu": _silu, "sigmoid": _sigmoid, "tanh": _tanh, "hardswish": _hardswish,
+    "hardsigmoid": _hardsigmoid,
+}
+
+#: keyword names of each activation's options (positional args after x follow this order)
+_OPTION_NAMES = {"hardtanh": ("min_val", "max_val"), "leaky_relu": ("negative_slope",),
+                 "gelu": ("approximate",)}
+
+
+class ActivationRule:
+    """``ActivationRule(name, options)``; ``options(call) -> dict`` reads module/call options."""
+
+    def __init__(self, name: str, options: Callable):
+        self.name, self.act, self.options = name, ACTIVATIONS[name], options
+
+    def forward(self, call, ctx):
+        x, t = call.inputs[0], call.tangents[0]
+        want_d2 = ctx.want_exact and t is not None
+        y, d1, d2 = self.act(x, self.options(call), want_d2)
+        ctx.d1 = d1
+        ctx.d2t = d2 * t if (want_d2 and d2 is not None) else None
+        return y, (d1 * t if t is not None else None)
+
+    def backward(self, ctx, g, c):
+        d1 = ctx.d1
+        ga = g * d1
+        ca = c * d1 if c is not None else None
+        if ctx.exact and ctx.d2t is not None:
+            extra = ctx.d2t * g
+            ca = extra if ca is None else ca + extra
+        return [(ga, ca)]
+
+
+def _module_opts(*attrs):
+    return lambda call: {a: getattr(call.module, a) for a in attrs}
+
+
+def _call_opts(name):
+    names = _OPTION_NAMES.get(name, ())
+
+    def opts(call):
+        o = dict(zip(names, call.args[1:]))
+        o.update({k: v for k, v in call.kwargs.items() if k in names})
+        if name == "hardtanh" and call.fn in (F.relu6,):
+            o = {"min_val": 0.0, "max_val": 6.0}
+        return o
+    return opts
+
+
+_none = lambda call: {}  # noqa: E731
+
+register_module(nn.ReLU)(ActivationRule("relu", _none))
+register_module(nn.Hardtanh)(ActivationRule("hardtanh", _module_opts("min_val", "max_val")))
+register_module(nn.LeakyReLU)(ActivationRule("leaky_relu", _module_opts("negative_slope")))
+register_module(nn.GELU)(ActivationRule("gelu", _module_opts("approximate")))
+register_module(nn.SiLU)(ActivationRule("silu", _none))
+register_module(nn.Sigmoid)(ActivationRule("sigmoid", _none))
+register_module(nn.Tanh)(ActivationRule("tanh", _none))
+register_module(nn.Hardswish)(ActivationRule("hardswish", _none))
+register_module(nn.Hardsigmoid)(ActivationRule("hardsigmoid", _none))
+
+register_function(torch.relu, F.relu, torch.relu_, F.relu_)(ActivationRule("relu", _none))
+register_function(F.relu6, F.hardtanh, F.hardtanh_)(ActivationRule("hardtanh", _call_opts("hardtanh")))
+register_function(F.leaky_relu, F.leaky_relu_)(ActivationRule("leaky_relu", _call_opts("leaky_relu")))
+register_function(F.gelu)(ActivationRule("gelu", _call_opts("gelu")))
+register_function(F.silu)(ActivationRule("silu", _none))
+register_function(torch.sigmoid, F.sigmoid)(ActivationRule("sigmoid", _none))
+register_function(torch.tanh, F.tanh)(ActivationRule("tanh", _none))
+register_function(F.hardswish)(ActivationRule("hardswish", _none))
+register_function(F.hardsigmoid)(ActivationRule("hardsigmoid", _none))
+
+register_method("relu", "relu_")(ActivationRule("relu", _none))
+register_method("sigmoid", "sigmoid_")(ActivationRule("sigmoid", _none))
+register_method("tanh", "tanh_")(ActivationRule("tanh", _none))

@@ -1,0 +1,206 @@
+"""Normalization layers: BatchNorm (eval and train), LayerNorm, GroupNorm (SPEC §3).
+
+Eval-mode BatchNorm is a per-channel affine map ``y = s·x + h`` (``s = γ/√(var+ε)``):
+``T_y = s·T``, ``G_x = s·G``, ``C_x = s·C``; no curvature.
+
+Batch-statistics normalization (train-mode BN; LN; GN) normalizes over a set of dims R:
+``x̂ = (x − μ_R)·r``, ``r = 1/√(var_R + ε)``, ``y = γ⊙x̂ + β``. Its Jacobian is the symmetric
+projection ``P(v) = r·(v − mean_R v − x̂·mean_R(x̂⊙v))``, so
+``T_y = γ⊙P(T)``, ``G_x = P(γ⊙G)``, ``C_x = P(γ⊙C)`` and, for ``exact``, the second-order term
+``dP(w)[T] = −r·(ẋ·mean_R(x̂⊙w) + x̂·mean_R(ẋ⊙w)) − P(w)·mean_R(x̂⊙T)·r`` with ``ẋ = P(T)``,
+``w = γ⊙G``. Train-mode BN depends on batch statistics, so it is applied per stream (never on
+stacked streams) and never updates running statistics.
+
+Norm layers in the scored set (``ctx.layer``) record the first-order channel score
+``out_k = Σ [G⊙y]_k = γ_k ∂L/∂γ_k + β_k ∂L/∂β_k`` ("taylor", "out").
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import register_function, register_module
+
+
+def _mean(v, dims):
+    return v.mean(dims, keepdim=True)
+
+
+class _Projection:
+    """x̂, r over dims R and the projection P of the module docstring."""
+
+    def __init__(self, x, dims, eps):
+        var, mu = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
+        self.dims = dims
+        self.r = torch.rsqrt(var + eps)
+        self.xhat = (x - mu) * self.r
+
+    def __call__(self, v):
+        d = self.dims
+        return (v - _mean(v, d) - self.xhat * _mean(self.xhat * v, d)) * self.r
+
+    def second(self, w, t, tdot):
+        d = self.dims
+        xh = self.xhat
+        return (-(tdot * _mean(xh * w, d) + xh * _mean(tdot * w, d)) * self.r
+                - self(w) * (_mean(xh * t, d) * self.r))
+
+
+class _NormCore:
+    """Shared forward/backward of batch-statistics normalization on a (possibly reshaped) x."""
+
+    @staticmethod
+    def forward(ctx, x, t, dims, eps, gamma, beta, to_view, from_view):
+        """``to_view``/``from_view`` reshape between x's layout and the normalized layout
+        (GroupNorm's (N, G, C/G, ...)); ``gamma``/``beta`` broadcast against x's layout."""
+        P = _Projection(to_view(x), dims, eps)
+        xhat = from_view(P.xhat)
+        y = xhat if gamma is None else xhat * gamma
+        if beta is not None:
+            y = y + beta
+        t_y = None
+        tdot = None
+        if t is not None:
+            tdot = P(to_view(t))
+            t_y = from_view(tdot) if gamma is None else from_view(tdot) * gamma
+        ctx.P, ctx.gamma, ctx.to_view, ctx.from_view = P, gamma, to_view, from_view
+        if ctx.want_exact and t is not None:
+            ctx.t_v, ctx.tdot = to_view(t), tdot
+        else:
+            ctx.t_v = ctx.tdot = None
+        return y, t_y
+
+    @staticmethod
+    def backward(ctx, g, c):
+        P, gamma, tv, fv = ctx.P, ctx.gamma, ctx.to_view, ctx.from_view
+        w = tv(g if gamma is None else g * gamma)
+        gx = fv(P(w))
+        cx = None
+        if c is not None:
+            cx = fv(P(tv(c if gamma is None else c * gamma)))
+        if ctx.exact and ctx.tdot is not None:
+            extra = fv(P.second(w, ctx.t_v, ctx.tdot))
+            cx = extra if cx is None else cx + extra
+        return gx, cx
+
+
+def _ident(v):
+    return v
+
+
+def _channel_view(p, x):
+    return None if p is None else p.view((1, -1) + (1,) * (x.dim() - 2))
+
+
+def _record_norm_out(ctx, g, y, channel_dims_to_keep):
+    if ctx.layer is None or not (ctx.mode is None or ctx.first):
+        return
+    keep = set(d % y.dim() for d in channel_dims_to_keep)
+    dims = [i for i in range(y.dim()) if i not in keep]
+    ctx.record("taylor", "out", (g * y).sum(dims).reshape(-1))
+
+
+class BatchNormRule:
+    def forward(self, call, ctx):
+        m = call.module
+        x, t = call.inputs[0], call.tangents[0]
+        batch_stats = m.training or m.running_mean is None
+        ctx.batch_stats = batch_stats
+        gamma, beta = _channel_view(m.weight, x), _channel_view(m.bias, x)
+        if batch_stats:
+            dims = [0] + list(range(2, x.dim()))
+            y, t_y = _NormCore.forward(ctx, x, t, dims, m.eps, gamma, beta, _ident, _ident)
+        else:
+            s = torch.rsqrt(m.running_var + m.eps)
+            if m.weight is not None:
+                s = s * m.weight
+            h = -m.running_mean * s
+            if m.bias is not None:
+                h = h + m.bias
+            s, h = _channel_view(s, x), _channel_view(h, x)
+            y = x * s + h
+            t_y = t * s if t is not None else None
+            ctx.s = s
+        if ctx.layer is not None:
+            ctx.y = y
+        return y, t_y
+
+    def backward(self, ctx, g, c):
+        if ctx.batch_stats:
+            gx, cx = _NormCore.backward(ctx, g, c)
+        else:
+            gx = g * ctx.s
+            cx = c * ctx.s if c is not None else None
+        if ctx.layer is not None:
+            _record_norm_out(ctx, g, ctx.y, (1,))
+        return [(gx, cx)]
+
+
+class LayerNormRule:
+    def forward(self, call, ctx):
+        m = call.module
+        x, t = call.inputs[0], call.tangents[0]
+        k = len(m.normalized_shape)
+        dims = list(range(x.dim() - k, x.dim()))
+        ctx.k = k
+        y, t_y = _NormCore.forward(ctx, x, t, dims, m.eps, m.weight, m.bias, _ident, _ident)
+        if ctx.layer is not None:
+            ctx.y = y
+        return y, t_y
+
+    def backward(self, ctx, g, c):
+        gx, cx = _NormCore.backward(ctx, g, c)
+        if ctx.layer is not None:
+            y = ctx.y
+            _record_norm_out(ctx, g, y, range(y.dim() - ctx.k, y.dim()))
+        return [(gx, cx)]
+
+
+class GroupNormRule:
+    def forward(self, call, ctx):
+        m = call.module
+        x, t = call.inputs[0], call.tangents[0]
+        shape = x.shape
+        grouped = (shape[0], m.num_groups, shape[1] // m.num_groups) + tuple(shape[2:])
+        dims = list(range(2, len(grouped)))
+        y, t_y = _NormCore.forward(ctx, x, t, dims, m.eps, _channel_view(m.weight, x),
+                                   _channel_view(m.bias, x), lambda v: v.reshape(grouped),
+                                   lambda v: v.reshape(shape))
+        if ctx.layer is not None:
+            ctx.y = y
+        return y, t_y
+
+    def backward(self, ctx, g, c):
+        gx, cx = _NormCore.backward(ctx, g, c)
+        if ctx.layer is not None:
+            _record_norm_out(ctx, g, ctx.y, (1,))
+        return [(gx, cx)]
+
+
+class FunctionalLayerNormRule:
+    """``F.layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5)``; weight/bias are
+    not moved by δθ (they must not depend on θ)."""
+
+    def forward(self, call, ctx):
+        names = ("input", "normalized_shape", "weight", "bias", "eps")
+        a = dict(zip(names, call.args))
+        a.update(call.kwargs)
+        x, t = call.inputs[0], call.tangents[0]
+        if any(tt is not None for tt in call.tangents[1:]) or any(call.needs[1:]):
+            raise ValueError(f"{ctx.name}: F.layer_norm with θ-dependent weight/bias is not "
+                             f"supported by the engine")
+        k = len(tuple(a["normalized_shape"]))
+        dims = list(range(x.dim() - k, x.dim()))
+        ctx.n_inputs = len(call.inputs)
+        return _NormCore.forward(ctx, x, t, dims, a.get("eps", 1e-5), a.get("weight"),
+                                 a.get("bias"), _ident, _ident)
+
+    def backward(self, ctx, g, c):
+        return [_NormCore.backward(ctx, g, c)] + [None] * (ctx.n_inputs - 1)
+
+
+register_module(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)(BatchNormRule())
+register_module(nn.LayerNorm)(LayerNormRule())
+register_module(nn.GroupNorm)(GroupNormRule())
+register_function(F.layer_norm)(FunctionalLayerNormRule())

@@ -1,0 +1,162 @@
+"""Ops linear in their first tensor input (shape ops, slicing, pooling-free reductions, inactive
+dropout, identity): ``T_y = f(T)``, ``G_x = fᵀ(G)``, ``C_x = fᵀ(C)``, no curvature.
+
+:class:`LinearOpRule` takes an optional hand-written transpose ``vjp(ctx, v) -> v_x``; without
+one it uses ``torch.func.vjp`` at the saved input. If another tensor input is θ-dependent the
+op is not linear in the streams, and the rule hands over to the generic rule.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import register_function, register_method, register_module
+from .generic import GENERIC
+
+
+class LinearOpRule:
+    def __init__(self, vjp=None, save_input: bool = False, check=None):
+        self.vjp, self.save_input, self.check = vjp, save_input, check
+
+    def forward(self, call, ctx):
+        if any(t is not None for t in call.tangents[1:]) or any(call.needs[1:]):
+            ctx.delegate = GENERIC
+            return GENERIC.forward(call, ctx)
+        ctx.delegate = None
+        if self.check is not None:
+            self.check(call, ctx)
+        x, t = call.inputs[0], call.tangents[0]
+        rest = call.inputs[1:]
+        y = call.invoke([x] + rest)
+        t_y = call.invoke([t] + rest) if t is not None else None
+        ctx.x_shape, ctx.n_inputs, ctx.call = x.shape, len(call.inputs), call
+        if self.vjp is None or self.save_input:
+            ctx.x = x
+        return y, t_y
+
+    def _transpose(self, ctx, v):
+        if self.vjp is not None:
+            return self.vjp(ctx, v)
+        call = ctx.call
+        rest = call.inputs[1:]
+        _, fn = torch.func.vjp(lambda u: call.invoke([u] + rest), ctx.x)
+        return fn(v)[0]
+
+    def backward(self, ctx, g, c):
+        if ctx.delegate is not None:
+            return ctx.delegate.backward(ctx, g, c)
+        gx = self._transpose(ctx, g)
+        cx = self._transpose(ctx, c) if c is not None else None
+        return [(gx, cx)] + [None] * (ctx.n_inputs - 1)
+
+
+def _reshape_back(ctx, v):
+    return v.reshape(ctx.x_shape)
+
+
+def _permute_back(ctx, v):
+    args = ctx.call.args
+    dims = args[1:] if len(args) > 2 or not isinstance(args[1], (tuple, list)) else args[1]
+    if "dims" in ctx.call.kwargs:
+        dims = ctx.call.kwargs["dims"]
+    dims = [d % v.dim() for d in dims]
+    inv = [0] * len(dims)
+    for i, d in enumerate(dims):
+        inv[d] = i
+    return v.permute(inv)
+
+
+def _transpose_back(ctx, v):
+    a = list(ctx.call.args[1:]) + [ctx.call.kwargs.get(k) for k in ("dim0", "dim1")
+                                   if k in ctx.call.kwargs]
+    return v.transpose(a[0], a[1])
+
+
+def _t_back(ctx, v):
+    return v.t()
+
+
+def _expand_back(ctx, v):
+    return v.sum_to_size(ctx.x_shape)
+
+
+def _is_basic_index(idx):
+    items = idx if isinstance(idx, tuple) else (idx,)
+    return all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in items)
+
+
+def _getitem_back(ctx, v):
+    idx = ctx.call.args[1]
+    if _is_basic_index(idx):
+        out = v.new_zeros(ctx.x_shape)
+        out[idx] = v
+        return out
+    _, fn = torch.func.vjp(lambda u: u[idx], ctx.x)
+    return fn(v)[0]
+
+
+def _dropout_check(call, ctx):
+    m = call.module
+    if m is not None:
+        active = m.training and m.p > 0
+    else:
+        names = ("input", "p", "training", "inplace")
+        a = dict(zip(names, call.args))
+        a.update(call.kwargs)
+        active = a.get("training", True) and a.get("p", 0.5) > 0
+    if active:
+        raise ValueError(f"{ctx.name}: active dropout (training mode, p > 0) makes the scores "
+                         f"random; call model.eval() or set p=0")
+
+
+def _sum_back(ctx, v):
+    call = ctx.call
+    names = ("input", "dim", "keepdim")
+    a = dict(zip(names, call.args))
+    a.update(call.kwargs)
+    dim = a.get("dim")
+    if dim is None:
+        return v.expand(ctx.x_shape)
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    if not a.get("keepdim", False):
+        for d in sorted(x % len(ctx.x_shape) for x in dims):
+            v = v.unsqueeze(d)
+    return v.expand(ctx.x_shape)
+
+
+def _mean_back(ctx, v):
+    out = _sum_back(ctx, v)
+    n = 1
+    call = ctx.call
+    dim = call.args[1] if len(call.args) > 1 else call.kwargs.get("dim")
+    if dim is None:
+        n = int(torch.Size(ctx.x_shape).numel())
+    else:
+        for d in ([dim] if isinstance(dim, int) else dim):
+            n *= ctx.x_shape[d]
+    return out / n
+
+
+RESHAPE = LinearOpRule(_reshape_back)
+register_function(torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
+                  torch.clone)(RESHAPE)
+register_method("view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous",
+                "clone", "unflatten", "view_as", "reshape_as")(RESHAPE)
+register_module(nn.Flatten, nn.Unflatten, nn.Identity)(RESHAPE)
+register_function(torch.permute)(LinearOpRule(_permute_back))
+register_method("permute")(LinearOpRule(_permute_back))
+register_function(torch.transpose)(LinearOpRule(_transpose_back))
+register_method("transpose")(LinearOpRule(_transpose_back))
+register_method("t")(LinearOpRule(_t_back))
+register_method("expand", "expand_as")(LinearOpRule(_expand_back))
+register_function(operator.getitem)(LinearOpRule(_getitem_back, save_input=True))
+DROPOUT = LinearOpRule(_reshape_back, check=_dropout_check)
+register_module(nn.Dropout, nn.Dropout1d, nn.Dropout2d)(DROPOUT)
+register_function(F.dropout, F.dropout1d, F.dropout2d)(DROPOUT)
+register_function(torch.sum)(LinearOpRule(_sum_back))
+register_method("sum")(LinearOpRule(_sum_back))
+register_function(torch.mean)(LinearOpRule(_mean_back))
+register_method("mean")(LinearOpRule(_mean_back))

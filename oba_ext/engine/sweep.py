@@ -1,0 +1,253 @@
+"""The engine's batch scorer: one two-stream forward sweep ``(X, T)`` and one two-stream
+backward sweep ``(G, C)`` per second-order quantity (SPEC §3), scores recorded at target
+layers on the way back (SPEC §5).
+
+Plan per call: ``taylor`` alone → forward without tangents, backward without ``C`` (an
+ordinary gradient sweep). ``oba`` / ``exact`` → forward with tangents, then one backward per
+requested second-order quantity (``G`` is the same in both; ``taylor`` comes free with the
+first). The sweep runs under ``no_grad``: rules compute every stream explicitly.
+
+Memory: a forward value is dropped after its last reader (rules keep on their ``ctx`` only what
+backward and the scores need); a node's ``ctx`` is dropped when the last backward pass leaves it.
+"""
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import torch
+from torch import fx, nn
+
+from .capture import Program, inspect_empty
+from .loss import loss_streams, resolve_loss_rule
+from .rules import Call
+
+SECOND_ORDER = ("oba", "exact")
+QUANTITIES = ("taylor",) + SECOND_ORDER
+KEYS = ("out", "in", "weight", "bias", "head")
+_LAYER_KEYS = {"linear": ("out", "in", "weight", "bias"), "conv": ("out", "in", "weight", "bias"),
+               "norm": ("out",)}
+
+
+class _Ctx:
+    """Per-node state shared by a rule's forward and backward (see ``rules`` docstring)."""
+
+    def __init__(self, name, layer, keys, want_exact, tangents, needs, record):
+        self.name, self.layer, self.keys = name, layer, keys
+        self.want_exact, self.tangents, self.needs, self.record = want_exact, tangents, needs, record
+        self.mode = None
+        self.exact = False
+        self.first = False
+
+
+def _add(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if isinstance(a, list):
+        return [_add(x, y) for x, y in zip(a, b)]
+    return a + b
+
+
+class EngineScorer:
+    """``scorer(inputs, targets, quantities, keys) -> {layer: {quantity: {key: Tensor}}}``."""
+
+    impl = "kernel"
+
+    def __init__(self, model: nn.Module, layers: Dict, loss_fn, program: Program):
+        self.model, self.layers, self.loss_fn, self.program = model, layers, loss_fn, program
+        self.loss_rule = resolve_loss_rule(loss_fn)
+        self.live = {st.node: st.live for st in program.steps}
+
+    # ------------------------------------------------------------------ helpers
+    def _check(self, quantities, keys):
+        for q in quantities:
+            if q not in QUANTITIES:
+                raise ValueError(f"quantities: unknown quantity {q!r}; expected a subset of "
+                                 f"{list(QUANTITIES)}")
+        for k in keys:
+            if k not in KEYS:
+                raise ValueError(f"keys: unknown key {k!r}; expected a subset of {list(KEYS)}")
+
+    def _inputs(self, inputs):
+        if isinstance(inputs, torch.Tensor):
+            inputs = (inputs,)
+        inputs = tuple(inputs)
+        ph = self.program.placeholders
+        if len(inputs) > len(ph):
+            raise ValueError(f"inputs: {len(inputs)} tensors for a model with {len(ph)} inputs")
+        vals = {}
+        for i, node in enumerate(ph):
+            if i < len(inputs):
+                vals[node] = inputs[i]
+            elif self.program.defaults[i] is not inspect_empty:
+                vals[node] = self.program.defaults[i]
+            else:
+                raise ValueError(f"inputs: missing input {node.name!r} (got {len(inputs)})")
+        return vals
+
+    # ------------------------------------------------------------------ the sweeps
+    def __call__(self, inputs, targets, quantities: Sequence[str], keys: Sequence[str]):
+        quantities, keys = tuple(quantities), tuple(keys)
+        self._check(quantities, keys)
+        modes = [q for q in SECOND_ORDER if q in quantities]
+        first = "taylor" in quantities
+        tangents = bool(modes)
+        results: Dict[str, Dict[str, Dict[str, torch.Tensor]]] = {}
+
+        def recorder(layer):
+            def record(q, key, v):
+                d = results.setdefault(layer, {}).setdefault(q, {})
+                d[key] = d[key] + v if key in d else v
+            return record
+
+        with torch.no_grad():
+            val, tan, ctxs = self._forward(inputs, keys, tangents, "exact" in modes, recorder)
+            z, t_z = val[self.program.output], tan.get(self.program.output)
+            passes = modes if modes else [None]
+            g_z = None
+            for i, mode in enumerate(passes):
+                g, c = loss_streams(self.loss_rule, self.loss_fn, z, t_z, targets,
+                                    exact=(mode == "exact"))
+                g_z = g if g_z is None else g_z
+                self._backward(ctxs, g_z, c, mode, first and i == 0, last=(i == len(passes) - 1))
+        self._fill(results, quantities, keys)
+        return results
+
+    def _forward(self, inputs, keys, tangents, want_exact, recorder):
+        val = self._inputs(inputs)
+        tan: Dict[fx.Node, torch.Tensor] = {}
+        ctxs = {}
+        model = self.model
+        live = self.live
+        for st in self.program.steps:
+            node = st.node
+            if st.op == "placeholder":
+                continue
+            if st.op == "get_attr":
+                obj = model
+                for part in node.target.split("."):
+                    obj = getattr(obj, part)
+                val[node] = obj
+                continue
+            leaves = list(st.flat)
+            for i in st.node_pos:
+                leaves[i] = val[st.flat[i]]
+            if st.tuple_getitem and not isinstance(leaves[0], torch.Tensor):
+                self._tuple_getitem_forward(st, leaves, val, tan, ctxs)
+            else:
+                slots = [i for i in st.node_pos if isinstance(leaves[i], torch.Tensor)]
+                in_nodes = [st.flat[i] for i in slots]
+                ts = [tan.get(n) for n in in_nodes]
+                needs = [live.get(n, False) for n in in_nodes]
+                layer = st.layer
+                lkeys = ()
+                if layer is not None:
+                    lkeys = tuple(k for k in keys if k in _LAYER_KEYS.get(self.layers[layer].kind, ()))
+                ctx = _Ctx(node.name, layer, lkeys, want_exact, tangents, needs,
+                           recorder(layer) if layer is not None else None)
+                ctx.input_nodes = in_nodes
+                args, kwargs = pytree_unflatten(leaves, st.spec)
+                call = Call(node, st.module, st.fn, args, kwargs, leaves, st.spec, slots, ts, needs)
+                if st.rule is None:  # not live and no rule: plain evaluation
+                    y, t_y = st.fn(*args, **kwargs), None
+                else:
+                    y, t_y = st.rule.forward(call, ctx)
+                val[node] = y
+                if t_y is not None:
+                    tan[node] = t_y
+                if st.live:
+                    ctx.rule = st.rule
+                    ctxs[node] = ctx
+            for n in st.free_after:
+                val.pop(n, None)
+                tan.pop(n, None)
+        return val, tan, ctxs
+
+    def _tuple_getitem_forward(self, st, leaves, val, tan, ctxs):
+        node = st.node
+        parent, idx = st.flat[st.node_pos[0]], leaves[1]
+        val[node] = leaves[0][idx]
+        tp = tan.get(parent)
+        if tp is not None and tp[idx] is not None:
+            tan[node] = tp[idx]
+        if st.live:
+            ctx = _Ctx(node.name, None, (), False, False, [True], None)
+            ctx.rule = None
+            ctx.tuple_parent, ctx.tuple_index, ctx.tuple_len = parent, idx, len(leaves[0])
+            ctxs[node] = ctx
+
+    def _backward(self, ctxs, g_z, c_z, mode, first, last):
+        cot = {self.program.output: [g_z, c_z]}
+        live = self.live
+
+        def acc(n, g, c):
+            old = cot.get(n)
+            if old is None:
+                cot[n] = [g, c]
+            else:
+                old[0] = _add(old[0], g)
+                old[1] = _add(old[1], c)
+
+        for st in reversed(self.program.steps):
+            if not st.live:
+                continue
+            node = st.node
+            ctx = ctxs.pop(node) if last else ctxs[node]
+            entry = cot.pop(node, None)
+            if entry is None:
+                continue
+            g, c = entry
+            if ctx.rule is None:  # getitem of a tuple-valued node
+                n = ctx.tuple_len
+                gl, cl = [None] * n, [None] * n
+                gl[ctx.tuple_index] = g
+                cl[ctx.tuple_index] = c
+                acc(ctx.tuple_parent, gl, cl if c is not None else None)
+                continue
+            if isinstance(g, list) and all(x is None for x in g):
+                continue
+            if isinstance(c, list) and all(x is None for x in c):
+                c = None
+            ctx.mode, ctx.exact, ctx.first = mode, mode == "exact", first
+            res = ctx.rule.backward(ctx, g, c)
+            for n, r in zip(ctx.input_nodes, res):
+                if r is not None and live.get(n, False):
+                    acc(n, r[0], r[1] if mode is not None else None)
+
+    def _fill(self, results, quantities, keys):
+        """Zero scores for scored layers the sweep did not reach (unused or no gradient)."""
+        for name, spec in self.layers.items():
+            m = spec.module
+            d = results.setdefault(name, {})
+            qs = ("taylor",) if spec.kind == "norm" else quantities
+            if spec.kind == "norm" and "taylor" not in quantities:
+                continue
+            for q in qs:
+                dq = d.setdefault(q, {})
+                for k in keys:
+                    if k in dq or k not in _LAYER_KEYS.get(spec.kind, ()):
+                        continue
+                    shape = _key_shape(spec, m, k)
+                    if shape is not None:
+                        ref = m.weight
+                        dq[k] = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
+
+
+def _key_shape(spec, m, k):
+    if spec.kind == "norm":
+        return (m.weight.numel(),)
+    if k == "out":
+        return (m.weight.shape[0],)
+    if k == "in":
+        return (m.in_channels,) if spec.kind == "conv" else (m.in_features,)
+    if k == "weight":
+        return tuple(m.weight.shape)
+    if k == "bias":
+        return tuple(m.bias.shape) if m.bias is not None else None
+    return None
+
+
+def pytree_unflatten(leaves, spec):
+    from torch.utils import _pytree as pytree
+    return pytree.tree_unflatten(leaves, spec)
