@@ -229,3 +229,31 @@ def test_reference_only_criteria_refuse_the_kernel_path():
     for kind in ("fastoba2", "fastoba3", "fisher", "taylor_abs", "magnitude_l1", "random"):
         with pytest.raises(ValueError, match="no kernel implementation"):
             oba_ext.score(m, bs, kind=kind, impl="kernel", progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_fisher_on_attention_model():
+    """Per-sample gradients through nn.MultiheadAttention (vmap over functional_call)."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    m = torchvision.models.VisionTransformer(image_size=8, patch_size=4, num_layers=1, num_heads=2,
+                                             hidden_dim=8, mlp_dim=12, num_classes=3).double().eval()
+    with torch.no_grad():  # torchvision zero-initialises the head: make every weight non-zero
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    bs = batches(n_batches=2, bs=3, shape=(3, 8, 8))
+    layers = oba_ext.find_layers(m)
+    sq, count = {}, 0
+    for x, t in bs:
+        for i in range(x.shape[0]):
+            m.zero_grad()
+            F.cross_entropy(m(x[i:i + 1]), t[i:i + 1]).backward()
+            for n, s in layers.items():
+                g = s.param(s.params[0]).grad
+                sq[n] = sq.get(n, 0) + g * g
+            count += 1
+    m.zero_grad()
+    res = run(m, bs, "fisher", ("weight",))
+    for n, s in layers.items():
+        w = s.param(s.params[0]).detach()
+        assert_close_rel(res[n].weight, w * w * sq[n] / count, f"{n}.{s.params[0]}")
