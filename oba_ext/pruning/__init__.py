@@ -8,6 +8,8 @@
 from .importance import OBAImportance
 from .structured import (PruneOutcome, TargetUnreachableError, apply_fixups, build_pruner, count,
                          output_layers, prune_once, prune_to_target)
+from .unstructured import apply_masks, prune_unstructured, sparsity_of, unstructured_masks
 
 __all__ = ["OBAImportance", "PruneOutcome", "TargetUnreachableError", "apply_fixups", "build_pruner",
-           "count", "output_layers", "prune_once", "prune_to_target"]
+           "count", "output_layers", "prune_once", "prune_to_target", "apply_masks",
+           "prune_unstructured", "sparsity_of", "unstructured_masks"]
