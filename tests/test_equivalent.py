@@ -189,3 +189,27 @@ def test_errors_name_the_argument():
         eq.prune_compressors(m, {"7": torch.tensor([0])})
     with pytest.raises(ValueError, match="ratio"):
         eq.select_keep({}, m, ratio=1.0)
+
+
+def test_global_ranking_drops_lowest_rows_overall_with_min_keep():
+    m, _, _ = make("vgg")
+    eq.insert_compressors(m)
+    scores = {"0.compressor": torch.tensor([9., 8., 7., 6., 5., 4., 3., 2.]),
+              "4.compressor": torch.tensor([-0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 10.])}
+    keep = eq.select_keep(scores, m, ratio=0.5, global_ranking=True, min_keep=2)
+    # 8 of 16 rows dropped: "4" may lose only 6 (min_keep=2; |−0.1| is its smallest), "0" loses 2
+    assert keep["4"].tolist() == [6, 7]
+    assert keep["0"].tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_select_keep_for_target_reaches_a_parameter_budget():
+    m, x, _ = make("resnet")
+    eq.insert_compressors(m)
+    y = torch.randint(0, 5, (x.shape[0],))
+    res = eq.score_compressors(m, [(x, y)], kind="magnitude_l1")
+    base = nparams(eq.merge_compressors(copy.deepcopy(m)))
+    keep = eq.select_keep_for_target(res, m, nparams, target=0.7)
+    work = copy.deepcopy(m)
+    eq.prune_compressors(work, keep)
+    frac = nparams(eq.merge_compressors(work)) / base
+    assert 0.55 < frac <= 0.7, f"kept {frac:.3f} of the parameters for a 0.7 target"

@@ -25,6 +25,7 @@ only (a Linear's channels are its last dim).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -253,16 +254,8 @@ def prune_compressors(model: nn.Module, keep: Dict[str, Tensor]):
         _set_width(cw.decompressor, 2, int(idx.numel()))
 
 
-def select_keep(scores, model: nn.Module, ratio: float, min_keep: int = 1,
-                round_to: int = 1) -> Dict[str, Tensor]:
-    """Per producer, the compressor rows to keep: the ``ceil((1 − ratio)·rows)`` (rounded up
-    to a multiple of ``round_to``, at least ``min_keep``) rows of largest ``|score|``.
-
-    scores: an ``oba_ext.ScoreResult`` holding ``"<producer>.compressor"`` layers with
-    ``out`` scores, or a dict ``{compressor name: (rows,) tensor}``."""
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio: expected 0 <= ratio < 1 (the fraction of rows to prune), got {ratio}")
-    keep = {}
+def _compressor_scores(scores, model: nn.Module) -> Dict[str, Tensor]:
+    out = {}
     for cname in compressor_names(model):
         if cname not in scores:
             raise ValueError(f"scores: no scores for compressor layer {cname!r}")
@@ -271,12 +264,81 @@ def select_keep(scores, model: nn.Module, ratio: float, min_keep: int = 1,
         if s is None:
             raise ValueError(f"scores: layer {cname!r} has no 'out' scores; score with "
                              f"granularity including 'out'")
-        rows = s.numel()
+        out[cname[: -len(".compressor")]] = s.detach().abs().double().flatten().cpu()
+    return out
+
+
+def select_keep(scores, model: nn.Module, ratio: float, min_keep: int = 1, round_to: int = 1,
+                global_ranking: bool = False) -> Dict[str, Tensor]:
+    """Per producer, the compressor rows to keep (sorted indices), by largest ``|score|``.
+
+    Per layer (default): ``ceil((1 − ratio)·rows)`` rows, rounded up to a multiple of
+    ``round_to``, at least ``min_keep``. ``global_ranking``: the ``floor(ratio·Σ rows)`` rows of
+    smallest ``|score|`` over all compressors are dropped, lowest first, skipping rows whose
+    layer would fall below ``min_keep`` (scores must be comparable across layers, e.g. loss
+    changes such as "jacobian" or "taylor").
+
+    scores: an ``oba_ext.ScoreResult`` holding ``"<producer>.compressor"`` layers with
+    ``out`` scores, or a dict ``{compressor name: (rows,) tensor}``."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio: expected 0 <= ratio < 1 (the fraction of rows to prune), got {ratio}")
+    if min_keep < 1 or round_to < 1:
+        raise ValueError(f"min_keep, round_to: expected >= 1, got {min_keep}, {round_to}")
+    s = _compressor_scores(scores, model)
+    if global_ranking:
+        flat = [(v, prod, i) for prod, t in s.items() for i, v in enumerate(t.tolist())]
+        flat.sort(key=lambda r: r[0])
+        n_drop = int(ratio * len(flat) + 1e-9)
+        left = {prod: t.numel() for prod, t in s.items()}
+        dropped = {prod: set() for prod in s}
+        for _, prod, i in flat:
+            if n_drop == 0:
+                break
+            if left[prod] > min_keep:
+                dropped[prod].add(i)
+                left[prod] -= 1
+                n_drop -= 1
+        return {prod: torch.tensor(sorted(set(range(t.numel())) - dropped[prod]), dtype=torch.long)
+                for prod, t in s.items()}
+    keep = {}
+    for prod, t in s.items():
+        rows = t.numel()
         k = -(-int(round((1.0 - ratio) * rows * 1e6)) // 1_000_000)  # ceil, robust to fp noise
         k = min(rows, max(min_keep, -(-k // round_to) * round_to))
-        top = torch.topk(s.detach().abs().double().flatten(), k).indices
-        keep[cname[: -len(".compressor")]] = top.sort().values
+        keep[prod] = torch.topk(t, k).indices.sort().values
     return keep
+
+
+def select_keep_for_target(scores, model: nn.Module, measure, target: float, tol: float = 0.01,
+                           max_ratio: float = 0.95, **select_kwargs) -> Dict[str, Tensor]:
+    """The :func:`select_keep` result whose merged network keeps ``target`` (a fraction) of
+    the unpruned ``measure(model) -> float`` (e.g. MACs or parameters of a merged copy), by
+    bisection on the ratio (≤ 40 steps, stops within ``tol``). ``model`` holds compressors and
+    is not modified; returns the keep dict of the last ratio whose cost is ≤ target·base
+    (or the lightest reachable one)."""
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target: expected a fraction in (0, 1], got {target}")
+
+    def cost(keep):
+        m = copy.deepcopy(model)
+        if keep:
+            prune_compressors(m, keep)
+        return float(measure(merge_compressors(m)))
+
+    base = cost({})
+    lo, hi = 0.0, max_ratio
+    best = select_keep(scores, model, hi, **select_kwargs)
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        keep = select_keep(scores, model, mid, **select_kwargs)
+        frac = cost(keep) / base
+        if frac <= target:
+            best, hi = keep, mid
+            if target - frac <= tol:
+                break
+        else:
+            lo = mid
+    return best
 
 
 def merge_compressors(model: nn.Module) -> nn.Module:
