@@ -213,3 +213,21 @@ def test_select_keep_for_target_reaches_a_parameter_budget():
     eq.prune_compressors(work, keep)
     frac = nparams(eq.merge_compressors(work)) / base
     assert 0.55 < frac <= 0.7, f"kept {frac:.3f} of the parameters for a 0.7 target"
+
+
+def test_cli_prune_equivalent_pruning_end_to_end(tmp_path):
+    """``oba-ext prune --criterion jacobian --equivalent-pruning`` on the digits demo CNN: the
+    merged model meets the MACs target and the report records the Equivalent Pruning run."""
+    import json
+    cli = pytest.importorskip("oba_ext.cli")
+    out = tmp_path / "out"
+    rc = cli.main(["prune", "--criterion", "jacobian", "--equivalent-pruning", "--model", "small_cnn",
+                   "--dataset", "digits", "--flops-ratio", "0.6", "--num-batches", "1",
+                   "--finetune-epochs", "0.05", "--impl", "reference", "--out", str(out),
+                   "--no-progress"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    run = report["runs"]["jacobian"]
+    assert run["equivalent_pruning"] and run["chains"]
+    frac = run["macs_after"] / report["before"]["macs"]
+    assert 0.5 < frac <= 0.6, f"MACs kept {frac:.3f} for a 0.6 target"
