@@ -64,7 +64,7 @@ def fit(model: nn.Module, loader: Iterable, epochs: float = 1.0, lr: float = 0.0
                 loss.backward()
                 opt.step()
                 sched.step()
-                losses.append(float(loss))
+                losses.append(loss.item())
                 step += 1
                 if bar is not None:
                     bar.update(1)
