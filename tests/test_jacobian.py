@@ -133,14 +133,16 @@ def test_jacobian_group_score_is_sum_of_component_scores():
     assert not torch.allclose(group, cross / len(bs), rtol=1e-6), "cross terms must not appear"
 
 
-@pytest.mark.parametrize("impl", ["auto"])
-def test_jacobian_default_path_matches_definition(impl):
-    """Whatever path ``impl="auto"`` picks (the engine's first-order reductions when it can
-    capture the model, else the reference) must give the same Jacobian scores."""
+@pytest.mark.parametrize("impl", ["auto", "kernel"])
+def test_jacobian_engine_path_matches_definition(impl):
+    """The engine's first-order channel reductions (``impl="kernel"``, and whatever ``"auto"``
+    picks) give the same Jacobian scores, BN/LN channels included."""
     m, bs = model(), batches(2)
     want = brute_jacobian(m, bs)
     res = oba_ext.score(m, bs, kind="jacobian", granularity=("out", "in"), impl=impl,
                         progress=False)
+    if impl == "kernel":
+        assert res.impl == "kernel"
     for (name, key), v in want.items():
         got = res[name].out if key == "out" else res[name].inp
         assert_close_rel(got, v, f"jacobian[{res.impl}] {name}.{key}")
