@@ -276,7 +276,7 @@ def select_keep(scores, model: nn.Module, ratio: float, min_keep: int = 1, round
     ``round_to``, at least ``min_keep``. ``global_ranking``: the ``floor(ratio·Σ rows)`` rows of
     smallest ``|score|`` over all compressors are dropped, lowest first, skipping rows whose
     layer would fall below ``min_keep`` (scores must be comparable across layers, e.g. loss
-    changes such as "jacobian" or "taylor").
+    changes such as "jacobian" or "taylor"); ``round_to`` is not applied there.
 
     scores: an ``oba_ext.ScoreResult`` holding ``"<producer>.compressor"`` layers with
     ``out`` scores, or a dict ``{compressor name: (rows,) tensor}``."""
