@@ -1,0 +1,73 @@
+"""Typed wrappers of the per-channel score kernels (``torch.ops.oba_ext.channel_score_reduce*``).
+
+SPEC §5 structured scores, reducing over every dim but ``channel_dim``:
+
+    second[k] = Σ a ⊙ (b − d) + c ⊙ d        (b None ≡ 0)
+    first[k]  = Σ a ⊙ d
+
+- out-channel scores of a target layer: ``a=G, b=T_Y, c=C, d=Y``  (Y: layer output, bias included)
+- in-channel scores: ``a=G_X, b=T_X, c=C_X, d=X``
+- ``first`` is the first-order (Taylor) sum.
+
+All four tensors share one shape (e.g. ``(N, C, H, W)`` in any memory format, ``(N, T, C)``,
+``(N, C)``, ``(N, C, L)``) and dtype (float32/float64/float16/bfloat16). Results are
+``(C,)``, float64 for float64 inputs, else float32. The pure-PyTorch twins with the same names
+live in :mod:`oba_ext.reference.channel`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _ext
+
+__all__ = ["channel_score_reduce", "channel_score_reduce_add_"]
+
+
+def channel_score_reduce(a: Tensor, b: Optional[Tensor], c: Tensor, d: Tensor,
+                         channel_dim: int) -> Tuple[Tensor, Tensor]:
+    """``(second, first)`` per channel of ``channel_dim``: ``Σ a⊙(b−d) + c⊙d`` and ``Σ a⊙d``.
+
+    Args: a, b (or None), c, d: same shape/dtype/device; channel_dim: the channel dim (may be
+    negative). Returns two ``(C,)`` tensors (float64 for float64 inputs, else float32).
+    Raises RuntimeError when the compiled extension is not loaded.
+    """
+    _ext.require("channel_score_reduce")
+    return torch.ops.oba_ext.channel_score_reduce.default(a, b, c, d, channel_dim)
+
+
+def channel_score_reduce_add_(a: Tensor, b: Optional[Tensor], c: Tensor, d: Tensor, channel_dim: int,
+                              second_acc: Tensor, first_acc: Tensor) -> None:
+    """In place: ``second_acc += Σ a⊙(b−d) + c⊙d``, ``first_acc += Σ a⊙d`` per channel.
+
+    ``second_acc`` / ``first_acc``: ``(C,)``, float32 or float64 (both the same), on the inputs'
+    device — running buffers for a layer called several times in one forward.
+    """
+    _ext.require("channel_score_reduce_add_")
+    torch.ops.oba_ext.channel_score_reduce_add_.default(a, b, c, d, channel_dim, second_acc, first_acc)
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("oba_ext::channel_score_reduce")
+    def _channel_score_reduce_fake(a, b, c, d, channel_dim):
+        torch._check(a.dim() >= 1, lambda: "channel_score_reduce: argument 'a' must be at least 1-D")
+        torch._check(-a.dim() <= channel_dim < a.dim(),
+                     lambda: f"channel_score_reduce: argument 'channel_dim' = {channel_dim} is out "
+                             f"of range for a tensor with {a.dim()} dimensions")
+        for name, t in (("b", b), ("c", c), ("d", d)):
+            if t is not None:
+                torch._check(t.shape == a.shape, lambda: f"channel_score_reduce: argument '{name}' "
+                             f"must have the shape of 'a' {tuple(a.shape)}, got {tuple(t.shape)}")
+        dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+        n = a.shape[channel_dim]
+        return a.new_empty((n,), dtype=dtype), a.new_empty((n,), dtype=dtype)
+
+    @torch.library.register_fake("oba_ext::channel_score_reduce_add_")
+    def _channel_score_reduce_add_fake(a, b, c, d, channel_dim, second_acc, first_acc):
+        return None
+
+
+if _ext.load():
+    _register_fakes()
