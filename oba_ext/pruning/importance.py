@@ -178,7 +178,8 @@ class OBAImportance(tp.importance.GroupMagnitudeImportance):
             score_fn = self.score_fn
             if score_fn is None:
                 from ..scoring import score as score_fn
-            with _mode(model, self.eval_mode):
+            # MetaPruner estimates importance under torch.no_grad(); scoring needs autograd
+            with _mode(model, self.eval_mode), torch.enable_grad():
                 res = score_fn(model, self.batches, loss_fn=self.loss_fn, kind=self.kind,
                                granularity=("out", "in"), **self.score_kwargs)
             self.num_scorings += 1
@@ -234,4 +235,8 @@ class OBAImportance(tp.importance.GroupMagnitudeImportance):
         if not group_imp:
             return None
         imp = self._reduce(group_imp, group_idxs)
+        if not bool(imp.ne(0).any()):
+            # all scores zero (e.g. torchvision ViT's zero-initialised head blocks every
+            # gradient): every channel ties; "mean"/"sum"/"max" would give 0/0 = NaN
+            return imp
         return self._normalize(imp, self.normalizer)

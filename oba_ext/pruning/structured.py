@@ -92,9 +92,10 @@ def build_pruner(model: nn.Module, example_inputs, importance, pruning_ratio: fl
 
     ignored_layers: module names or modules left unpruned; with ``ignore_classifier`` the
         layer producing the model output is added (its outputs are the classes).
-    Attention: every ``nn.MultiheadAttention`` gets ``num_heads`` so its embed dim is pruned
-        evenly over heads (``prune_num_heads``/``head_pruning_ratio`` pass through for models
-        whose q/k/v are separate Linear layers).
+    Attention: every ``nn.MultiheadAttention`` gets ``out_channel_groups = num_heads`` so its
+        embed dim is pruned evenly over heads; ``num_heads``/``prune_num_heads``/
+        ``head_pruning_ratio`` pass through for models whose q/k/v are separate Linear layers
+        (Torch-Pruning's head pruning works on those only).
     kwargs: any other MetaPruner argument.
     """
     if not 0.0 <= pruning_ratio < 1.0:
@@ -110,15 +111,19 @@ def build_pruner(model: nn.Module, example_inputs, importance, pruning_ratio: fl
             ignored.append(x)
     if ignore_classifier:
         ignored += [modules[n] for n in output_layers(model, example_inputs)]
-    num_heads = dict(kwargs.pop("num_heads", {}))
+    # nn.MultiheadAttention: Torch-Pruning's num_heads/head pruning only understands separate
+    # q/k/v Linear layers (timm style); a packed MHA's embed dim is kept divisible by its heads
+    # by grouping its channels per head (the recipe of Torch-Pruning's torchvision example).
+    out_groups = dict(kwargs.pop("out_channel_groups", {}))
     for m in model.modules():
         if isinstance(m, nn.MultiheadAttention):
-            num_heads.setdefault(m, m.num_heads)
+            out_groups.setdefault(m, m.num_heads)
     return tp.pruner.MetaPruner(
         model, example_inputs, importance=importance, pruning_ratio=pruning_ratio,
         global_pruning=global_pruning, ignored_layers=ignored, round_to=round_to,
         iterative_steps=iterative_steps, max_pruning_ratio=max_pruning_ratio,
-        num_heads=num_heads, prune_num_heads=prune_num_heads,
+        out_channel_groups=out_groups, num_heads=dict(kwargs.pop("num_heads", {})),
+        prune_num_heads=prune_num_heads,
         head_pruning_ratio=head_pruning_ratio, **kwargs)
 
 
@@ -130,6 +135,12 @@ def prune_once(model: nn.Module, example_inputs, importance, pruning_ratio: floa
     pruner.step()
     apply_fixups(model)
     return model
+
+
+def _channel_grouped(m: nn.Module) -> bool:
+    """Layers whose channels Torch-Pruning removes in coarse steps (heads, conv groups)."""
+    return isinstance(m, nn.MultiheadAttention) or (isinstance(m, nn.modules.conv._ConvNd)
+                                                     and m.groups > 1)
 
 
 @dataclass
@@ -173,7 +184,7 @@ def _search_step(model, example_inputs, importance, target_abs, metric, tol_abs,
         m, v = trial(mid)
         if abs(v - target_abs) < abs(best[2] - target_abs):
             best = (mid, m, v)
-        if abs(v - target_abs) <= tol_abs:
+        if abs(v - target_abs) <= 0.25 * tol_abs:  # well inside: stop; else keep closing in
             break
         if v > target_abs:
             lo = mid
@@ -185,7 +196,7 @@ def _search_step(model, example_inputs, importance, target_abs, metric, tol_abs,
 def prune_to_target(model: nn.Module, example_inputs, importance, *, flops_ratio: Optional[float] = None,
                     params_ratio: Optional[float] = None, tol: float = 0.03, steps: int = 1,
                     between_steps: Optional[Callable[[nn.Module, int], None]] = None,
-                    max_pruning_ratio: float = 0.95, search_iters: int = 14,
+                    max_pruning_ratio: float = 0.95, search_iters: int = 14, refine: int = 3,
                     progress: bool = True, **pruner_kwargs) -> PruneOutcome:
     """Prune a copy of ``model`` until it keeps ``flops_ratio`` of its MACs (or ``params_ratio``
     of its parameters), within ``tol`` relative error: ``|kept/before − ratio| ≤ tol·ratio``.
@@ -193,6 +204,8 @@ def prune_to_target(model: nn.Module, example_inputs, importance, *, flops_ratio
     steps: iterative schedule; step k keeps ``1 − (1 − ratio)·k/steps`` and rescores the
         current model first; ``between_steps(model, k)`` (e.g. a short fine-tune) runs after
         each step but the last.
+    refine: extra searches from the best model found when one ratio straddles the target
+        (each rescoring the pruned model); ``step_ratios`` lists every ratio applied.
     pruner_kwargs: passed to :func:`build_pruner` (global_pruning, round_to, ignored_layers, ...).
     Raises ``TargetUnreachableError`` naming the achieved fraction when the target cannot be
     met. ``model`` itself is not modified; ``PruneOutcome.model`` is the pruned copy.
@@ -216,10 +229,29 @@ def prune_to_target(model: nn.Module, example_inputs, importance, *, flops_ratio
         it = tqdm(it, desc=f"prune to {ratio:.0%} {metric}", unit="step")
     for k in it:
         target_k = base * (1.0 - (1.0 - ratio) * k / steps)
+        tol_abs = tol * ratio * base if k == steps else tol * target_k
         r, current, v = _search_step(current, example_inputs, importance, target_k, metric,
-                                     tol * ratio * base if k == steps else tol * target_k,
-                                     max_pruning_ratio, search_iters, pruner_kwargs)
+                                     tol_abs, max_pruning_ratio, search_iters, pruner_kwargs)
         ratios.append(r)
+        # Channel counts are integers and groups jump together, so one ratio may straddle the
+        # target (e.g. a ViT's hidden dim moves in steps of num_heads). Refine from the best
+        # model found: a small extra ratio removes the few channels that close the gap.
+        # If that still straddles it, refine once more with the channel-grouped layers frozen
+        # (their groups move in steps of num_heads / conv groups).
+        for frozen in (False, True):
+            kw = pruner_kwargs
+            if frozen:
+                kw = dict(pruner_kwargs, ignored_layers=list(pruner_kwargs.get("ignored_layers", ()))
+                          + [n for n, m in current.named_modules() if _channel_grouped(m)])
+            for _ in range(refine):
+                if v - target_k <= tol_abs:
+                    break
+                r2, cur2, v2 = _search_step(current, example_inputs, importance, target_k, metric,
+                                            tol_abs, max_pruning_ratio, search_iters, kw)
+                if abs(v2 - target_k) >= abs(v - target_k):
+                    break
+                current, v = cur2, v2
+                ratios.append(r2)
         if between_steps is not None and k < steps:
             between_steps(current, k)
     if current is model:
