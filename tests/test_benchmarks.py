@@ -214,3 +214,90 @@ def test_fidelity_script_end_to_end(tmp_path):
     assert "| taylor |" in md and "fidelity_digits_cnn_pruning.png" in md
     for png in ("fidelity_digits_cnn_scatter.png", "fidelity_digits_cnn_pruning.png"):
         assert os.path.getsize(tmp_path / png) > 1000
+
+
+# ---------------------------------------------------------------- kernel / scoring benchmarks
+
+def _results_agree(cases):
+    """Every provider's case computes the same thing as the first one (float64)."""
+    outs = {n: c.fn() for n, c in cases.items()}
+    first_name, first = next(iter(outs.items()))
+    flat = lambda o: torch.cat([t.double().flatten() for t in (o if isinstance(o, (tuple, list)) else [o])])
+    for n, o in outs.items():
+        torch.testing.assert_close(flat(o), flat(first), rtol=1e-9, atol=1e-9,
+                                   msg=lambda m: f"{n} vs {first_name}: {m}")
+
+
+def _available(provs):
+    from oba_ext import _ext
+    return {n: p for n, p in provs.items() if n != "kernel" or _ext.load()}
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_op_providers_compute_the_same_thing(channels_last):
+    from benchmarks import op_cases
+    dev, dt = torch.device("cpu"), torch.float64
+    red = _available(op_cases.channel_reduce_providers(1, dt, dev, channels_last=channels_last))
+    _results_agree({n: p((3, 5, 4, 2)) for n, p in red.items()})
+    lin = _available(op_cases.linear_weight_providers(2, dt, dev))
+    assert "torch_func" in lin and "reference" in lin
+    _results_agree({n: p((7, 5, 3)) for n, p in lin.items()})
+    for groups in (1, 2):
+        conv = _available(op_cases.conv_weight_providers(2, dt, dev, 3, 2, 1, groups, channels_last))
+        _results_agree({n: p((2, 4, 6, 5, 6)) for n, p in conv.items()})
+
+
+def test_bench_linear_and_conv_scripts(tmp_path):
+    from benchmarks import bench_conv, bench_linear
+    csv_path = str(tmp_path / "ops.csv")
+    common = ["--rep", "2", "--warmup", "1", "--csv", csv_path, "--device", "cpu"]
+    bench_linear.main(["--reduce-shapes", "16x8", "2x3x8", "--weight-shapes", "16x8x4"] + common)
+    bench_conv.main(["--reduce-shapes", "2x4x3x3", "--weight-shapes", "2x4x5x5x4", "--groups", "2"] + common)
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    got = {(r["benchmark"], r["provider"]) for r in rows}
+    for bench in ("channel_score_reduce[linear]", "channel_score_reduce[conv,nchw]",
+                  "channel_score_reduce[conv,channels_last]"):
+        assert (bench, "reference") in got
+    for bench in ("linear_weight_score", "conv_weight_score"):
+        assert {(bench, "reference"), (bench, "torch_func")} <= got
+    assert {r["metric"] for r in rows if r["benchmark"] == "conv_weight_score"} >= {"time", "throughput"}
+    assert {r["metric"] for r in rows if r["benchmark"].startswith("channel")} >= {"time", "bandwidth"}
+    with pytest.raises(SystemExit, match="reduce-shapes"):
+        bench_conv.main(["--reduce-shapes", "2x4x3"] + common)
+
+
+def test_exact_oracles_in_bench_scoring_agree():
+    from benchmarks import bench_scoring as bs
+    torch.manual_seed(0)
+    model = bs.TinyCNN().double().eval()
+    x, y = torch.randn(3, 3, 6, 6, dtype=torch.float64), torch.tensor([0, 3, 1])
+    jvp = bs.jvp_grad_case(model, x, y).fn()
+    dbl = bs.double_backward_case(model, x, y).fn()
+    for (name, a), b in zip(jvp.items(), dbl):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    # and the engine/reference exact scores are the channel sums of the same θ⊙Hθ
+    case = bs.score_case(model, x, y, "exact", ("out",), "auto")
+    q = case.fn()
+    w, b = jvp["conv1.weight"], jvp["conv1.bias"]
+    torch.testing.assert_close(q["conv1"]["exact"]["out"].double(), w.sum((1, 2, 3)) + b,
+                               rtol=1e-9, atol=1e-12)
+    assert case.info["impl"] in ("kernel", "reference")
+
+
+def test_bench_scoring_script(tmp_path):
+    from benchmarks import bench_scoring
+    csv_path = str(tmp_path / "scoring.csv")
+    rows = bench_scoring.main(["--models", "tiny_cnn", "--image", "8", "--batch", "2", "--rep", "2",
+                               "--warmup", "0", "--device", "cpu", "--csv", csv_path, "--impl", "auto",
+                               "--providers", "oba[out,in]", "reference:oba[out,in]",
+                               "double_backward:exact"])
+    provs = {r["provider"] for r in rows}
+    assert provs == {"gradient", "oba[out,in]", "reference:oba[out,in]", "double_backward:exact"}
+    ratios = {r["provider"]: float(r["p50"]) for r in rows if r["metric"] == "ratio_to_gradient"}
+    assert ratios["gradient"] == pytest.approx(1.0) and all(v > 0 for v in ratios.values())
+    impls = {r["provider"]: json.loads(r["config"])["impl"] for r in rows if r["metric"] == "time"}
+    assert impls["reference:oba[out,in]"] == "reference"
+    assert impls["oba[out,in]"] in ("kernel", "reference")  # what really ran is recorded
+    with open(csv_path, newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)

@@ -1,0 +1,215 @@
+"""End-to-end scoring cost: every score kind vs one ordinary gradient, on the same model and batch.
+
+    python -m benchmarks.bench_scoring --models resnet18 mobilenet_v2 --batch 8 --image 32
+    python -m benchmarks.bench_scoring --models vit_b_16 --vit-image 224 --vit-patch 16 --batch 2
+
+Providers (one batch; the model in eval mode; float32 unless --dtype):
+
+- ``gradient``: forward + backward to ∇_θ L — the unit every ratio is relative to;
+- ``oba[out,in]``, ``oba[weight]``, ``exact[out,in]``, ``taylor[out,in]``, ``jacobian[out]``:
+  one batch of ``oba_ext.score`` with ``impl=--impl`` (default "kernel": the engine; "auto"
+  falls back to the reference path when a model cannot be captured). ``config.impl`` records
+  the implementation that really ran (``scorer.impl``);
+- ``reference:oba[out,in]``: the pure-autograd reference path (``impl="reference"``);
+- ``jvp_grad:exact``: θ⊙Hθ by ``torch.func.jvp(torch.func.grad(L), θ, θ)`` (forward-over-reverse);
+- ``double_backward:exact``: θ⊙Hθ by reverse-over-reverse ``∇_θ(∇_θL · sg(θ))`` (what
+  FastOBA does).
+
+What is timed for the score kinds is the per-batch call of the scorer that ``oba_ext.score``
+builds (``scoring._make_scorer``): the one-time capture is excluded from the timing and
+recorded as ``config.setup_ms``. Rows: time (p20/p50/p80), peak memory, and
+``ratio_to_gradient`` (each quantile divided by the gradient's same quantile) per model.
+Appends to ``benchmarks/results/scoring.csv``.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable, Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import harness
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: provider -> (kind, granularity, impl override or None)
+KIND_PROVIDERS: Dict[str, Tuple[str, Tuple[str, ...], str]] = {
+    "oba[out,in]": ("oba", ("out", "in"), None),
+    "oba[weight]": ("oba", ("weight",), None),
+    "exact[out,in]": ("exact", ("out", "in"), None),
+    "taylor[out,in]": ("taylor", ("out", "in"), None),
+    "jacobian[out]": ("jacobian", ("out",), None),
+    "reference:oba[out,in]": ("oba", ("out", "in"), "reference"),
+}
+
+
+class TinyCNN(nn.Module):
+    """A seconds-fast model for smoke tests: (N, 3, H, W) -> (N, classes)."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = F.relu(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def build_model(name: str, args) -> Tuple[nn.Module, Tuple[int, int, int]]:
+    """(model, input shape C×H×W) for a torchvision name, "vit_b_16" at --vit-image/--vit-patch,
+    or "tiny_cnn"."""
+    if name == "tiny_cnn":
+        return TinyCNN(args.classes), (3, args.image, args.image)
+    import torchvision
+    if name == "vit_b_16":
+        from torchvision.models import VisionTransformer
+        m = VisionTransformer(image_size=args.vit_image, patch_size=args.vit_patch, num_layers=12,
+                              num_heads=12, hidden_dim=768, mlp_dim=3072, num_classes=args.classes)
+        return m, (3, args.vit_image, args.vit_image)
+    try:
+        m = torchvision.models.get_model(name, weights=None, num_classes=args.classes)
+    except ValueError as e:
+        raise SystemExit(f"--models: unknown model {name!r} ({e})") from None
+    return m, (3, args.image, args.image)
+
+
+def _theta(model):
+    from oba_ext.targets import find_layers, target_parameters
+    return target_parameters(find_layers(model))
+
+
+def gradient_case(model, x, y) -> harness.Case:
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def call():
+        loss = F.cross_entropy(model(x), y)
+        return torch.autograd.grad(loss, params)
+    return harness.Case(call, info={"impl": "autograd"})
+
+
+def jvp_grad_case(model, x, y) -> harness.Case:
+    theta = {k: v.detach() for k, v in _theta(model).items()}
+    rest = {k: v.detach() for k, v in model.named_parameters() if k not in theta}
+    buffers = dict(model.named_buffers())
+
+    def loss_of(th):
+        out = torch.func.functional_call(model, {**rest, **buffers, **th}, (x,))
+        return F.cross_entropy(out, y)
+
+    def call():
+        _, hv = torch.func.jvp(torch.func.grad(loss_of), (theta,), (theta,))
+        return {k: theta[k] * hv[k] for k in theta}
+    return harness.Case(call, info={"impl": "torch.func.jvp(grad)"})
+
+
+def double_backward_case(model, x, y) -> harness.Case:
+    theta = _theta(model)
+    names = list(theta)
+
+    def call():
+        loss = F.cross_entropy(model(x), y)
+        g = torch.autograd.grad(loss, [theta[n] for n in names], create_graph=True)
+        gv = sum((gi * theta[n].detach()).sum() for gi, n in zip(g, names))
+        hv = torch.autograd.grad(gv, [theta[n] for n in names])
+        return [theta[n].detach() * h for n, h in zip(names, hv)]
+    return harness.Case(call, info={"impl": "autograd double backward"})
+
+
+def score_case(model, x, y, kind: str, gran, impl: str) -> harness.Case:
+    from oba_ext import criteria, scoring
+    from oba_ext.targets import find_layers
+    crit = criteria.get(kind)
+    layers = find_layers(model, include_norm=crit.norm_layers)
+    loss = scoring.checked_loss(scoring.default_loss)
+    keys = scoring._keys_for(tuple(gran))
+    t0 = time.perf_counter()
+    scorer = scoring._make_scorer(model, layers, loss, impl, crit, (x, y))
+    setup_ms = (time.perf_counter() - t0) * 1e3
+    state = scoring._snapshot_buffers(model)
+
+    def call():
+        q = scorer(x, y, crit.quantities, keys)
+        scoring._restore_buffers(model, state)
+        return q
+    return harness.Case(call, info={"impl": getattr(scorer, "impl", "reference"), "impl_requested": impl,
+                                    "setup_ms": round(setup_ms, 1)})
+
+
+def providers_for(model, x, y, impl: str, names) -> Dict[str, Callable]:
+    provs: Dict[str, Callable] = {"gradient": lambda _: gradient_case(model, x, y)}
+    for name, (kind, gran, override) in KIND_PROVIDERS.items():
+        provs[name] = (lambda _, k=kind, g=gran, i=override or impl: score_case(model, x, y, k, g, i))
+    provs["jvp_grad:exact"] = lambda _: jvp_grad_case(model, x, y)
+    provs["double_backward:exact"] = lambda _: double_backward_case(model, x, y)
+    unknown = [n for n in names or () if n not in provs]
+    if unknown:
+        raise SystemExit(f"--providers: unknown {unknown}; expected some of {list(provs)}")
+    return {k: v for k, v in provs.items() if not names or k in names or k == "gradient"}
+
+
+def ratio_rows(rows, model_name: str):
+    """ratio_to_gradient (time and peak memory) rows for one model's measured rows."""
+    grad = {r["metric"]: r for r in rows if r["provider"] == "gradient" and r["x_value"] == model_name}
+    out = []
+    for r in rows:
+        if r["x_value"] != model_name or r["metric"] not in ("time", "peak_memory") or r["metric"] not in grad:
+            continue
+        g = grad[r["metric"]]
+        metric = "ratio_to_gradient" if r["metric"] == "time" else "memory_ratio_to_gradient"
+        rr = {**r, "metric": metric, "unit": "x", "memory_method": ""}
+        for q in ("p20", "p50", "p80"):
+            rr[q] = f"{float(r[q]) / max(float(g[q]), 1e-12):.4g}"
+        out.append(rr)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"],
+                    help="resnet18 resnet50 vgg19_bn mobilenet_v2 vit_b_16 (any torchvision name) or tiny_cnn")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--image", type=int, default=32, help="CNN input size (32 on CPU, 224 on GPU)")
+    ap.add_argument("--vit-image", type=int, default=32)
+    ap.add_argument("--vit-patch", type=int, default=4)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--impl", default="kernel", choices=["kernel", "auto"],
+                    help="impl for the score kinds (the reference path is its own provider)")
+    ap.add_argument("--providers", nargs="*", default=None, help="subset of providers (gradient always)")
+    ap.add_argument("--seed", type=int, default=0)
+    harness.add_common_args(ap, "scoring.csv")
+    ap.set_defaults(rep=5, warmup=1)
+    args = ap.parse_args(argv)
+    device = harness.apply_common_args(args)
+    all_rows = []
+    for name in args.models:
+        torch.manual_seed(args.seed)
+        model, shape = build_model(name, args)
+        model = model.to(device=device, dtype=DTYPES[args.dtype]).eval()
+        g = torch.Generator().manual_seed(args.seed)
+        x = torch.randn((args.batch, *shape), generator=g).to(device=device, dtype=DTYPES[args.dtype])
+        y = torch.randint(0, args.classes, (args.batch,), generator=g).to(device)
+        provs = providers_for(model, x, y, args.impl, args.providers)
+        cfg = {"batch": args.batch, "input": "x".join(map(str, shape)),
+               "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
+        rows = harness.run_sweep("scoring", "model", [name], provs, device, None, dtype=args.dtype,
+                                 warmup=args.warmup, rep=args.rep, max_seconds=args.max_seconds,
+                                 memory=not args.no_memory, config=cfg, note=args.note)
+        rows += ratio_rows(rows, name)
+        for r in rows:
+            if r["metric"] == "ratio_to_gradient":
+                print(f"[scoring] {name:<14} {r['provider']:<24} {r['p50']:>8}× gradient")
+        if args.csv:
+            harness.append_csv(args.csv, rows)
+        all_rows += rows
+        del model, x, y
+    return all_rows
+
+
+if __name__ == "__main__":
+    main()
