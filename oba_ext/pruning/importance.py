@@ -199,7 +199,9 @@ class OBAImportance(tp.importance.GroupMagnitudeImportance):
     def _result_for_group(self, group):
         model = self._model_of(group)
         dg = getattr(group, "_DG", None)
-        shapes = tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+        # cheap per-call key: names, shapes and autograd version counters (bumped by every
+        # in-place update, e.g. an optimizer step); the value fingerprint only when it changes
+        shapes = tuple((n, tuple(p.shape), p._version) for n, p in model.named_parameters())
         key = self._dg_key.get(id(dg))
         if key is not None and key[0] == shapes and key[1] in self._cache:
             return model, self._cache[key[1]]
