@@ -20,7 +20,7 @@
 //   G_S = A(G_A − δ_G), C_S = A(C_A − δ_C) [+ exact: Ȧ(G_A − δ_G) − A·ε].
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -389,7 +389,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_two_stream_forward_cuda
   at::Tensor lse = at::empty({s.B, s.H, s.Nq}, q.options().dtype(acc));
   if (s.B * s.H * s.Nq == 0) return {O, Od, lse};
   const dim3 grid(static_cast<unsigned>(s.B * s.H), static_cast<unsigned>((s.Nq + kWarps - 1) / kWarps));
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
                                   "attention_two_stream_forward", [&] {
     AttnParams<scalar_t> p{};
@@ -438,7 +438,7 @@ attention_second_order_backward_cuda(
   const unsigned bh = static_cast<unsigned>(s.B * s.H);
   const dim3 grid_q(bh, static_cast<unsigned>((s.Nq + kWarps - 1) / kWarps));
   const dim3 grid_k(bh, static_cast<unsigned>((s.Nk + kWarps - 1) / kWarps));
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
                                   "attention_second_order_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
