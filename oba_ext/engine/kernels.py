@@ -17,19 +17,27 @@ from __future__ import annotations
 import functools
 from typing import List, Optional
 
+import torch
 from torch import Tensor
 
 from .. import _ext
+from ..ops import attention as _ops_attention
 from ..ops import channel as _ops_channel
 from ..ops import weight as _ops_weight
+from ..reference import attention as _ref_attention
 from ..reference import channel as _ref_channel
 from ..reference import weight as _ref_weight
 
-_NAMES = ("channel_score_reduce", "linear_weight_score", "conv_weight_score")
+_NAMES = ("channel_score_reduce", "linear_weight_score", "conv_weight_score",
+          "attention_two_stream_forward", "attention_second_order_backward")
 _KERNELS = {"channel_score_reduce": _ops_channel, "linear_weight_score": _ops_weight,
-            "conv_weight_score": _ops_weight}
+            "conv_weight_score": _ops_weight,
+            "attention_two_stream_forward": _ops_attention,
+            "attention_second_order_backward": _ops_attention}
 _TWINS = {"channel_score_reduce": _ref_channel, "linear_weight_score": _ref_weight,
-          "conv_weight_score": _ref_weight}
+          "conv_weight_score": _ref_weight,
+          "attention_two_stream_forward": _ref_attention,
+          "attention_second_order_backward": _ref_attention}
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,3 +76,24 @@ def conv_weight_score(w: Tensor, grads: List[Tensor], inputs: List[Tensor], stri
                       dilation, groups: int) -> Tensor:
     return resolve("conv_weight_score", w.device.type)(w, grads, inputs, stride, padding,
                                                        dilation, groups)
+
+
+# attention (SPEC §4); the CPU kernels take float32/float64 only, other dtypes use the twin
+_CPU_ATTENTION_DTYPES = (torch.float32, torch.float64)
+
+
+def _attention_impl(name: str, q: Tensor):
+    if q.device.type == "cpu" and q.dtype not in _CPU_ATTENTION_DTYPES:
+        return getattr(_TWINS[name], name)
+    return resolve(name, q.device.type)
+
+
+def attention_two_stream_forward(q, k, v, q_dot, k_dot, v_dot, mask, is_causal, scale):
+    return _attention_impl("attention_two_stream_forward", q)(q, k, v, q_dot, k_dot, v_dot, mask,
+                                                              is_causal, scale)
+
+
+def attention_second_order_backward(q, k, v, q_dot, k_dot, v_dot, G_O, C_O, mask, is_causal,
+                                    scale, lse, exact):
+    return _attention_impl("attention_second_order_backward", q)(
+        q, k, v, q_dot, k_dot, v_dot, G_O, C_O, mask, is_causal, scale, lse, exact)

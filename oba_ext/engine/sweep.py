@@ -20,11 +20,13 @@ from torch import fx, nn
 from .capture import Program, inspect_empty
 from .loss import loss_streams, resolve_loss_rule
 from .rules import Call
+from .rules.pairs import as_pair, halves
 
 SECOND_ORDER = ("oba", "exact")
 QUANTITIES = ("taylor",) + SECOND_ORDER
 KEYS = ("out", "in", "weight", "bias", "head")
 _LAYER_KEYS = {"linear": ("out", "in", "weight", "bias"), "conv": ("out", "in", "weight", "bias"),
+               "mha": ("out", "in", "weight", "bias"),
                "norm": ("out",)}
 
 
@@ -147,9 +149,11 @@ class EngineScorer:
                 ctx = _Ctx(node.name, layer, lkeys, want_exact, tangents, needs,
                            recorder(layer) if layer is not None else None)
                 ctx.input_nodes = in_nodes
+                ctx.sublayer = lambda name, _k=keys, _r=recorder: self._sublayer(name, _k, _r)
                 args, kwargs = pytree_unflatten(leaves, st.spec)
                 call = Call(node, st.module, st.fn, args, kwargs, leaves, st.spec, slots, ts, needs)
-                if st.rule is None:  # not live and no rule: plain evaluation
+                # no rule, or Python values only (arithmetic on x.shape): plain evaluation
+                if st.rule is None or not slots:
                     y, t_y = st.fn(*args, **kwargs), None
                 else:
                     y, t_y = st.rule.forward(call, ctx)
@@ -163,6 +167,14 @@ class EngineScorer:
                 val.pop(n, None)
                 tan.pop(n, None)
         return val, tan, ctxs
+
+    def _sublayer(self, name, keys, recorder):
+        """(record, keys) for scored layer ``name`` run inside another node's rule (the
+        ``out_proj`` of nn.MultiheadAttention), or None when ``name`` is not scored."""
+        spec = self.layers.get(name)
+        if spec is None:
+            return None
+        return recorder(name), tuple(k for k in keys if k in _LAYER_KEYS.get(spec.kind, ()))
 
     def _tuple_getitem_forward(self, st, leaves, val, tan, ctxs):
         node = st.node
@@ -185,6 +197,10 @@ class EngineScorer:
             old = cot.get(n)
             if old is None:
                 cot[n] = [g, c]
+                return
+            p_old, p_new = as_pair(old[0], old[1]), as_pair(g, c)
+            if p_old is not None and p_new is not None:  # keep the sum paired
+                old[0], old[1] = halves(p_old + p_new)
             else:
                 old[0] = _add(old[0], g)
                 old[1] = _add(old[1], c)
@@ -235,6 +251,8 @@ class EngineScorer:
 
 
 def _key_shape(spec, m, k):
+    if spec.kind == "mha":  # scored by the attention rule, which records every key it reaches
+        return None
     if spec.kind == "norm":
         return (m.weight.numel(),)
     if k == "out":

@@ -161,7 +161,7 @@ class Call:
 
 def _load():
     # importing the rule files fills the registries
-    from . import arith, conv, elementwise, linear, norm, pool, shape  # noqa: F401
+    from . import arith, attention, conv, elementwise, linear, meta, norm, pool, shape  # noqa: F401
 
 
 __all__ = ["MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES", "UNSUPPORTED", "Call", "lookup",

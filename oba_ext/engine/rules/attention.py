@@ -1,0 +1,374 @@
+"""Attention rules (SPEC §4): ``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention``.
+
+Both run the fused two-stream kernels through :mod:`oba_ext.engine.kernels`
+(``attention_two_stream_forward`` → ``(O, Ȯ, lse)``, ``attention_second_order_backward`` →
+``(G_Q, G_K, G_V, C_Q, C_K, C_V)``; ``exact`` adds the softmax curvature). The two products
+``QKᵀ`` and ``AV`` carry their product-rule terms in both modes.
+
+``scaled_dot_product_attention(q, k, v, attn_mask, dropout_p=0, is_causal, scale)``: any
+leading dims (flattened to (B, 1, N, D) unless 4-D), bool/additive masks, causal. Refused:
+``dropout_p > 0`` (score in eval mode), ``enable_gqa`` with fewer k/v heads, a θ-dependent mask.
+
+``nn.MultiheadAttention`` (a target layer of kind "mha"): the q/k/v projections are the packed
+``in_proj_weight`` rows (or ``q/k/v_proj_weight``), each run through the Linear rule as a
+virtual layer; their scores are assembled into the keys of the reference path
+(``oba_ext.reference.structured._mha``): ``out`` (3E,) = q|k|v rows with
+``parts.{q,k,v}.out``; ``parts.{q,k,v}.in`` and, when packed, ``in`` = their sum; ``weight``
+(packed) or ``parts.{q,k,v}.weight``; ``bias`` (3E,). ``out_proj`` is its own Linear target
+(``<name>.out_proj``), scored by the Linear rule inside this one. Masks: ``attn_mask`` (bool
+True = *not* allowed, or additive; (L, S) or (N·H, L, S)), ``key_padding_mask`` (N, S), the
+``is_causal`` hint without a mask = causal. ``need_weights=True`` returns the head-averaged
+(or per-head) weights, which must not feed anything scored (their tangent is not formed).
+Refused: ``bias_k``/``bias_v``, ``add_zero_attn``, dropout in train mode.
+"""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels
+from . import register_function, register_module
+from .linear import LinearRule
+
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
+                "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
+                  "enable_gqa": False}
+_LINEAR = LinearRule()
+
+
+def _bind_sdpa(args, kwargs, where):
+    if len(args) > len(_SDPA_PARAMS):
+        raise ValueError(f"{where}: scaled_dot_product_attention takes at most "
+                         f"{len(_SDPA_PARAMS)} arguments, got {len(args)}")
+    bound = dict(_SDPA_DEFAULTS)
+    bound.update(zip(_SDPA_PARAMS, args))
+    for k, v in kwargs.items():
+        if k not in _SDPA_PARAMS:
+            raise ValueError(f"{where}: unknown scaled_dot_product_attention argument {k!r}")
+        bound[k] = v
+    return bound
+
+
+def _four_d(x):
+    """(..., N, D) -> (B, H, N, D): 4-D as is, else leading dims flattened into B (H = 1)."""
+    if x is None or x.dim() == 4:
+        return x
+    return x.reshape(-1, 1, x.shape[-2], x.shape[-1])
+
+
+class _AttentionCore:
+    """Forward/backward of the attention kernels on 4-D (B, H, N, D) tensors, saved on ``st``."""
+
+    @staticmethod
+    def forward(st, q, k, v, tq, tk, tv, mask, is_causal, scale):
+        O, Od, lse = kernels.attention_two_stream_forward(q, k, v, tq, tk, tv, mask, is_causal,
+                                                          scale)
+        st.q, st.k, st.v, st.tq, st.tk, st.tv = q, k, v, tq, tk, tv
+        st.mask, st.is_causal, st.scale, st.lse = mask, is_causal, scale, lse
+        has_t = tq is not None or tk is not None or tv is not None
+        return O, (Od if has_t else None)
+
+    @staticmethod
+    def backward(st, ctx, go, co):
+        second = ctx.mode is not None
+        tq, tk, tv = (st.tq, st.tk, st.tv) if second else (None, None, None)
+        out = kernels.attention_second_order_backward(
+            st.q, st.k, st.v, tq, tk, tv, go, co if second else None, st.mask, st.is_causal,
+            st.scale, st.lse, bool(ctx.exact))
+        gq, gk, gv, cq, ck, cv = out
+        if not second:
+            cq = ck = cv = None
+        return (gq, cq), (gk, ck), (gv, cv)
+
+
+class SDPARule:
+    """``F.scaled_dot_product_attention`` on the fused kernels (module docstring)."""
+
+    def forward(self, call, ctx):
+        where = ctx.name
+        slots_args, slots_kwargs = call.rebuild(list(range(len(call.inputs))))
+        slot = _bind_sdpa(slots_args, slots_kwargs, where)
+        b = _bind_sdpa(call.args, call.kwargs, where)
+        if b["dropout_p"]:
+            raise ValueError(f"{where}: scaled_dot_product_attention with dropout_p="
+                             f"{b['dropout_p']}; the engine needs attention dropout off "
+                             f"(score in eval mode)")
+        q, k, v = b["query"], b["key"], b["value"]
+        if b["enable_gqa"] and q.shape[-3] != k.shape[-3]:
+            raise ValueError(f"{where}: scaled_dot_product_attention with enable_gqa and "
+                             f"{q.shape[-3]} query heads vs {k.shape[-3]} key heads is not "
+                             f"supported by the engine")
+        mask = b["attn_mask"]
+        ms = slot["attn_mask"]
+        if isinstance(ms, int) and (call.tangents[ms] is not None or call.needs[ms]):
+            raise ValueError(f"{where}: the attention mask depends on the scored parameters; "
+                             f"the engine supports constant masks only")
+        t = [call.tangents[slot[n]] for n in ("query", "key", "value")]
+        lead, L, S = q.shape[:-2], q.shape[-2], k.shape[-2]
+        if mask is not None and q.dim() != 4:
+            mask = mask.expand(*lead, L, S).reshape(-1, 1, L, S)
+        st = SimpleNamespace(shapes=(q.shape, k.shape, v.shape),
+                             slots=(slot["query"], slot["key"], slot["value"]),
+                             n=len(call.inputs))
+        O, Od = _AttentionCore.forward(st, _four_d(q), _four_d(k), _four_d(v), _four_d(t[0]),
+                                       _four_d(t[1]), _four_d(t[2]), mask, bool(b["is_causal"]),
+                                       b["scale"])
+        out_shape = (*lead, L, v.shape[-1])
+        ctx.attn = st
+        return O.reshape(out_shape), (Od.reshape(out_shape) if Od is not None else None)
+
+    def backward(self, ctx, g, c):
+        st = ctx.attn
+        res = _AttentionCore.backward(st, ctx, _four_d(g), _four_d(c))
+        out = [None] * st.n
+        for slot, shape, (gi, ci) in zip(st.slots, st.shapes, res):
+            if ctx.needs[slot]:
+                out[slot] = (gi.reshape(shape), ci.reshape(shape) if ci is not None else None)
+        return out
+
+
+# ------------------------------------------------------------------ nn.MultiheadAttention
+class _SubCtx:
+    """The ctx of a Linear rule run inside the MHA rule (a virtual or a child Linear layer)."""
+
+    def __init__(self, name, layer, keys, tangents, need_input, record):
+        self.name, self.layer, self.keys, self.tangents = name, layer, keys, tangents
+        self.needs = [need_input]
+        self.record = record
+        self.mode, self.exact, self.first = None, False, False
+
+    def sync(self, ctx):
+        self.mode, self.exact, self.first = ctx.mode, ctx.exact, ctx.first
+
+
+class _Collect:
+    """Collects a virtual layer's scores: {quantity: {key: tensor}}."""
+
+    def __init__(self):
+        self.d = {}
+
+    def __call__(self, q, key, v):
+        dq = self.d.setdefault(q, {})
+        dq[key] = dq[key] + v if key in dq else v
+
+
+def _mha_masks(m, attn_mask, kpm, N, H, L, S, is_causal, dtype, where):
+    """MHA's attn_mask / key_padding_mask / is_causal as one SDPA-style mask (bool True = attend,
+    or additive), broadcastable to (N, H, L, S); or (None, causal flag)."""
+    add = None
+
+    def as_add(mk, shape):
+        if mk.dtype == torch.bool:
+            return torch.zeros(mk.shape, dtype=dtype, device=mk.device).masked_fill(
+                mk, float("-inf")).reshape(shape)
+        if not mk.is_floating_point():
+            raise ValueError(f"{where}: masks must be bool or float, got {mk.dtype}")
+        return mk.to(dtype).reshape(shape)
+
+    if attn_mask is not None:
+        if attn_mask.dim() == 2:
+            add = as_add(attn_mask, (1, 1, L, S))
+        elif attn_mask.dim() == 3:
+            add = as_add(attn_mask, (N, H, L, S))
+        else:
+            raise ValueError(f"{where}: attn_mask must be (L, S) or (N·num_heads, L, S), got "
+                             f"{tuple(attn_mask.shape)}")
+        is_causal = False  # the mask is the causal mask (MHA's is_causal is a hint)
+    if kpm is not None:
+        k = as_add(kpm, (N, 1, 1, S))
+        add = k if add is None else add + k
+    return add, bool(is_causal)
+
+
+_MHA_PARAMS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+               "average_attn_weights", "is_causal")
+_MHA_DEFAULTS = {"key_padding_mask": None, "need_weights": True, "attn_mask": None,
+                 "average_attn_weights": True, "is_causal": False}
+
+
+class MHARule:
+    """``nn.MultiheadAttention`` (module docstring)."""
+
+    def _check(self, m, where):
+        if m.bias_k is not None or m.bias_v is not None:
+            raise ValueError(f"{where}: nn.MultiheadAttention with add_bias_kv is not supported")
+        if m.add_zero_attn:
+            raise ValueError(f"{where}: nn.MultiheadAttention with add_zero_attn is not supported")
+        if m.training and m.dropout > 0:
+            raise ValueError(f"{where}: nn.MultiheadAttention dropout={m.dropout} in train mode; "
+                             f"score in eval mode (model.eval())")
+
+    def forward(self, call, ctx):
+        m = call.module
+        name = call.node.target
+        self._check(m, name)
+        slots_args, slots_kwargs = call.rebuild(list(range(len(call.inputs))))
+        slot = dict(_MHA_DEFAULTS, **dict(zip(_MHA_PARAMS, slots_args)), **slots_kwargs)
+        b = dict(_MHA_DEFAULTS, **dict(zip(_MHA_PARAMS, call.args)), **call.kwargs)
+        for mk in ("attn_mask", "key_padding_mask"):
+            s = slot[mk]
+            if isinstance(s, int) and (call.tangents[s] is not None or call.needs[s]):
+                raise ValueError(f"{name}: {mk} depends on the scored parameters")
+        x = {r: b[r] for r in ("query", "key", "value")}
+        tx = {r: call.tangents[slot[r]] for r in x}
+        batched = x["query"].dim() == 3
+        if not batched:  # (L, E) -> (L, 1, E), sequence-first
+            x = {r: v.unsqueeze(1) for r, v in x.items()}
+            tx = {r: (t.unsqueeze(1) if t is not None else None) for r, t in tx.items()}
+        elif m.batch_first:  # (N, L, E) -> (L, N, E)
+            x = {r: v.transpose(0, 1) for r, v in x.items()}
+            tx = {r: (t.transpose(0, 1) if t is not None else None) for r, t in tx.items()}
+        L, N, E = x["query"].shape
+        S, H = x["key"].shape[0], m.num_heads
+        hd = E // H
+        target = ctx.layer is not None
+        tangents = ctx.tangents
+        # virtual q/k/v Linear layers over the packed rows or the separate weights
+        bias = m.in_proj_bias
+        bq = bk = bv = None
+        if bias is not None:
+            bq, bk, bv = bias.chunk(3)
+        packed = bool(m._qkv_same_embed_dim)  # packed in_proj_weight, else q/k/v_proj_weight
+        ws = (m.in_proj_weight.chunk(3) if packed
+              else (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight))
+        subs, proj, tproj = {}, {}, {}
+        for r, w, bb in zip(("query", "key", "value"), ws, (bq, bk, bv)):
+            sub = _SubCtx(f"{name}[{r[0]}]", name if target else None, ctx.keys, tangents,
+                          call.needs[slot[r]], _Collect())
+            fake = SimpleNamespace(weight=w, bias=bb)
+            y, ty = _LINEAR.forward(SimpleNamespace(module=fake, inputs=[x[r]], tangents=[tx[r]]),
+                                    sub)
+            sub.fake = fake
+            subs[r], proj[r], tproj[r] = sub, y, ty
+
+        def heads(t, n):  # (n, N, E) -> (N, H, n, hd)
+            return None if t is None else t.reshape(n, N, H, hd).permute(1, 2, 0, 3)
+
+        mask, causal = _mha_masks(m, b["attn_mask"], b["key_padding_mask"], N, H, L, S,
+                                  b["is_causal"], proj["query"].dtype, name)
+        st = SimpleNamespace()
+        O, Od = _AttentionCore.forward(st, heads(proj["query"], L), heads(proj["key"], S),
+                                       heads(proj["value"], S), heads(tproj["query"], L),
+                                       heads(tproj["key"], S), heads(tproj["value"], S), mask,
+                                       causal, 1.0 / math.sqrt(hd))
+
+        def merge(t):  # (N, H, L, hd) -> (L, N, E)
+            return None if t is None else t.permute(2, 0, 1, 3).reshape(L, N, E)
+
+        out_name = f"{name}.out_proj"
+        rec = ctx.sublayer(out_name)
+        osub = _SubCtx(out_name, out_name if rec is not None else None,
+                       rec[1] if rec is not None else (), tangents, True,
+                       rec[0] if rec is not None else None)
+        out, tout = _LINEAR.forward(SimpleNamespace(module=m.out_proj, inputs=[merge(O)],
+                                                    tangents=[merge(Od)]), osub)
+        weights = None
+        if b["need_weights"]:
+            weights = self._weights(st, b["average_attn_weights"])
+            if not batched:
+                weights = weights.squeeze(0)
+        if not batched:
+            out = out.squeeze(1)
+            tout = tout.squeeze(1) if tout is not None else None
+        elif m.batch_first:
+            out = out.transpose(0, 1)
+            tout = tout.transpose(0, 1) if tout is not None else None
+        ctx.mha = SimpleNamespace(st=st, subs=subs, osub=osub, slot=slot, n=len(call.inputs),
+                                  shape=(L, N, E, S, H, hd), batched=batched,
+                                  batch_first=m.batch_first, packed=packed, target=target,
+                                  in_shapes={r: b[r].shape for r in ("query", "key", "value")})
+        return (out, weights), ([tout, None] if tout is not None else None)
+
+    @staticmethod
+    def _weights(st, average):
+        """Attention weights A = exp(S − lse) (N, H, L, S), averaged over heads if asked."""
+        S = torch.matmul(st.q, st.k.transpose(-1, -2)) * st.scale
+        if st.mask is not None:
+            S = S + st.mask
+        if st.is_causal:
+            keep = torch.ones(S.shape[-2:], dtype=torch.bool, device=S.device).tril()
+            S = S.masked_fill(~keep, float("-inf"))
+        A = torch.softmax(S, dim=-1)
+        return A.mean(dim=1) if average else A
+
+    def backward(self, ctx, g, c):
+        s = ctx.mha
+        L, N, E, S, H, hd = s.shape
+        g_out, g_w = (g[0], g[1]) if isinstance(g, (list, tuple)) else (g, None)
+        c_out = c[0] if isinstance(c, (list, tuple)) else c
+        if g_w is not None:
+            raise ValueError(f"{ctx.name}: the attention weights returned by "
+                             f"nn.MultiheadAttention feed the loss; the engine supports "
+                             f"need_weights outputs that are not used downstream only")
+
+        def seq_first(t):
+            if t is None:
+                return None
+            if not s.batched:
+                return t.unsqueeze(1)
+            return t.transpose(0, 1) if s.batch_first else t
+
+        s.osub.sync(ctx)
+        r = _LINEAR.backward(s.osub, seq_first(g_out), seq_first(c_out))[0]
+        go, co = r
+
+        def heads(t, n):
+            return None if t is None else t.reshape(n, N, H, hd).permute(1, 2, 0, 3)
+
+        def merge(t, n):  # (N, H, n, hd) -> (n, N, E)
+            return None if t is None else t.permute(2, 0, 1, 3).reshape(n, N, E)
+
+        res = _AttentionCore.backward(s.st, ctx, heads(go, L), heads(co, L))
+        out = [None] * s.n
+        for (role, n), (gi, ci) in zip((("query", L), ("key", S), ("value", S)), res):
+            sub = s.subs[role]
+            sub.sync(ctx)
+            rr = _LINEAR.backward(sub, merge(gi, n), merge(ci, n))[0]
+            slot = s.slot[role]
+            if rr is not None and ctx.needs[slot]:
+                gx, cx = rr
+                if not s.batched:
+                    gx, cx = gx.squeeze(1), (cx.squeeze(1) if cx is not None else None)
+                elif s.batch_first:
+                    gx, cx = gx.transpose(0, 1), (cx.transpose(0, 1) if cx is not None else None)
+                out[slot] = (gx, cx)
+        if s.target:
+            self._record(ctx, s)
+        return out
+
+    @staticmethod
+    def _record(ctx, s):
+        """Assemble the virtual layers' scores into the keys of the reference path."""
+        parts = {r[0]: s.subs[r].record.d for r in ("query", "key", "value")}
+        for q in parts["q"]:
+            p = {n: parts[n].get(q, {}) for n in "qkv"}
+            for key in ("out", "in", "weight", "bias"):
+                vals = [p[n].get(key) for n in "qkv"]
+                if any(v is None for v in vals):
+                    continue
+                if key == "out":
+                    ctx.record(q, "out", torch.cat(vals))
+                    for n, v in zip("qkv", vals):
+                        ctx.record(q, f"parts.{n}.out", v)
+                elif key == "in":
+                    for n, v in zip("qkv", vals):
+                        ctx.record(q, f"parts.{n}.in", v)
+                    if s.packed:
+                        ctx.record(q, "in", vals[0] + vals[1] + vals[2])
+                elif key == "weight":
+                    if s.packed:
+                        ctx.record(q, "weight", torch.cat(vals))
+                    else:
+                        for n, v in zip("qkv", vals):
+                            ctx.record(q, f"parts.{n}.weight", v)
+                else:
+                    ctx.record(q, "bias", torch.cat(vals))
+
+
+register_function(F.scaled_dot_product_attention)(SDPARule())
+register_module(nn.MultiheadAttention)(MHARule())

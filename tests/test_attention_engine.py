@@ -1,0 +1,178 @@
+"""Engine attention rules (oba_ext/engine/rules/attention.py) against the reference path in
+float64 (≤ 1e-10 relative, SPEC §7), for SDPA, nn.MultiheadAttention, a timm-style block and a
+small torchvision VisionTransformer, in ``oba`` and ``exact`` modes; plus "head" granularity.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import oba_ext
+from tolerances import FLOAT64_RTOL, rel_err
+
+E, H, T, NCLS = 16, 4, 6, 5
+
+
+class TimmAttention(nn.Module):
+    """timm.models.vision_transformer.Attention (fused_attn path), with an optional mask."""
+
+    def __init__(self, dim=E, num_heads=H, qkv_bias=True, mask=None, is_causal=False):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = nn.Identity()
+        self.k_norm = nn.Identity()
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+        self.is_causal = is_causal
+        if mask is not None:
+            self.register_buffer("mask", mask)
+        else:
+            self.mask = None
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask,
+                                           dropout_p=self.attn_drop.p if self.training else 0.0,
+                                           is_causal=self.is_causal)
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class TimmBlock(nn.Module):
+    def __init__(self, dim=E, **kw):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = TimmAttention(dim, **kw)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TokenNet(nn.Module):
+    """(B, T, E) tokens -> embed -> block -> mean pool -> classes."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.embed = nn.Linear(E, E)
+        self.block = block
+        self.head = nn.Linear(E, NCLS)
+
+    def forward(self, x):
+        return self.head(self.block(self.embed(x)).mean(1))
+
+
+class MHABlock(nn.Module):
+    def __init__(self, batch_first=True, kdim=None, need_weights=False, cross=False,
+                 attn_mask=None, kpm=None, bias=True, causal=False):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(E, H, batch_first=batch_first, kdim=kdim, vdim=kdim,
+                                         bias=bias)
+        self.kv = nn.Linear(E, kdim or E) if (cross or kdim) else None
+        self.batch_first, self.need_weights, self.causal = batch_first, need_weights, causal
+        self.attn_mask, self.kpm = attn_mask, kpm
+
+    def forward(self, x):
+        y = x if self.batch_first else x.transpose(0, 1)
+        kv = self.kv(y) if self.kv is not None else y
+        kw = {}
+        if self.causal:
+            kw["is_causal"] = True
+        out, w = self.mha(y, kv, kv, need_weights=self.need_weights, attn_mask=self.attn_mask,
+                          key_padding_mask=self.kpm, **kw)
+        out = out if self.batch_first else out.transpose(0, 1)
+        return x + out
+
+
+def batches(n=2, B=3, seed=0, shape=(T, E)):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(B, *shape, generator=g, dtype=torch.float64),
+             torch.randint(0, NCLS, (B,), generator=g)) for _ in range(n)]
+
+
+def compare(model, data, kind, gran=("out", "in", "weight")):
+    model = model.double().eval()
+    kw = dict(kind=kind, granularity=gran, progress=False)
+    a = oba_ext.score(model, data, impl="kernel", **kw)
+    b = oba_ext.score(model, data, impl="reference", **kw)
+    assert a.impl == "kernel"
+    assert set(a) == set(b), (sorted(a), sorted(b))
+    checked = 0
+    for name in b:
+        ta, tb = a[name].tensors(), b[name].tensors()
+        assert set(ta) == set(tb), (name, sorted(ta), sorted(tb))
+        for key in tb:
+            err = rel_err(ta[key], tb[key])
+            assert err <= FLOAT64_RTOL, f"{name}.{key}: relative error {err:.3e}"
+            checked += 1
+    assert checked > 0
+    return a, b
+
+
+def causal_mask(n=T):
+    return torch.ones(n, n, dtype=torch.bool).tril()
+
+
+SDPA_CASES = {
+    "nomask": dict(),
+    "causal": dict(is_causal=True),
+    "bool": dict(mask=(torch.rand(1, 1, T, T, generator=torch.Generator().manual_seed(3)) > 0.3)
+                 | torch.eye(T, dtype=torch.bool)),
+    "additive": dict(mask=torch.randn(T, T, generator=torch.Generator().manual_seed(4),
+                                      dtype=torch.float64)),
+}
+
+
+@pytest.mark.parametrize("kind", ["oba", "exact"])
+@pytest.mark.parametrize("case", list(SDPA_CASES))
+def test_timm_block_sdpa(case, kind, kernels):
+    kernels("cpu")
+    torch.manual_seed(0)
+    compare(TokenNet(TimmBlock(**SDPA_CASES[case])), batches(), kind)
+
+
+MHA_CASES = {
+    "packed_bf": dict(batch_first=True),
+    "packed_sf": dict(batch_first=False),
+    "separate_kdim": dict(kdim=8),
+    "cross_weights": dict(cross=True, need_weights=True),
+    "seqfirst_weights": dict(batch_first=False, need_weights=True),
+    "nobias_boolmask": dict(bias=False, attn_mask=~causal_mask()),
+    "float_mask_kpm": dict(attn_mask=torch.randn(T, T, generator=torch.Generator().manual_seed(5),
+                                                 dtype=torch.float64),
+                           kpm=torch.tensor([[False] * (T - 1) + [True]] * 3)),
+    "causal_hint": dict(attn_mask=~causal_mask(), causal=True),
+}
+
+
+@pytest.mark.parametrize("kind", ["oba", "exact"])
+@pytest.mark.parametrize("case", list(MHA_CASES))
+def test_multihead_attention(case, kind, kernels):
+    kernels("cpu")
+    torch.manual_seed(1)
+    compare(TokenNet(MHABlock(**MHA_CASES[case])), batches(), kind,
+            gran=("out", "in", "weight"))
+
+
+def tiny_vit():
+    import torchvision
+    torch.manual_seed(2)
+    return torchvision.models.VisionTransformer(image_size=32, patch_size=4, num_layers=2,
+                                                num_heads=4, hidden_dim=64, mlp_dim=128,
+                                                num_classes=10)
+
+
+@pytest.mark.parametrize("kind", ["oba", "exact"])
+def test_torchvision_vit(kind, kernels):
+    kernels("cpu")
+    g = torch.Generator().manual_seed(7)
+    data = [(torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64),
+             torch.randint(0, 10, (2,), generator=g))]
+    compare(tiny_vit(), data, kind, gran=("out", "in"))
