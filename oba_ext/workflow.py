@@ -19,7 +19,7 @@ from . import criteria as _criteria
 from .data import get_dataset, make_loader
 from .models import get_model
 from .pruning import OBAImportance, count, prune_once, prune_to_target
-from .pruning.unstructured import prune_unstructured, sparsity_of
+from .pruning.unstructured import prune_unstructured, refresh_masked_weights, sparsity_of
 from .report import channels_per_layer, plot_channels, plot_score_distributions, write_json
 from .train import evaluate, fit
 
@@ -98,8 +98,12 @@ def _builtin():
 
 
 def _macs_params(model, example):
+    refresh_masked_weights(model)  # masked (unstructured) models must be deep-copyable
     macs, params = count(model, example)
-    return {"macs": macs, "params": params}
+    nonzero = sum(int(p.count_nonzero()) for p in model.parameters())
+    masked = [m for m in model.modules() if hasattr(m, "weight_orig")]
+    nonzero -= sum(int(m.weight_orig.count_nonzero()) - int(m.weight.count_nonzero()) for m in masked)
+    return {"macs": macs, "params": params, "nonzero_params": nonzero}
 
 
 def run_score(args) -> dict:

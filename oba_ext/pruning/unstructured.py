@@ -138,3 +138,15 @@ def prune_unstructured(model: nn.Module, batches, sparsity: float, kind: str = "
     masks = unstructured_masks(res, model, sparsity, scope)
     apply_masks(model, masks, permanent=permanent)
     return masks, res
+
+
+def refresh_masked_weights(model: nn.Module) -> nn.Module:
+    """Recompute every masked ``weight = weight_orig ⊙ weight_mask`` as a plain detached tensor,
+    so the model can be deep-copied (``copy.deepcopy`` refuses non-leaf tensors). The forward
+    pre-hook of ``torch.nn.utils.prune`` recomputes it with autograd at the next forward."""
+    with torch.no_grad():
+        for mod in model.modules():
+            for hook in list(mod._forward_pre_hooks.values()):
+                if isinstance(hook, prune.BasePruningMethod):
+                    setattr(mod, hook._tensor_name, hook.apply_mask(mod).detach())
+    return model

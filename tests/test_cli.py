@@ -1,0 +1,105 @@
+"""CLI smoke tests (subprocess, tiny settings): help, demo, score, prune, and argparse-style
+errors (exit 2, nothing written) for bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, cwd=None, timeout=240):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "oba_ext.cli", *args], cwd=cwd or ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+TINY = ["--model", "small_cnn", "--dataset", "synthetic", "--image-size", "8", "--batch-size", "16",
+        "--num-batches", "1", "--no-progress", "--impl", "reference"]
+
+
+def test_help_lists_subcommands():
+    r = run("--help")
+    assert r.returncode == 0
+    for word in ("score", "prune", "demo", "info"):
+        assert word in r.stdout
+    r = run("prune", "--help")
+    assert r.returncode == 0 and "--flops-ratio" in r.stdout and "--sparsity" in r.stdout
+
+
+def test_demo_tiny(tmp_path):
+    out = tmp_path / "demo"
+    r = run("demo", "--out", str(out), "--train-epochs", "0.3", "--finetune-epochs", "0.1",
+            "--num-batches", "1", "--no-progress", "--impl", "reference")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for word in ("oba", "taylor", "magnitude", "acc tuned"):
+        assert word in r.stdout
+    rep = json.loads((out / "report.json").read_text())
+    assert set(rep["runs"]) >= {"oba", "taylor"}
+    for f in rep["runs"].values():
+        assert abs(f["target"]["achieved"] - 0.5) <= 0.015
+        assert f["macs_after"] < rep["before"]["macs"]
+    assert (out / "channels.png").stat().st_size > 1000 and (out / "scores.png").exists()
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_score_and_checkpoint(tmp_path):
+    out, ckpt = tmp_path / "s", tmp_path / "ck.pt"
+    r = run("score", *TINY, "--out", str(out), "--criterion", "taylor", "--checkpoint", str(ckpt),
+            "--checkpoint-every", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    scores = torch.load(out / "scores.pt")
+    assert "fc" in scores and scores["fc"]["out"].shape == (10,)
+    assert json.loads((out / "scores.json").read_text())["criterion"] == "taylor"
+    assert ckpt.exists()
+
+
+def test_prune_unstructured_and_structured(tmp_path):
+    r = run("prune", *TINY, "--out", str(tmp_path / "u"), "--sparsity", "0.5", "--criteria", "oba")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "u" / "report.json").read_text())
+    assert rep["runs"]["oba"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    r = run("prune", *TINY, "--out", str(tmp_path / "p"), "--params-ratio", "0.6", "--criteria",
+            "taylor", "--save-model")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "p" / "pruned_taylor.pt").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["prune", "--flops-ratio", "1.5"], "--flops-ratio"),
+    (["prune", "--flops-ratio", "0"], "--flops-ratio"),
+    (["prune", "--flops-ratio", "0.5", "--criteria", "bogus"], "unknown criterion"),
+    (["score", "--criterion", "bogus"], "unknown criterion"),
+    (["prune", "--flops-ratio", "0.5", "--model", "no_such_net"], "no_such_net"),
+    (["prune", "--flops-ratio", "0.5", "--dataset", "cifar10", "--data-root", "/nonexistent"],
+     "cifar-10-batches-py"),
+    (["prune", "--flops-ratio", "0.5", "--dataset", "cifar10"], "--data-root"),
+    (["prune", "--flops-ratio", "0.5", "--sparsity", "0.5"], "exactly one"),
+    (["prune", "--flops-ratio", "0.001"], "cannot reach"),
+])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, args, needle):
+    tiny = list(TINY)
+    if "--model" in args:
+        i = tiny.index("--model")
+        del tiny[i:i + 2]
+    if "--dataset" in args:
+        i = tiny.index("--dataset")
+        del tiny[i:i + 2]
+    out = tmp_path / "o"
+    r = run(args[0], *tiny, *args[1:], "--out", str(out))
+    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
+    assert needle in r.stderr and "error:" in r.stderr
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_weights_mismatch_exits_2(tmp_path):
+    from oba_ext.models import get_model
+    w = tmp_path / "wrong.pt"
+    torch.save(get_model("resnet20").state_dict(), w)
+    r = run("prune", *TINY, "--weights", str(w), "--flops-ratio", "0.5", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "wrong.pt" in r.stderr and "missing keys" in r.stderr
+    assert not (tmp_path / "o").exists()
