@@ -139,7 +139,8 @@ def main():
         build_info = {"cpu": True, "cuda": with_cuda, "cuda_archs": archs,
                       "cuda_home": CUDA_HOME if with_cuda else None,
                       "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-                      "debug": DEBUG, "python": sys.version.split()[0]}
+                      "debug": DEBUG, "python": sys.version.split()[0],
+                      "cuda_disabled_by_env": NO_CUDA}
 
         class Build(BuildExtension):
             """BuildExtension (ninja) that also records what it built in oba_ext/_build_info.py."""
