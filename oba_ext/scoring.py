@@ -301,10 +301,11 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
 
 
 def _keys_for(gran: Tuple[str, ...]) -> Tuple[str, ...]:
+    from .heads import helper_keys  # "head" is formed from "out"/"in" (oba_ext/heads.py)
     keys = []
     for g in gran:
         keys += ["weight", "bias"] if g == "weight" else [g]
-    return tuple(keys)
+    return tuple(dict.fromkeys(keys + list(helper_keys(gran))))
 
 
 def _apply_criterion(crit, q):
@@ -329,9 +330,14 @@ def _all_reduce(acc: _Accumulator, group, device, layers) -> int:
 def _finish(acc, num, layers, crit, gran, impl_ran, model) -> ScoreResult:
     out = {}
     fields = {"out": "out", "in": "inp", "weight": "weight", "bias": "bias", "head": "head"}
-    for name in layers:
-        sums = acc.sums.get(name, {})
-        ref = layers[name].param(layers[name].params[0])
+    by_layer = {name: acc.sums.get(name, {}) for name in layers}
+    if "head" in gran:  # per-head sums of channel scores, under attention modules' names
+        from .heads import add_head_scores
+        by_layer = add_head_scores(model, layers, by_layer, gran)
+    modules = dict(model.named_modules())
+    for name, sums in by_layer.items():
+        ref = (layers[name].param(layers[name].params[0]) if name in layers
+               else next(modules[name].parameters()))
         ls = LayerScores()
         for key, s in sums.items():
             v = s / num

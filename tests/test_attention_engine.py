@@ -176,3 +176,58 @@ def test_torchvision_vit(kind, kernels):
     data = [(torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64),
              torch.randint(0, 10, (2,), generator=g))]
     compare(tiny_vit(), data, kind, gran=("out", "in"))
+
+
+def _head_by_hand(res, qkv_w, qkv_b, proj_w, H):
+    """Σ over head h's parameters of the per-parameter scores: q/k/v rows (+ bias) of the
+    packed projection and the head's input columns of the output projection."""
+    E = proj_w.shape[1]
+    rows = qkv_w.sum(1) + (qkv_b if qkv_b is not None else 0)
+    head = rows.reshape(3, H, E // H).sum((0, 2))
+    return head + proj_w.sum(0).reshape(H, E // H).sum(1)
+
+
+@pytest.mark.parametrize("kind", ["oba", "exact"])
+def test_head_scores_timm(kind, kernels):
+    """Head scores under the attention module's name; equal to per-weight sums; parts."""
+    kernels("cpu")
+    torch.manual_seed(3)
+    model = TokenNet(TimmBlock(is_causal=True)).double().eval()
+    data = batches()
+    a, b = compare(model, data, kind, gran=("head",))
+    assert set(a["block.attn.qkv"].parts) == {"q.out", "k.out", "v.out"}
+    assert a["block.attn.qkv"].out is None and a["block.attn.qkv"].inp is None
+    assert a["block.mlp.0"].tensors() == {}
+    w = oba_ext.score(model, data, kind=kind, granularity=("weight",), impl="reference",
+                      progress=False)
+    want = _head_by_hand(w, w["block.attn.qkv"].weight, w["block.attn.qkv"].bias,
+                         w["block.attn.proj"].weight, H)
+    assert a["block.attn"].head.shape == (H,)
+    assert rel_err(a["block.attn"].head, want) <= FLOAT64_RTOL
+
+
+@pytest.mark.parametrize("kind", ["oba", "exact"])
+def test_head_scores_mha(kind, kernels):
+    kernels("cpu")
+    torch.manual_seed(4)
+    model = TokenNet(MHABlock(batch_first=False)).double().eval()
+    data = batches()
+    a, _ = compare(model, data, kind, gran=("head", "out"))
+    assert a["block.mha"].out.shape == (3 * E,)
+    w = oba_ext.score(model, data, kind=kind, granularity=("weight",), impl="reference",
+                      progress=False)
+    want = _head_by_hand(w, w["block.mha"].weight, w["block.mha"].bias,
+                         w["block.mha.out_proj"].weight, H)
+    assert rel_err(a["block.mha"].head, want) <= FLOAT64_RTOL
+
+
+def test_head_scores_vit(kernels):
+    kernels("cpu")
+    g = torch.Generator().manual_seed(8)
+    data = [(torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64),
+             torch.randint(0, 10, (2,), generator=g))]
+    a, _ = compare(tiny_vit(), data, "oba", gran=("head",))
+    heads = {n for n, ls in a.items() if ls.head is not None}
+    assert heads == {"encoder.layers.encoder_layer_0.self_attention",
+                     "encoder.layers.encoder_layer_1.self_attention"}
+    assert all(a[n].head.shape == (4,) for n in heads)
