@@ -17,13 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import register_function, register_method, register_module
+from .pairs import as_pair, halves, new_pair
 
 _SQRT_2PI_INV = 1.0 / math.sqrt(2.0 * math.pi)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
 def _relu(x, o, d2):
-    return torch.relu(x), x > 0, None
+    return torch.relu(x), x > 0, None  # σ' as a bool mask (ActivationRule uses where)
 
 
 def _hardtanh(x, o, d2):
@@ -104,19 +105,48 @@ class ActivationRule:
     def forward(self, call, ctx):
         x, t = call.inputs[0], call.tangents[0]
         want_d2 = ctx.want_exact and t is not None
-        y, d1, d2 = self.act(x, self.options(call), want_d2)
+        opts = self.options(call)
+        if t is not None and self.name in _PIECEWISE_LINEAR:
+            # σ' is a 0/1 mask: write y and T_y = where(mask, T, 0) into the halves of one
+            # buffer, so the streams stay paired (rules/pairs.py); no bool→float products
+            lo, hi = _PIECEWISE_LINEAR[self.name](opts)
+            mask = x > lo if hi is None else (x > lo) & (x < hi)
+            out = new_pair(x)
+            y, t_y = halves(out)
+            torch.clamp(x, lo, hi, out=y)
+            torch.where(mask, t, x.new_zeros(()), out=t_y)
+            ctx.d1, ctx.d2t = mask, None
+            return y, t_y
+        y, d1, d2 = self.act(x, opts, want_d2)
         ctx.d1 = d1
         ctx.d2t = d2 * t if (want_d2 and d2 is not None) else None
         return y, (d1 * t if t is not None else None)
 
     def backward(self, ctx, g, c):
         d1 = ctx.d1
-        ga = g * d1
-        ca = c * d1 if c is not None else None
+        if d1.dtype == torch.bool:
+            p = as_pair(g, c)
+            if p is not None:
+                ga, ca = halves(torch.where(d1, p.view((2,) + tuple(g.shape)), 0.0)
+                                .view(p.shape))
+            else:
+                ga = torch.where(d1, g, 0.0)
+                ca = torch.where(d1, c, 0.0) if c is not None else None
+        else:
+            ga = g * d1
+            ca = c * d1 if c is not None else None
         if ctx.exact and ctx.d2t is not None:
             extra = ctx.d2t * g
             ca = extra if ca is None else ca + extra
         return [(ga, ca)]
+
+
+#: activations whose σ' is a 0/1 mask: name -> options -> (lower, upper or None) of the
+#: open interval where σ' = 1 (and y = clamp(x, lower, upper))
+_PIECEWISE_LINEAR = {
+    "relu": lambda o: (0.0, None),
+    "hardtanh": lambda o: (o.get("min_val", -1.0), o.get("max_val", 1.0)),
+}
 
 
 def _module_opts(*attrs):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import register_function, register_module
+from .pairs import as_pair, halves
 
 
 def _mean(v, dims):
@@ -119,8 +120,13 @@ class BatchNormRule:
             if m.bias is not None:
                 h = h + m.bias
             s, h = _channel_view(s, x), _channel_view(h, x)
-            y = x * s + h
-            t_y = t * s if t is not None else None
+            p = as_pair(x, t)
+            if p is not None:  # paired streams stay paired: [x; t]·s, then + h on the x half
+                y, t_y = halves(p * s)
+                y.add_(h)
+            else:
+                y = x * s + h
+                t_y = t * s if t is not None else None
             ctx.s = s
         if ctx.layer is not None:
             ctx.y = y
@@ -130,8 +136,12 @@ class BatchNormRule:
         if ctx.batch_stats:
             gx, cx = _NormCore.backward(ctx, g, c)
         else:
-            gx = g * ctx.s
-            cx = c * ctx.s if c is not None else None
+            p = as_pair(g, c)
+            if p is not None:
+                gx, cx = halves(p * ctx.s)
+            else:
+                gx = g * ctx.s
+                cx = c * ctx.s if c is not None else None
         if ctx.layer is not None:
             _record_norm_out(ctx, g, ctx.y, (1,))
         return [(gx, cx)]

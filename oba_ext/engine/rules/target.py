@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
+from .pairs import stack_pair
 
 
 class TwoStreamLayerRule:
@@ -40,10 +41,6 @@ class TwoStreamLayerRule:
     def bias_view(self, b, y):
         raise NotImplementedError  # pragma: no cover - abstract
 
-    @staticmethod
-    def _stack_dim0(a, b):
-        return torch.cat([a, b], 0)
-
     def forward(self, call, ctx):
         m = call.module
         x, t = call.inputs[0], call.tangents[0]
@@ -55,12 +52,15 @@ class TwoStreamLayerRule:
                 y = y + self.bias_view(b, y)
             t_y = y if (target and ctx.tangents) else None
         else:
+            # one GEMM/conv on [X; T]; the fresh output buffer [WX; WT] becomes [Y; T_Y] in
+            # place, so Y and T_Y stay paired for the next layer (rules/pairs.py)
             n = x.shape[0]
-            s = self.apply(m, self._stack_dim0(x, t), w)
-            y, wt = s[:n], s[n:]
+            s = self.apply(m, stack_pair(x, t), w)
+            y, t_y = s[:n], s[n:]
             if b is not None:
-                y = y + self.bias_view(b, y)
-            t_y = wt + y if target else wt
+                y.add_(self.bias_view(b, y))
+            if target:
+                t_y.add_(y)
         ctx.module, ctx.w, ctx.x_shape = m, w, x.shape
         if target:
             keys = ctx.keys
@@ -76,36 +76,37 @@ class TwoStreamLayerRule:
         m, w = ctx.module, ctx.w
         target = ctx.layer is not None
         keys = ctx.keys if target else ()
-        need_x = ctx.needs[0] or "in" in keys
         gx = cx = None
-        if ctx.mode is None:
-            if need_x:
+        if (target and ctx.mode is not None and c is not None and not ctx.needs[0]
+                and not ctx.first and "in" in keys and ctx.t is None):
+            # data input (T_X = 0, no cotangent wanted): in_j = Σ X⊙(C_X − G_X) = Σ X⊙WᵀC,
+            # one single-stream input gradient instead of a stacked one
+            u = self.input_grad(m, c, w, ctx.x_shape)
+            _, idim = self.channel_dims(ctx.x)
+            _, sec = kernels.channel_score_reduce(u, None, None, ctx.x, idim)
+            ctx.record(ctx.mode, "in", sec)
+            self._scores(ctx, m, w, g, c, None, None, skip_in=True)
+            return [None]
+        need_x = ctx.needs[0] or "in" in keys
+        if need_x:
+            if ctx.mode is None or c is None:
                 gx = self.input_grad(m, g, w, ctx.x_shape)
-        elif target:
-            if c is None:
-                if need_x:
-                    gx = self.input_grad(m, g, w, ctx.x_shape)
-                    cx = gx
-            elif need_x:
-                gx, cx = self._input_grad_stacked(m, g, c + g, w, ctx.x_shape)
-        else:
-            if need_x:
-                if c is None:
-                    gx = self.input_grad(m, g, w, ctx.x_shape)
-                else:
-                    gx, cx = self._input_grad_stacked(m, g, c, w, ctx.x_shape)
+                cx = gx if (target and ctx.mode is not None) else None
+            else:
+                # one input-gradient GEMM/conv on [G; C] (paired when possible):
+                # [WᵀG; WᵀC], then C_X = WᵀC + G_X in place for a target layer
+                n = ctx.x_shape[0]
+                s = self.input_grad(m, stack_pair(g, c), w, (2 * n,) + tuple(ctx.x_shape[1:]))
+                gx, cx = s[:n], s[n:]
+                if target:
+                    cx.add_(gx)
         if target:
             self._scores(ctx, m, w, g, c, gx, cx)
         if not ctx.needs[0]:
             return [None]
         return [(gx, cx)]
 
-    def _input_grad_stacked(self, m, g, c, w, x_shape):
-        n = x_shape[0]
-        s = self.input_grad(m, self._stack_dim0(g, c), w, (2 * n,) + tuple(x_shape[1:]))
-        return s[:n], s[n:]
-
-    def _scores(self, ctx, m, w, g, c, gx, cx):
+    def _scores(self, ctx, m, w, g, c, gx, cx, skip_in=False):
         keys, mode, first = ctx.keys, ctx.mode, ctx.first
         if "out" in keys:
             od, _ = self.channel_dims(ctx.y)
@@ -116,7 +117,7 @@ class TwoStreamLayerRule:
                 ctx.record(mode, "out", second)
                 if first:
                     ctx.record("taylor", "out", fst)
-        if "in" in keys:
+        if "in" in keys and not skip_in:
             _, idim = self.channel_dims(ctx.x)
             if mode is None:
                 ctx.record("taylor", "in", _first_only(gx, ctx.x, idim))
