@@ -19,9 +19,11 @@ import argparse
 import sys
 from typing import List, Optional
 
-DEMO_DEFAULTS = dict(model="small_cnn", dataset="digits", batch_size=64, num_batches=4,
-                     train_epochs=4.0, train_lr=0.05, finetune_epochs=1.0, flops_ratio=0.5,
-                     out="demo_out", criteria=None)
+# batch 128 and one thread: a tiny CNN gains nothing from more threads, and a shared CPU
+# trains it ~1.6x faster single-threaded (3.5 s vs 5.6 s per epoch measured under load)
+DEMO_DEFAULTS = dict(model="small_cnn", dataset="digits", batch_size=128, num_batches=4,
+                     train_epochs=6.0, train_lr=0.1, finetune_epochs=3.0, lr=0.02, flops_ratio=0.5,
+                     out="demo_out", criteria=None, threads=1)
 
 
 def _common(p: argparse.ArgumentParser, scoring_only: bool = False) -> None:
@@ -50,6 +52,7 @@ def _common(p: argparse.ArgumentParser, scoring_only: bool = False) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", default="out", metavar="DIR", help="output folder (default: %(default)s)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
 
 
 def _pruning(p: argparse.ArgumentParser) -> None:
@@ -117,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(parser: argparse.ArgumentParser, args) -> int:
     from . import workflow
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
     if args.command == "info":
         from .info import main as info_main
         return info_main() or 0
