@@ -26,7 +26,8 @@ CASES = [
     ("transposed", (4, 3, 5), 1, "transposed"),
     ("sliced", (2, 3, 5, 4), 1, "sliced"),
     ("expanded", (4, 3, 5), 1, "expanded"),
-    ("mixed", (2, 3, 5, 4), 1, "mixed"),
+    ("mixed", (2, 3, 5, 4), 1, "mixed"),          # a contiguous, b/d channels-last
+    ("mixed_rev", (2, 3, 5, 4), 1, "mixed_rev"),  # a channels-last, b/d contiguous
 ]
 
 
@@ -43,7 +44,8 @@ def make(shape, layout, dtype, device, seed):
     else:
         t = torch.randn(shape, generator=g, dtype=torch.float64)
     t = t.to(dtype=dtype, device=device)
-    if layout == "channels_last" or (layout == "mixed" and seed % 2 == 0):
+    if (layout == "channels_last" or (layout == "mixed" and seed % 2 == 0)
+            or (layout == "mixed_rev" and seed % 2 == 1)):
         t = t.contiguous(memory_format=torch.channels_last)
     assert t.shape == torch.Size(shape)
     return t
