@@ -9,13 +9,16 @@ For each network (trained on real data, ``benchmarks/fidelity_models.py``):
    ``oba_ext.score(..., granularity="out", impl=--impl, dtype=--score-dtype)``; a criterion that
    fails is skipped and the reason recorded;
 3. Spearman ρ between true ΔL and each criterion (rule in ``fidelity_report``);
+   For ``--taylor2-models`` also ``taylor2_channel`` (not a criterion: an analysis baseline),
+   the single-channel second-order Taylor model f'(0) + ½f''(0) of removing that channel alone;
 4. one-shot accuracy after removing the lowest-|score| channels (globally and per layer) at
    each ratio, without fine-tuning; the final classifier's outputs are not prunable. The
    ``oracle_true_dL`` curve ranks by the measured single-channel |ΔL| (the same |·| rule).
 
 Writes under ``--out`` (default ``benchmarks/results``): ``fidelity_spearman.csv``,
 ``fidelity_pruning.csv``, ``fidelity_channels.csv`` (per channel: true ΔL and every score),
-``fidelity_<model>_scatter.png``, ``fidelity_<model>_pruning.png`` and ``fidelity.md`` (tables).
+``fidelity_<model>_scatter.png``, ``fidelity_<model>_pruning.png`` and ``fidelity_<model>.md``
+(markdown tables).
 
     python -m benchmarks.fidelity                       # both models, every criterion
     python -m benchmarks.fidelity --models digits_cnn --criteria oba taylor
@@ -87,7 +90,7 @@ def score_all(model, batches, criteria, impl: str, dtype, seed: int):
 def run_model(name: str, args, env: Mapping[str, str], md: List[str]) -> None:
     print(f"== {name}")
     model, _, held, facts = build_trained(name, depth=args.depth, width=args.width,
-                                          epochs=args.epochs, seed=args.seed)
+                                          epochs=args.epochs, seed=args.seed, heldout=args.heldout)
     loss32, acc = evaluate(model, held)
     print(f"  trained in {facts['seconds']:.1f} s: held-out loss {loss32:.4f}, accuracy {acc:.4f}")
     layers = [n for n, s in find_layers(model).items() if s.kind in ("linear", "conv")]
@@ -104,10 +107,19 @@ def run_model(name: str, args, env: Mapping[str, str], md: List[str]) -> None:
           f"{min(d.abs().min().item() for d in delta.values()):.2e})")
 
     batches = held.batches(args.batch_size)
-    criteria = args.criteria or sorted(oba_ext.CRITERIA)
+    criteria = [c for c in (args.criteria or sorted(oba_ext.CRITERIA)) if c not in args.exclude]
     scores, sfacts, skipped = score_all(model, batches, criteria, args.impl,
                                         DTYPES[args.score_dtype], args.seed)
 
+    if name in args.taylor2_models:
+        print("  single-channel second-order Taylor (f'(0) + ½f''(0), forward-over-forward AD) ...")
+        t2 = oracle.channel_taylor2(copy.deepcopy(model).double(), layers, held, progress=args.progress)
+        if "taylor" in scores:  # f'(0) is −taylor: a free cross-check of conventions and engine
+            err = max((t2[n][0] + scores["taylor"][n]).abs().max().item() for n in layers)
+            print(f"  max |f'(0) + taylor| = {err:.2e}")
+        scores[report.TAYLOR2] = {n: t2[n][0] + 0.5 * t2[n][1] for n in layers}
+        sfacts[report.TAYLOR2] = {"impl": "torch.func (fidelity only)", "score_seconds": float("nan"),
+                                  "warnings": ""}
     rho_rows, chan_rows, prune_rows = [], [], []
     rho_map = {}
     for c, sc in scores.items():
@@ -126,7 +138,7 @@ def run_model(name: str, args, env: Mapping[str, str], md: List[str]) -> None:
     for n in layers:
         for o in range(delta[n].numel()):
             row = {"model": name, "layer": n, "channel": o, "true_dL": f"{delta[n][o].item():.9g}"}
-            row.update({c: f"{scores[c][n][o].item():.9g}" for c in criteria if c in scores})
+            row.update({c: f"{scores[c][n][o].item():.9g}" for c in scores})
             chan_rows.append(row)
 
     # pruning removes the lowest |score| (importances) or lowest |predicted ΔL| (ΔL predictors)
@@ -185,9 +197,11 @@ def main(argv=None) -> None:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=sorted(MODELS))
     ap.add_argument("--criteria", nargs="+", default=None,
                     help="criterion names (default: every one in oba_ext.criteria.CRITERIA)")
+    ap.add_argument("--exclude", nargs="*", default=[], help="criteria to leave out (e.g. slow ones)")
     ap.add_argument("--depth", type=int, default=8, help="resnet depth 6n+2 (8, 14, 20)")
     ap.add_argument("--width", type=int, default=8, help="resnet base width")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default per model)")
+    ap.add_argument("--heldout", type=int, default=600, help="held-out images (of 1797 digits)")
     ap.add_argument("--batch-size", type=int, default=120, help="held-out batch size for scoring")
     ap.add_argument("--impl", default="auto", choices=["auto", "reference", "kernel"])
     ap.add_argument("--score-dtype", default="float64", choices=sorted(DTYPES))
@@ -195,23 +209,29 @@ def main(argv=None) -> None:
                     help="dtype of the true-ΔL evaluations (float32 is ~3× faster on CPU)")
     ap.add_argument("--ratios", type=float, nargs="+", default=[i / 10 for i in range(10)])
     ap.add_argument("--table-ratios", type=float, nargs="+", default=[0.3, 0.5, 0.7])
+    ap.add_argument("--taylor2-models", nargs="*", default=["digits_cnn"],
+                    help="models on which to also compute the single-channel second-order Taylor "
+                         "predictor (one nested-jvp evaluation per channel: slow on the ResNet)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=RESULTS_DIR)
     ap.add_argument("--note", default="")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
-    unknown = [c for c in (args.criteria or []) if c not in oba_ext.CRITERIA]
+    unknown = [c for c in (args.criteria or []) + args.exclude if c not in oba_ext.CRITERIA]
     if unknown:
         ap.error(f"--criteria: unknown {unknown}; registered: {sorted(oba_ext.CRITERIA)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     env = environment(torch.device("cpu"))
-    md = [f"<!-- generated by benchmarks/fidelity.py at {env['timestamp']} (git {env['git_sha']}, "
-          f"torch {env['torch']}) -->\n"]
     for name in args.models:
+        md = [f"<!-- generated by benchmarks/fidelity.py at {env['timestamp']} (git {env['git_sha']}, "
+              f"torch {env['torch']}) -->\n"]
         run_model(name, args, env, md)
-    path = os.path.join(args.out, "fidelity.md")
-    with open(path, "w") as f:
-        f.write("\n".join(md) + "\n")
-    print(f"wrote {path}")
+        path = os.path.join(args.out, f"fidelity_{name}.md")
+        with open(path, "w") as f:
+            f.write("\n".join(md) + "\n")
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

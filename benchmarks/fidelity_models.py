@@ -157,14 +157,15 @@ MODELS = {
 }
 
 
-def build_trained(name: str, depth: int = 8, width: int = 8, epochs: int = None, seed: int = 0):
+def build_trained(name: str, depth: int = 8, width: int = 8, epochs: int = None, seed: int = 0,
+                  heldout: int = 600):
     """(model in eval mode, train split, held-out split, training facts) for ``name`` in MODELS."""
     if name not in MODELS:
         raise ValueError(f"model: unknown fidelity model {name!r}; expected one of {sorted(MODELS)}")
     if name == "resnet" and ((depth - 2) % 6 != 0 or depth < 8):
         raise ValueError(f"depth: a CIFAR ResNet has depth 6n+2 (8, 14, 20, ...), got {depth}")
     size, ctor, default_epochs = MODELS[name]
-    train_split, held = load_digits(size=size, seed=seed)
+    train_split, held = load_digits(size=size, heldout=heldout, seed=seed)
     torch.manual_seed(seed)
     model = ctor(depth, width)
     facts = train(model, train_split, epochs if epochs is not None else default_epochs, seed=seed)

@@ -126,3 +126,51 @@ def prune_curve(model: nn.Module, rank_value: Mapping[str, torch.Tensor], data: 
             loss, acc = evaluate(model, data)
         rows.append((float(r), acc, loss))
     return rows
+
+
+def channel_taylor2(model: nn.Module, layers: Sequence[str], data: Split,
+                    progress: bool = True) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """The single-channel second-order Taylor model of removal, per output channel.
+
+    With f(ε) = L(channel o scaled by 1 − ε), removal is f(1) − f(0) ≈ f'(0) + ½ f''(0), where
+    f'(0) = −θ_c·g_c (= −taylor) and f''(0) = θ_cᵀ H_cc θ_c (the channel's own curvature block —
+    unlike ``exact``'s θ_c·(Hθ)_c, which is the channel's share of the whole-network θᵀHθ).
+    Computed by forward-over-forward AD of the masked forward (``torch.func.jvp`` twice; ε is
+    a dual number in the hook). Returns {layer: (f'(0), f''(0))}, float64, shape (C_out,).
+    """
+    import torch.nn.functional as F
+    modules = dict(model.named_modules())
+    dtype = next(model.parameters()).dtype
+    x, y = data.x.to(dtype), data.y
+    out: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=sum(out_channels(modules[n]) for n in layers), desc="channel f''(0)", unit="ch")
+    for name in layers:
+        c = out_channels(modules[name])
+        d1, d2 = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
+        for o in range(c):
+            onehot = torch.zeros(c, dtype=dtype)
+            onehot[o] = 1
+
+            def f(eps):
+                def hook(mod, inp, y_out):
+                    view = [1, -1] + [1] * (y_out.dim() - 2)
+                    return y_out * (1 - eps * onehot).view(view)
+                h = modules[name].register_forward_hook(hook)
+                try:
+                    return F.cross_entropy(model(x), y)
+                finally:
+                    h.remove()
+
+            e0, one = torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)
+            df = lambda e: torch.func.jvp(f, (e,), (one,))  # noqa: E731
+            (_, first), (_, second) = torch.func.jvp(df, (e0,), (one,))
+            d1[o], d2[o] = first.item(), second.item()
+            if bar is not None:
+                bar.update(1)
+        out[name] = (d1, d2)
+    if bar is not None:
+        bar.close()
+    return out

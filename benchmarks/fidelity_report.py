@@ -4,7 +4,8 @@ Comparison rule (decided here, documented in benchmarks/README.md):
 
 - criteria that *predict ΔL itself* are compared signed: ``taylor`` predicts ΔL ≈ −θ·g, so
   its prediction is ``−score``; ``delta_exact`` (−θ·g + ½θ·Hθ) and ``delta_oba``
-  (−θ·g + ½θ·Ĥθ) are predictions as they are (:data:`DELTA_PREDICTORS`);
+  (−θ·g + ½θ·Ĥθ) are predictions as they are (:data:`DELTA_PREDICTORS`), and so is the
+  analysis baseline ``taylor2_channel`` (−θ_c·g_c + ½θ_cᵀH_ccθ_c, the channel's own block);
 - every other criterion is an *importance* (oba, exact, jacobian, fisher, magnitude, random,
   ...): its prediction is ``|score|``, which is also what pruning ranks by.
 
@@ -21,11 +22,15 @@ from typing import Callable, Dict, List, Mapping, Sequence
 
 import torch
 
+#: the fidelity-only single-channel second-order Taylor predictor (fidelity_oracle.channel_taylor2)
+TAYLOR2 = "taylor2_channel"
+
 #: criterion -> map from its (signed) score to its predicted ΔL
 DELTA_PREDICTORS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "taylor": lambda s: -s,
     "delta_exact": lambda s: s,
     "delta_oba": lambda s: s,
+    TAYLOR2: lambda s: s,
 }
 
 

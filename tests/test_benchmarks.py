@@ -196,8 +196,8 @@ def test_prediction_rule_and_correlations():
 def test_fidelity_script_end_to_end(tmp_path):
     from benchmarks import fidelity
     fidelity.main(["--models", "digits_cnn", "--criteria", "taylor", "oba", "magnitude_l1",
-                   "--epochs", "1", "--ratios", "0", "0.5", "--table-ratios", "0.5",
-                   "--out", str(tmp_path), "--no-progress", "--note", "test"])
+                   "--epochs", "1", "--heldout", "120", "--batch-size", "60", "--ratios", "0", "0.5", "--table-ratios", "0.5",
+                   "--out", str(tmp_path), "--no-progress", "--note", "test", "--taylor2-models"])
     with open(tmp_path / "fidelity_spearman.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {r["criterion"] for r in rows} == {"taylor", "oba", "magnitude_l1"}
@@ -210,7 +210,7 @@ def test_fidelity_script_end_to_end(tmp_path):
     assert len(zero) == 1  # nothing removed: every criterion sees the same model
     with open(tmp_path / "fidelity_channels_digits_cnn.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 16 + 32 + 64 + 10
-    md = (tmp_path / "fidelity.md").read_text()
+    md = (tmp_path / "fidelity_digits_cnn.md").read_text()
     assert "| taylor |" in md and "fidelity_digits_cnn_pruning.png" in md
     for png in ("fidelity_digits_cnn_scatter.png", "fidelity_digits_cnn_pruning.png"):
         assert os.path.getsize(tmp_path / png) > 1000
@@ -301,3 +301,27 @@ def test_bench_scoring_script(tmp_path):
     assert impls["oba[out,in]"] in ("kernel", "reference")  # what really ran is recorded
     with open(csv_path, newline="") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
+
+
+def test_channel_taylor2_matches_finite_differences():
+    """f'(0) = −taylor and f''(0) = central second difference, on a smooth float64 model."""
+    import oba_ext
+    torch.manual_seed(0)
+    model = _SmoothNet().double().eval()
+    data = _tiny_data(n=32)
+    t2 = oracle.channel_taylor2(model, ["conv2", "fc1"], data, progress=False)
+    taylor = oba_ext.score(model, data.batches(32), kind="taylor", granularity="out", impl="reference",
+                           progress=False, dtype=torch.float64)
+    base, h = evaluate(model, data)[0], 1e-3
+    for name in ("conv2", "fc1"):
+        torch.testing.assert_close(t2[name][0], -taylor[name].out, rtol=1e-9, atol=1e-15)
+        c = t2[name][1].numel()
+        for o in range(c):
+            vals = []
+            for e in (-h, h):
+                s = torch.ones(c, dtype=torch.float64)
+                s[o] = 1 - e
+                with oracle.channel_mask(model, {name: s}):
+                    vals.append(evaluate(model, data)[0])
+            fd = (vals[0] + vals[1] - 2 * base) / h ** 2
+            assert fd == pytest.approx(t2[name][1][o].item(), rel=1e-4, abs=1e-9)
