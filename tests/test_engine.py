@@ -37,11 +37,14 @@ def out_of_place(model: nn.Module) -> nn.Module:
     return m
 
 
-def compare(model, x, y, loss_fn=None, quantities=QUANTITIES, keys=KEYS, dtype=torch.float64):
+def compare(model, x, y, loss_fn=None, quantities=QUANTITIES, keys=KEYS, dtype=torch.float64,
+            ref_model=None):
+    """Engine on ``model`` vs the reference on ``ref_model`` (default: ``model`` with in-place
+    activation modules switched off — the same function)."""
     loss = checked_loss(loss_fn or default_loss)
     layers = find_layers(model)
     eng = build_scorer(model, layers, loss, (x, y))(x, y, quantities, keys)
-    ref_model = out_of_place(model)
+    ref_model = out_of_place(model if ref_model is None else ref_model)
     ref = ReferenceScorer(ref_model, find_layers(ref_model), loss)(x, y, quantities, keys)
     n = 0
     for name in layers:

@@ -35,7 +35,8 @@ def _hardtanh(x, o, d2):
 def _leaky_relu(x, o, d2):
     s = o.get("negative_slope", 0.01)
     pos = x > 0
-    return torch.where(pos, x, x * s), torch.where(pos, 1.0, s).to(x.dtype), None
+    one, slope = x.new_ones(()), x.new_full((), s)  # in x's dtype (Python floats give float32)
+    return torch.where(pos, x, x * s), torch.where(pos, one, slope), None
 
 
 def _gelu(x, o, d2):

@@ -1,0 +1,273 @@
+"""Engine rules one family at a time (tiny float64 models vs the reference oracles), the generic
+rule and its warning, capture errors, weight sharing, norm-layer scores, and the end-to-end
+``oba_ext.score(..., impl="kernel")`` path."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import oba_ext
+from oba_ext.engine import CaptureError, build_scorer
+from oba_ext.engine import kernels as engine_kernels
+from oba_ext.engine.rules import generic
+from oba_ext.reference import ReferenceScorer
+from oba_ext.scoring import checked_loss, default_loss
+from oba_ext.targets import find_layers
+from test_engine import KEYS, QUANTITIES, compare
+from tolerances import assert_matches
+
+D = torch.float64
+
+
+def _xy(*shape, classes=4, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, *shape, generator=g, dtype=D),
+            torch.randint(0, classes, (n,), generator=g))
+
+
+class Acts(nn.Module):
+    """Every activation rule, module and functional forms, in-place variants included."""
+
+    def __init__(self, c=6, inplace=True):
+        super().__init__()
+        self.inplace = inplace
+        self.fcs = nn.ModuleList(nn.Linear(c, c) for _ in range(11))
+        self.mods = nn.ModuleList([nn.GELU(), nn.SiLU(), nn.Sigmoid(), nn.Tanh(), nn.Hardswish(),
+                                   nn.LeakyReLU(0.1), nn.ReLU6(inplace=True), nn.ReLU(inplace=True)])
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x):
+        for fc, act in zip(self.fcs, self.mods):
+            x = act(fc(x) * 2.0)
+        x = F.gelu(self.fcs[8](x), approximate="tanh")
+        x = torch.tanh(self.fcs[9](x)).relu()
+        x = F.relu(self.fcs[10](x), inplace=self.inplace)
+        return self.head(x)
+
+
+def test_activations_all_quantities():
+    torch.manual_seed(0)
+    m = Acts().double()
+    ref = copy.deepcopy(m)
+    ref.inplace = False  # the reference mis-records bilinear outputs overwritten in place
+    compare(m, *_xy(6), ref_model=ref)
+
+
+class Joins(nn.Module):
+    """Residual add/sub, concat, gated product (SPEC §3 product rule), matmul of two
+    activations, shape ops, division by a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(4, 6)
+        self.c = nn.Linear(12, 6, bias=False)
+        self.d = nn.Linear(6, 6)
+        self.head = nn.Linear(9, 3)
+
+    def forward(self, x):                                  # x: (B, T, 4)
+        a, b = self.a(x), self.b(x)
+        h = torch.cat([a, torch.relu(b)], dim=-1)          # (B, T, 12)
+        h = self.c(h) * torch.sigmoid(self.d(a))           # gated product of two activations
+        h = h - 0.5 * a
+        att = h @ h.transpose(1, 2) / 3.0                  # (B, T, T): bilinear in h
+        o = torch.matmul(att, h).permute(0, 2, 1)          # (B, 6, T)
+        o = o.reshape(o.size(0), -1)[:, :9]
+        return self.head(-o + 1)
+
+
+def test_joins_and_products():
+    torch.manual_seed(1)
+    compare(Joins().double(), *_xy(3, 4, classes=3))
+
+
+class Convs(nn.Module):
+    """Conv1d/Conv2d with stride, dilation, groups (depthwise), padding='same', no bias;
+    GroupNorm, BatchNorm1d, pooling (max/avg/adaptive, 1-D and 2-D)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+        self.gn = nn.GroupNorm(2, 8)
+        self.dw = nn.Conv2d(8, 8, 3, padding="same", groups=8)
+        self.c2 = nn.Conv2d(8, 6, 3, dilation=2, padding=2, groups=2)
+        self.pool = nn.MaxPool2d(2)
+        self.c3 = nn.Conv1d(6, 5, 3, padding=1)
+        self.bn1 = nn.BatchNorm1d(5)
+        self.fc = nn.Linear(5 * 2, 4)
+
+    def forward(self, x):
+        h = F.silu(self.gn(self.c1(x)))
+        h = F.relu(self.dw(h)) + h
+        h = self.pool(F.hardswish(self.c2(h)))             # (B, 6, 2, 2)
+        h = F.avg_pool2d(h, 1).flatten(2)                  # (B, 6, 4)
+        h = self.bn1(F.gelu(self.c3(h)))                   # (B, 5, 4)
+        h = F.max_pool1d(h, 2)                             # (B, 5, 2)
+        h = F.adaptive_avg_pool1d(h, 2)
+        return self.fc(h.flatten(1))
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_convs_norms_pooling(train):
+    torch.manual_seed(2)
+    m = Convs().double().train(train)
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm1d):
+            mod.running_mean.uniform_(-0.3, 0.3)
+            mod.running_var.uniform_(0.5, 1.5)
+    compare(m, *_xy(3, 8, 8, n=4))
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(torch.tanh(self.fc(x)))))
+
+
+def test_weight_sharing_accumulates():
+    torch.manual_seed(3)
+    compare(Shared().double(), *_xy(5, classes=3))
+
+
+class WithSin(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(5, 6)
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.sin(self.fc1(x)))
+
+
+def test_generic_rule_warns_once_and_is_exact():
+    torch.manual_seed(4)
+    generic._WARNED.discard("function torch.sin")
+    m = WithSin().double()
+    with pytest.warns(UserWarning, match=r"no rule for function torch\.sin"):
+        compare(m, *_xy(5, classes=3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second use does not warn again
+        x, y = _xy(5, classes=3)
+        build_scorer(m, find_layers(m), checked_loss(default_loss), (x, y))(x, y, ("exact",), ("out",))
+
+
+def test_generic_loss_function():
+    """A loss without a hand rule goes through autograd (G, and ∇²ℓ·T_z for exact)."""
+    torch.manual_seed(5)
+
+    def smooth_l1(out, target):
+        return F.smooth_l1_loss(out, target, beta=0.5) + (out ** 4).mean()
+
+    m = WithSin().double()
+    x = torch.randn(3, 5, dtype=D)
+    y = torch.randn(3, 3, dtype=D)
+    compare(m, x, y, loss_fn=smooth_l1)
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow
+            x = x * 2
+        return self.fc(x)
+
+
+def test_untraceable_model_raises_capture_error():
+    m = Untraceable().double()
+    x, y = _xy(4, classes=2)
+    with pytest.raises(CaptureError, match="symbolic tracing of Untraceable failed"):
+        build_scorer(m, find_layers(m), checked_loss(default_loss), (x, y))
+    with pytest.raises(RuntimeError, match="cannot be captured"):
+        oba_ext.score(m, [(x, y)], impl="kernel", progress=False)
+    with pytest.warns(UserWarning, match="falling back to the reference path"):
+        res = oba_ext.score(m, [(x, y)], impl="auto", progress=False)
+    assert res.impl == "reference"
+
+
+def test_attention_without_rules_raises_capture_error():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.mha(x, x, x)[0].mean(1))
+
+    from oba_ext.engine import rules as R
+    if nn.MultiheadAttention in R.MODULE_RULES:
+        pytest.skip("attention rules are registered")
+    m = Attn().double()
+    with pytest.raises(CaptureError, match="MultiheadAttention"):
+        build_scorer(m, find_layers(m), checked_loss(default_loss), None)
+
+
+def test_bad_arguments_and_active_dropout():
+    m = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2)).double().train()
+    x, y = _xy(4, classes=2)
+    scorer = build_scorer(m, find_layers(m), checked_loss(default_loss), (x, y))
+    with pytest.raises(ValueError, match="quantities: unknown quantity 'hessian'"):
+        scorer(x, y, ("hessian",), ("out",))
+    with pytest.raises(ValueError, match="keys: unknown key 'rows'"):
+        scorer(x, y, ("oba",), ("rows",))
+    with pytest.raises(ValueError, match="active dropout"):
+        scorer(x, y, ("oba",), ("out",))
+
+
+def test_does_not_modify_model_in_train_mode():
+    torch.manual_seed(6)
+    m = Convs().double().train()
+    before = copy.deepcopy(m.state_dict())
+    x, y = _xy(3, 8, 8, n=4)
+    build_scorer(m, find_layers(m), checked_loss(default_loss), (x, y))(x, y, QUANTITIES, KEYS)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed"
+    assert all(p.grad is None for p in m.parameters())
+
+
+def test_norm_layer_taylor_scores():
+    """BN/LN/GN channels (kind "norm"): Σ G⊙z = γ ∂L/∂γ + β ∂L/∂β per channel."""
+    torch.manual_seed(7)
+    m = Convs().double().eval()
+    x, y = _xy(3, 8, 8, n=4)
+    layers = find_layers(m, include_norm=True)
+    loss = checked_loss(default_loss)
+    eng = build_scorer(m, layers, loss, (x, y))(x, y, ("taylor",), ("out",))
+    ref = ReferenceScorer(m, layers, loss)(x, y, ("taylor",), ("out",))
+    for name in ("gn", "bn1"):
+        assert_matches(eng[name]["taylor"]["out"], ref[name]["taylor"]["out"], what=name)
+
+
+def test_score_end_to_end_kernel_matches_reference():
+    torch.manual_seed(8)
+    m = Convs().double().eval()
+    batches = [_xy(3, 8, 8, n=2, seed=s) for s in range(3)]
+    for kind in ("oba", "exact", "delta_oba"):
+        k = oba_ext.score(m, batches, kind=kind, granularity=("out", "in", "weight"),
+                          impl="kernel", progress=False)
+        r = oba_ext.score(m, batches, kind=kind, granularity=("out", "in", "weight"),
+                          impl="reference", progress=False)
+        assert k.impl == "kernel" and r.impl == "reference"
+        for name in r:
+            for field, ref in r[name].tensors().items():
+                assert_matches(k[name].tensors()[field], ref, what=f"{kind} {name} {field}")
+
+
+def test_kernel_registry_choice():
+    """The registry picks the compiled op exactly when the extension has kernels for the device."""
+    from oba_ext import _ext
+    which = engine_kernels.which("cpu")
+    expect = "oba_ext.ops." if _ext.kernels_available("cpu") else "oba_ext.reference."
+    assert all(v.startswith(expect) for v in which.values()), which
