@@ -62,7 +62,9 @@ def main(argv=None):
             raise SystemExit(f"--weight-shapes: expected N x C_in x H x W x C_out, got {s}")
     provs = op_cases.conv_weight_providers(args.streams, dtype, device, args.kernel, args.stride,
                                            args.padding, args.groups)
-    harness.run_sweep("conv_weight_score", "shape", ["x".join(map(str, s)) for s in weight_shapes],
+    bench = "conv_weight_score" + (f"[k={args.kernel},s={args.stride},g={args.groups}]"
+                                   if (args.kernel, args.stride, args.groups) != (3, 1, 1) else "")
+    harness.run_sweep(bench, "shape", ["x".join(map(str, s)) for s in weight_shapes],
                       _by_name(provs, weight_shapes), device, args.csv,
                       config={"k": args.kernel, "stride": args.stride, "groups": args.groups}, **common)
 

@@ -35,7 +35,7 @@ import statistics
 import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -173,7 +173,7 @@ def _cpu_peak_bytes(fn: Callable[[], Any]) -> float:
     return float(peak)
 
 
-def peak_memory(fn: Callable[[], Any], device: torch.device) -> (float, str):
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> Tuple[float, str]:
     """(peak bytes allocated by one call beyond what was allocated before it, method name)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -259,9 +259,9 @@ def test_bench_linear_and_conv_scripts(tmp_path):
     for bench in ("channel_score_reduce[linear]", "channel_score_reduce[conv,nchw]",
                   "channel_score_reduce[conv,channels_last]"):
         assert (bench, "reference") in got
-    for bench in ("linear_weight_score", "conv_weight_score"):
+    for bench in ("linear_weight_score", "conv_weight_score[k=3,s=1,g=2]"):
         assert {(bench, "reference"), (bench, "torch_func")} <= got
-    assert {r["metric"] for r in rows if r["benchmark"] == "conv_weight_score"} >= {"time", "throughput"}
+    assert {r["metric"] for r in rows if r["benchmark"].startswith("conv_weight")} >= {"time", "throughput"}
     assert {r["metric"] for r in rows if r["benchmark"].startswith("channel")} >= {"time", "bandwidth"}
     with pytest.raises(SystemExit, match="reduce-shapes"):
         bench_conv.main(["--reduce-shapes", "2x4x3"] + common)
