@@ -301,6 +301,9 @@ def test_bench_scoring_script(tmp_path):
     assert impls["oba[out,in]"] in ("kernel", "reference")  # what really ran is recorded
     with open(csv_path, newline="") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
+    from benchmarks import plot, summarize
+    table = summarize.scoring_tables(plot.latest(plot.read_rows(csv_path)))
+    assert "| `reference:oba[out,in]` |" in table and "tiny_cnn (3x8x8, batch 2)" in table
 
 
 def test_channel_taylor2_matches_finite_differences():
