@@ -9,8 +9,8 @@
 // float32 (float64 for fp64 inputs).
 //
 // Kernels (row i = query, j = key; s = scale; A_ij = exp(S_ij − lse_i)):
-//   attn_fwd:     online softmax over j:  m, l = Σp, Σ p·Ṡ, Σ p·v, Σ p·Ṡ·v, Σ p·v̇ (p = e^{S−m})
-//                 O = Σpv/l, r = ΣpṠ/l, Ȯ = (ΣpṠv − r·Σpv)/l + Σpv̇/l, lse = m + log l
+//   attn_fwd:     online softmax over j (p = e^{S−m}, W = Σp) with weighted Welford moments:
+//                 O = Σpv/W, r = ΣpṠ/W, Ȯ = (Σp(Ṡ − r)v + Σpv̇)/W, lse = m + log W
 //   attn_bwd_q:   pass 1 over j: row stats δ_G = Σ A·G_A, δ_C = Σ A·C_A, r = Σ A·Ṡ,
 //                 ε = Σ A(Ṡ − r)G_A (= rowsum(Ȧ⊙G_A)); pass 2: G_Q = sΣ G_S k,
 //                 C_Q = sΣ (C_S k + G_S k̇)
@@ -119,9 +119,14 @@ __global__ void __launch_bounds__(kWarps * 32) attn_fwd_kernel(const AttnParams<
   load_row<NC>(p.q + qoff, p.D, lane, q);
   load_row<NC>(p.qd ? p.qd + qoff : nullptr, p.D, lane, qd);
   const bool tan_s = p.qd != nullptr || p.kd != nullptr;
-  acc_t m = neg_inf, l = 0, rs = 0, o[NC], osv[NC], ovd[NC];
+  // Online softmax with weighted (Welford) moments, weights p_j = e^{S_j − m}, W = Σp:
+  //   mx = Σpṡ/W (= r), mv = Σpv/W (= O), cv = Σp(Ṡ − mx)(v − mv) (co-moment), ovd = Σp v̇.
+  // A change of the running max m rescales W, cv and ovd by e^{m_old − m_new}; means stay.
+  // The co-moment gives Σ_j A_ij(Ṡ_ij − r_i)v_j = cv/W without the cancellation of
+  // Σ A Ṡ v − r Σ A v.
+  acc_t m = neg_inf, W = 0, mx = 0, mv[NC], cv[NC], ovd[NC];
 #pragma unroll
-  for (int c = 0; c < NC; ++c) o[c] = osv[c] = ovd[c] = 0;
+  for (int c = 0; c < NC; ++c) mv[c] = cv[c] = ovd[c] = 0;
   const int64_t jend = p.causal ? (i + 1 < p.Nk ? i + 1 : p.Nk) : p.Nk;
   for (int64_t j = 0; j < jend; ++j) {
     load_row<NC>(p.k + koff + j * p.D, p.D, lane, kr);
@@ -134,34 +139,35 @@ __global__ void __launch_bounds__(kWarps * 32) attn_fwd_kernel(const AttnParams<
     const acc_t Sd = tan_s ? p.scale * warp_sum(sd_part) : acc_t(0);
     if (S == neg_inf) continue;  // uniform across the warp
     const acc_t m_new = S > m ? S : m;
-    const acc_t corr = dexp(m - m_new), e = dexp(S - m_new);
-    l = l * corr + e;
-    rs = rs * corr + e * Sd;
+    const acc_t corr = dexp(m - m_new), e = dexp(S - m_new);  // corr = 0 on the first key
+    W = W * corr + e;  // > 0 from the first visible key on (its e is 1)
+    const acc_t f = e / W, dx = Sd - mx;
+    mx += dx * f;
 #pragma unroll
     for (int c = 0; c < NC; ++c) {
       const int64_t d = lane + 32 * c;
       const acc_t vv = d < p.Dv ? static_cast<acc_t>(p.v[voff + j * p.Dv + d]) : acc_t(0);
       const acc_t vdv = (p.vd && d < p.Dv) ? static_cast<acc_t>(p.vd[voff + j * p.Dv + d]) : acc_t(0);
-      o[c] = o[c] * corr + e * vv;
-      osv[c] = osv[c] * corr + e * Sd * vv;
+      mv[c] += (vv - mv[c]) * f;
+      cv[c] = cv[c] * corr + e * dx * (vv - mv[c]);
       ovd[c] = ovd[c] * corr + e * vdv;
     }
     m = m_new;
   }
   const int64_t ooff = (bh * p.Nq + i) * p.Dv;
   acc_t out[NC], outd[NC];
-  if (l == acc_t(0)) {  // no visible key: A = 0
+  if (W == acc_t(0)) {  // no visible key: A = 0
 #pragma unroll
     for (int c = 0; c < NC; ++c) out[c] = outd[c] = 0;
     if (lane == 0) p.lse[bh * p.Nq + i] = neg_inf;
   } else {
-    const acc_t inv = acc_t(1) / l, r = rs * inv;
+    const acc_t inv = acc_t(1) / W;
 #pragma unroll
     for (int c = 0; c < NC; ++c) {
-      out[c] = o[c] * inv;
-      outd[c] = (osv[c] - r * o[c]) * inv + ovd[c] * inv;
+      out[c] = mv[c];
+      outd[c] = (cv[c] + ovd[c]) * inv;  // ȦV + AV̇
     }
-    if (lane == 0) p.lse[bh * p.Nq + i] = m + dlog(l);
+    if (lane == 0) p.lse[bh * p.Nq + i] = m + dlog(W);
   }
   store_row<NC>(p.o + ooff, p.Dv, lane, out);
   store_row<NC>(p.od + ooff, p.Dv, lane, outd);
@@ -218,18 +224,22 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_q_kernel(const AttnParam
     load_row<NC>(p.v + voff + j * p.Dv, p.Dv, lane, v);
     load_row<NC>(p.vd ? p.vd + voff + j * p.Dv : nullptr, p.Dv, lane, vd);
   };
-  // pass 1: row statistics
-  acc_t dG = 0, dC = 0, r = 0, e = 0;
+  // pass 1: row statistics. δ_G, δ_C are plain sums; r and ε = Σ A(Ṡ − r)(G_A − δ_G)
+  // (= rowsum(Ȧ⊙G_A), as Σ A(Ṡ − r) = 0) use weighted Welford moments, which avoid the
+  // cancellation of Σ AṠG_A − r·δ_G.
+  acc_t dG = 0, dC = 0, W = 0, r = 0, my = 0, eps = 0;
   for (int64_t j = 0; j < jend; ++j) {
     load_key(j);
     const Pair<acc_t> t = pair_terms<NC>(p, b, h, i, j, lse_i, q, qd, k, kd, go, co, v, vd);
     if (t.A == acc_t(0)) continue;
     dG += t.A * t.ga;
     dC += t.A * t.ca;
-    r += t.A * t.Sd;
-    e += t.A * t.Sd * t.ga;
+    W += t.A;
+    const acc_t f = t.A / W, dx = t.Sd - r;
+    r += dx * f;
+    my += (t.ga - my) * f;
+    eps += t.A * dx * (t.ga - my);
   }
-  const acc_t eps = e - r * dG;  // rowsum(Ȧ⊙G_A) = Σ A(Ṡ − r)G_A
   if (lane == 0) {
     p.stats[row] = dG;
     p.stats[plane + row] = dC;
