@@ -168,3 +168,24 @@ def test_float32_parity():
             for k, r in ref64[name][q].items():
                 assert_matches(eng32[name][q][k], r, ref32[name][q][k], dtype=torch.float32,
                                what=f"{name} {q} {k}")
+
+
+@pytest.mark.cuda
+def test_cuda_resnet18_float64_and_float32():
+    """On a GPU the engine (CUDA kernels when built) matches the float64 oracle, and float32
+    obeys the SPEC §7 rule against the float32 reference."""
+    torch.manual_seed(9)
+    m = torchvision.models.resnet18(num_classes=10).double().eval().cuda()
+    x, y = (v.cuda() for v in _batch(32, n=4))
+    compare(m, x, y)
+    loss = checked_loss(default_loss)
+    ref64 = ReferenceScorer(m, find_layers(m), loss)(x, y, QUANTITIES, KEYS)
+    m32, x32 = copy.deepcopy(m).float(), x.float()
+    layers32 = find_layers(m32)
+    eng32 = build_scorer(m32, layers32, loss, (x32, y))(x32, y, QUANTITIES, KEYS)
+    ref32 = ReferenceScorer(m32, layers32, loss)(x32, y, QUANTITIES, KEYS)
+    for name in layers32:
+        for q in QUANTITIES:
+            for k, r in ref64[name][q].items():
+                assert_matches(eng32[name][q][k], r, ref32[name][q][k], dtype=torch.float32,
+                               what=f"cuda {name} {q} {k}")
