@@ -19,7 +19,9 @@ from torch import Tensor
 def as_pair(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
     """The ``(2N, ...)`` tensor whose halves are ``a`` and ``b`` if they are adjacent
     contiguous halves of one storage (``b`` right after ``a``), else ``None``."""
-    if a is None or b is None or a.dim() == 0 or a.shape != b.shape or a.dtype != b.dtype:
+    if not (isinstance(a, Tensor) and isinstance(b, Tensor)):  # None, or the per-element
+        return None  # cotangent lists of a tuple-valued node (unbind, split, MHA's outputs)
+    if a.dim() == 0 or a.shape != b.shape or a.dtype != b.dtype:
         return None
     if not (a.is_contiguous() and b.is_contiguous()):
         return None
