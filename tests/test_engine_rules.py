@@ -271,3 +271,45 @@ def test_kernel_registry_choice():
     which = engine_kernels.which("cpu")
     expect = "oba_ext.ops." if _ext.kernels_available("cpu") else "oba_ext.reference."
     assert all(v.startswith(expect) for v in which.values()), which
+
+
+def test_target_inside_torch_nn_container_is_traced_or_refused():
+    """A torch.nn container (nn.TransformerEncoderLayer) is traced through, never run as an
+    opaque generic leaf that would hide its Linear layers (and their scores) from the sweep."""
+    torch.manual_seed(9)
+
+    class Enc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0,
+                                                  batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.enc(x).mean(1))
+
+    m = Enc().double().eval()
+    x, y = _xy(4, 8, classes=3)
+    try:
+        scorer = build_scorer(m, find_layers(m), checked_loss(default_loss), (x, y))
+    except CaptureError as e:  # refused with a reason is fine; silently wrong is not
+        assert "enc" in str(e) or "trac" in str(e)
+        return
+    compare(m, x, y)
+
+
+def test_tied_target_parameter_is_refused():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 4)
+            self.head = nn.Linear(4, 7, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.emb(ids)).mean(1))
+
+    m = Tied().double()
+    ids = torch.randint(0, 7, (2, 3))
+    with pytest.raises(CaptureError, match="uses target parameter 'head.weight'"):
+        build_scorer(m, find_layers(m), checked_loss(default_loss), (ids, torch.tensor([1, 2])))

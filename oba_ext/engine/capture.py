@@ -36,9 +36,15 @@ class CaptureError(Exception):
 
 
 class _Tracer(fx.Tracer):
+    """Leaves: modules with a rule or listed as unsupported; other torch.nn modules only when
+    they have no submodules (a torch.nn container such as nn.TransformerEncoderLayer is traced
+    through, so the Linear layers inside it appear as target nodes)."""
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if R.module_rule(m) is not None or any(c in R.UNSUPPORTED for c in type(m).__mro__):
             return True
+        if next(m.children(), None) is not None:
+            return False
         return super().is_leaf_module(m, qualname)
 
 
@@ -149,6 +155,14 @@ def capture(model: nn.Module, layers: Dict[str, "LayerSpec"]) -> Program:  # noq
                     raise CaptureError(f"node {node.name!r}: unknown tensor method "
                                        f".{node.target}()")
             st.rule = R.lookup(node, modules)
+            if node.op == "call_module" and st.layer is None:
+                for pname, prm in st.module.named_parameters():
+                    if id(prm) in target_params:
+                        raise CaptureError(
+                            f"module {node.target!r} ({type(st.module).__name__}) uses target "
+                            f"parameter {target_params[id(prm)]!r} (as {pname!r}) outside the "
+                            f"target layer's own call (shared/tied weights or a target inside "
+                            f"a leaf module without a rule)")
             st.flat, st.spec = pytree.tree_flatten((tuple(node.args), dict(node.kwargs)))
             st.node_pos = [i for i, a in enumerate(st.flat) if isinstance(a, fx.Node)]
             st.tuple_getitem = (node.op == "call_function" and node.target is operator.getitem)

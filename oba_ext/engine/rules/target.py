@@ -143,12 +143,19 @@ class TwoStreamLayerRule:
         if "bias" in keys and b is not None:
             od, _ = self.channel_dims(g)
             dims = [i for i in range(g.dim()) if i != od]
+            acc = _acc_dtype(g)
             if mode is not None:
-                ctx.record(mode, "bias", b * c.sum(dims) if c is not None else torch.zeros_like(b))
+                ctx.record(mode, "bias", b.to(acc) * c.sum(dims, dtype=acc) if c is not None
+                           else torch.zeros_like(b, dtype=acc))
             if mode is None or first:
-                ctx.record("taylor", "bias", b * g.sum(dims))
+                ctx.record("taylor", "bias", b.to(acc) * g.sum(dims, dtype=acc))
+
+
+def _acc_dtype(x):
+    """Channel sums accumulate in float64 for float64 streams, else float32 (like the ops)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _first_only(a, d, channel_dim):
     dims = [i for i in range(a.dim()) if i != channel_dim]
-    return (a * d).sum(dims)
+    return (a * d).sum(dims, dtype=_acc_dtype(a))
