@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call, hessian, jacrev
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.func import hessian, jacrev
 
 import oba_ext
+import brute
 import tiny_models as tm
 
 F64_RTOL = 1e-10  # SPEC §7: float64 ≤ 1e-10 relative (Frobenius)
@@ -39,48 +39,16 @@ def assert_close(a, b, tol=F64_RTOL, what="", scale=0.0):
     assert err <= tol, f"{what}: rel err {err:.3e} > {tol:.1e} (max abs diff {d.max():.3e}, mean {d.mean():.3e})"
 
 
-def _flat(params):
-    names = list(params)
-    shapes = [params[n].shape for n in names]
-    vec = torch.cat([params[n].reshape(-1) for n in names])
-
-    def unflat(v):
-        out, i = {}, 0
-        for n, s in zip(names, shapes):
-            k = s.numel()
-            out[n] = v[i:i + k].reshape(s)
-            i += k
-        return out
-    return names, vec.detach(), unflat
-
-
-def target_params(model):
-    layers = oba_ext.find_layers(model)
-    from oba_ext.targets import target_parameters
-    return {n: p.detach() for n, p in target_parameters(layers).items()}
-
-
 def brute_exact(model, x, y, loss=F.cross_entropy):
     """θ ⊙ Hθ from the full Hessian of the loss over the target parameters."""
-    tp = target_params(model)
-    others = {n: p.detach() for n, p in model.named_parameters() if n not in tp}
-    bufs = {n: b.clone() for n, b in model.named_buffers()}
-    names, v0, unflat = _flat(tp)
-
-    def L(v):
-        return loss(functional_call(model, {**others, **{n: b.clone() for n, b in bufs.items()},
-                                            **unflat(v)}, (x,)), y)
-    # torch's own math backend: the fused CPU kernel has no forward-mode AD
-    with sdpa_kernel(SDPBackend.MATH):
-        H = hessian(L)(v0)
-    return {n: tp[n] * hv for n, hv in unflat(H @ v0).items()}
+    return brute.hessian_and_ggn_scores(model, x, y, loss, with_ggn=False)[0]
 
 
 def brute_oba(fn, model, x, y, loss=F.cross_entropy):
     """θ ⊙ (H_lin − GGN)θ with the functional twin ``fn(params, x, nl)``."""
-    tp = target_params(model)
+    tp = brute.target_params(model)
     allp = {n: p.detach() for n, p in model.named_parameters()}
-    names, v0, unflat = _flat(tp)
+    names, v0, unflat = brute.flat(tp)
     lin = tm.Linearizer()
     z0 = fn(allp, x, lin)
     lin.start_linearized()
@@ -189,15 +157,7 @@ def test_oba_is_hessian_minus_ggn_for_relu_eval_bn():
     model[1].running_var.uniform_(0.5, 2)
     x = torch.randn(5, 2, 7, 7, dtype=torch.float64)
     y = torch.arange(5) % 3
-    tp = target_params(model)
-    others = {n: p.detach() for n, p in model.named_parameters() if n not in tp}
-    names, v0, unflat = _flat(tp)
-    f = lambda v: functional_call(model, {**others, **unflat(v)}, (x,))
-    H = hessian(lambda v: F.cross_entropy(f(v), y))(v0)
-    J = jacrev(f)(v0).reshape(-1, v0.numel())
-    z0 = f(v0)
-    Hl = hessian(lambda z: F.cross_entropy(z, y))(z0.detach()).reshape(z0.numel(), z0.numel())
-    want = {n: tp[n] * hv for n, hv in unflat((H - J.T @ Hl @ J) @ v0).items()}
+    _, want = brute.hessian_and_ggn_scores(model, x, y)
     got, _ = engine_per_weight(model, x, y, "oba")
     scale = norm_all(want)
     for n in want:
