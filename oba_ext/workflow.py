@@ -125,7 +125,9 @@ def run_score(args) -> dict:
         t0 = time.perf_counter()
         res = score(model, batches[rank::world], kind=args.criterion, granularity=tuple(args.granularity),
                     impl=args.impl, progress=not args.no_progress and rank == 0,
-                    checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+                    checkpoint=(f"{args.checkpoint}.rank{rank}" if args.checkpoint and world > 1
+                                else args.checkpoint),
+                    checkpoint_every=args.checkpoint_every,
                     distributed=args.distributed)
         seconds = time.perf_counter() - t0
         summary = {"model": args.model, "criterion": args.criterion, "impl": res.impl,
@@ -162,6 +164,7 @@ def _prune_one(model, criterion, batches, example, args, train_loader, test_load
     else:
         imp = OBAImportance(kind=criterion, batches=batches, impl=args.impl, progress=progress,
                             eval_mode=not args.train_mode)
+        scores = imp.scores_for(model)  # the unpruned model's scores (cached for the search)
         kw = dict(global_pruning=not args.local, round_to=args.round_to, ignored_layers=args.ignore)
         if args.flops_ratio is not None or args.params_ratio is not None:
             outcome = prune_to_target(model, example, imp, flops_ratio=args.flops_ratio,
@@ -173,7 +176,6 @@ def _prune_one(model, criterion, batches, example, args, train_loader, test_load
             pruned = copy.deepcopy(model)
             for _ in range(args.steps):
                 prune_once(pruned, example, imp, 1 - (1 - args.pruning_ratio) ** (1 / args.steps), **kw)
-        scores = imp.last_result
     facts["prune_seconds"] = time.perf_counter() - t0
     facts.update({f"{k}_after": v for k, v in _macs_params(pruned, example).items()})
     facts["acc_after_prune"] = evaluate(pruned, test_loader)

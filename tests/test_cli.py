@@ -2,6 +2,7 @@
 errors (exit 2, nothing written) for bad input."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -11,11 +12,24 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(*args, cwd=None, timeout=240):
+def _run_group(cmd, env, timeout):
+    """Run ``cmd`` in its own process group; on timeout kill the whole group (torchrun's
+    workers included) so nothing is left behind."""
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+def run(*args, timeout=240):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "oba_ext.cli", *args], cwd=cwd or ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return _run_group([sys.executable, "-m", "oba_ext.cli", *args], env, timeout)
 
 
 TINY = ["--model", "small_cnn", "--dataset", "synthetic", "--image-size", "8", "--batch-size", "16",
@@ -103,3 +117,20 @@ def test_weights_mismatch_exits_2(tmp_path):
     r = run("prune", *TINY, "--weights", str(w), "--flops-ratio", "0.5", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "wrong.pt" in r.stderr and "missing keys" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_torchrun_distributed_score(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "oba_ext.cli", "score", *TINY, "--num-batches", "2", "--criterion", "taylor",
+           "--distributed", "--out", str(tmp_path / "d")]
+    r = _run_group(cmd, env, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = json.loads((tmp_path / "d" / "scores.json").read_text())
+    assert meta["world_size"] == 2 and meta["num_batches"] == 2
+    r1 = run("score", *TINY, "--num-batches", "2", "--criterion", "taylor", "--out", str(tmp_path / "s"))
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    a, b = torch.load(tmp_path / "d" / "scores.pt"), torch.load(tmp_path / "s" / "scores.pt")
+    for name in b:
+        for key in b[name]:
+            torch.testing.assert_close(a[name][key], b[name][key], rtol=1e-5, atol=1e-7)
