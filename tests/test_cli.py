@@ -83,7 +83,7 @@ def test_prune_unstructured_and_structured(tmp_path):
     assert (tmp_path / "p" / "pruned_taylor.pt").exists()
 
 
-@pytest.mark.parametrize("args,needle", [
+BAD_INPUT = [
     (["prune", "--flops-ratio", "1.5"], "--flops-ratio"),
     (["prune", "--flops-ratio", "0"], "--flops-ratio"),
     (["prune", "--flops-ratio", "0.5", "--criteria", "bogus"], "unknown criterion"),
@@ -94,28 +94,46 @@ def test_prune_unstructured_and_structured(tmp_path):
     (["prune", "--flops-ratio", "0.5", "--dataset", "cifar10"], "--data-root"),
     (["prune", "--flops-ratio", "0.5", "--sparsity", "0.5"], "exactly one"),
     (["prune", "--flops-ratio", "0.001"], "cannot reach"),
-])
-def test_bad_input_exits_2_and_writes_nothing(tmp_path, args, needle):
+]
+
+
+def _argv(args, out):
     tiny = list(TINY)
-    if "--model" in args:
-        i = tiny.index("--model")
-        del tiny[i:i + 2]
-    if "--dataset" in args:
-        i = tiny.index("--dataset")
-        del tiny[i:i + 2]
+    for flag in ("--model", "--dataset"):
+        if flag in args:
+            i = tiny.index(flag)
+            del tiny[i:i + 2]
+    return [args[0], *tiny, *args[1:], "--out", str(out)]
+
+
+@pytest.mark.parametrize("args,needle", BAD_INPUT, ids=[b[1] for b in BAD_INPUT])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, needle):
+    """In-process (``main(argv)``): argparse-style message, exit code 2, no output folder."""
+    from oba_ext.cli import main
     out = tmp_path / "o"
-    r = run(args[0], *tiny, *args[1:], "--out", str(out))
-    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
-    assert needle in r.stderr and "error:" in r.stderr
+    with pytest.raises(SystemExit) as e:
+        main(_argv(args, out))
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert needle in err and "error:" in err
     assert not out.exists() and os.listdir(tmp_path) == []
 
 
-def test_weights_mismatch_exits_2(tmp_path):
+def test_bad_input_subprocess_exit_code(tmp_path):
+    r = run(*_argv(["prune", "--flops-ratio", "2"], tmp_path / "o"))
+    assert r.returncode == 2 and "--flops-ratio" in r.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_weights_mismatch_exits_2(tmp_path, capsys):
+    from oba_ext.cli import main
     from oba_ext.models import get_model
     w = tmp_path / "wrong.pt"
     torch.save(get_model("resnet20").state_dict(), w)
-    r = run("prune", *TINY, "--weights", str(w), "--flops-ratio", "0.5", "--out", str(tmp_path / "o"))
-    assert r.returncode == 2 and "wrong.pt" in r.stderr and "missing keys" in r.stderr
+    with pytest.raises(SystemExit) as e:
+        main(["prune", *TINY, "--weights", str(w), "--flops-ratio", "0.5", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "wrong.pt" in err and "missing keys" in err
     assert not (tmp_path / "o").exists()
 
 
