@@ -95,7 +95,7 @@ class SDPARule:
         slot = _bind_sdpa(slots_args, slots_kwargs, where)
         b = _bind_sdpa(call.args, call.kwargs, where)
         if b["dropout_p"]:
-            raise ValueError(f"{where}: scaled_dot_product_attention with dropout_p="
+            raise ValueError(f"node {where!r} (scaled_dot_product_attention): dropout_p="
                              f"{b['dropout_p']}; the engine needs attention dropout off "
                              f"(score in eval mode)")
         q, k, v = b["query"], b["key"], b["value"]
