@@ -190,3 +190,58 @@ def test_unreachable_target_and_bad_ratio():
             prune_to_target(model, x, imp, flops_ratio=bad, progress=False)
     with pytest.raises(ValueError, match="exactly one"):
         prune_to_target(model, x, imp, progress=False)
+
+
+class _QKVAttention(nn.Module):
+    """timm-style attention: one packed qkv Linear, heads split by reshape, proj Linear."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        a = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)
+        return self.proj((a @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+class _TinyTransformer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(8, 32)
+        self.attn = _QKVAttention()
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = self.emb(x)
+        return self.head((h + self.attn(h)).mean(1))
+
+
+def test_head_pruning_removes_lowest_scored_heads():
+    """prune_num_heads with OBA scores: Torch-Pruning averages the group's channel importance
+    per head (q/k/v output rows + proj input columns); the two heads with the smallest summed
+    |OBA| channel scores go."""
+    torch.manual_seed(0)
+    model = _TinyTransformer().eval()
+    x, y = torch.randn(3, 6, 8), torch.tensor([1, 3, 0])
+    imp = OBAImportance(batches=[(x, y)], impl="reference")
+    res = imp.scores_for(model)
+    d, hd = 32, 8
+    qkv_out, proj_in = res["attn.qkv"].out.abs(), res["attn.proj"].inp.abs()
+    per_dim = qkv_out[:d] + qkv_out[d:2 * d] + qkv_out[2 * d:] + proj_in
+    expected_kept = sorted(per_dim.view(4, hd).sum(1).argsort(descending=True)[:2].tolist())
+    proj_w = model.attn.proj.weight.detach().clone()
+    pruner = build_pruner(model, x, imp, pruning_ratio=0.5, ignored_layers=["emb"],
+                          num_heads={model.attn.qkv: 4}, prune_num_heads=True,
+                          head_pruning_ratio=0.5, prune_head_dims=False, global_pruning=False)
+    pruner.step()
+    model.attn.heads = pruner.num_heads[model.attn.qkv]
+    assert model.attn.heads == 2 and model.attn.qkv.out_features == 3 * 2 * hd
+    kept = [h for h in range(4) if any(torch.equal(proj_w[:, h * hd:(h + 1) * hd],
+                                                   model.attn.proj.weight[:, j * hd:(j + 1) * hd])
+                                       for j in range(2))]
+    assert kept == expected_kept
+    assert model(x).shape == (3, 5)
