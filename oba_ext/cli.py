@@ -31,7 +31,8 @@ def _common(p: argparse.ArgumentParser, scoring_only: bool = False) -> None:
     g.add_argument("--model", default="resnet56",
                    help="built-in (resnet20/32/56/110, vgg19 = CIFAR VGG-BN, small_cnn), any "
                         "torchvision classification model (resnet18, vgg19_bn, vit_b_16, ...), "
-                        "or timm:NAME (needs timm). Default: %(default)s")
+                        "torchvision:NAME (e.g. torchvision:vgg19, the ImageNet one), or timm:NAME "
+                        "(needs timm). Default: %(default)s")
     g.add_argument("--weights", metavar="PATH", help="local state-dict file (never downloaded)")
     g.add_argument("--num-classes", type=int, help="default: the dataset's")
     g.add_argument("--dataset", default="cifar10",

@@ -81,6 +81,11 @@ def setup(args):
     model = get_model(args.model, num_classes=num_classes, weights=args.weights,
                       **({"in_channels": train.input_shape[0]} if args.model in _builtin() else {}))
     model.to(device).eval()
+    names = dict(model.named_modules())
+    bad = [n for n in getattr(args, "ignore", None) or [] if n not in names]
+    if bad:
+        raise UsageError(f"--ignore: {bad} are not modules of {args.model} "
+                         f"(e.g. {[n for n in names if n][:4]})")
     train_loader = make_loader(train.dataset, args.batch_size, shuffle=True, seed=args.seed)
     test_loader = make_loader(test.dataset, args.batch_size, shuffle=False)
     batches = []

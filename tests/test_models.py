@@ -25,6 +25,10 @@ def test_torchvision_by_name():
     pytest.importorskip("torchvision")
     m = get_model("resnet18", num_classes=5).eval()
     assert m(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+    tv = get_model("torchvision:vgg11_bn", num_classes=3)
+    assert type(tv).__module__.startswith("torchvision")
+    with pytest.raises(ModelError, match="no classification model"):
+        get_model("torchvision:nope")
 
 
 def test_unknown_model_and_missing_timm():

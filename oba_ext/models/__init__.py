@@ -65,7 +65,9 @@ def get_model(name: str, num_classes: int = 10, weights: Optional[str] = None,
     """Build model ``name`` with ``num_classes`` outputs, randomly initialised or from ``weights``.
 
     Lookup: built-ins (:data:`BUILTIN`), then ``torchvision.models.get_model``, then timm
-    (``timm:NAME`` forces timm). ``in_channels`` applies to built-ins only.
+    (``timm:NAME`` / ``torchvision:NAME`` force one source; ``torchvision:vgg19`` is the
+    ImageNet VGG, plain ``vgg19`` the built-in CIFAR VGG-BN). ``in_channels`` applies to
+    built-ins only.
     """
     if not isinstance(name, str) or not name:
         raise ModelError(f"model: expected a model name, got {name!r}")
@@ -75,6 +77,10 @@ def get_model(name: str, num_classes: int = 10, weights: Optional[str] = None,
         model = BUILTIN[name](num_classes=num_classes, **kw)
     elif name.startswith("timm:"):
         model = _timm(name[5:], num_classes, **kw)
+    elif name.startswith("torchvision:"):  # e.g. torchvision:vgg19 (the built-in vgg19 is CIFAR's)
+        model = _torchvision(name[len("torchvision:"):], num_classes, **kw)
+        if model is None:
+            raise ModelError(f"model: torchvision has no classification model {name[12:]!r}")
     else:
         model = _torchvision(name, num_classes, **kw)
         if model is None:
