@@ -245,3 +245,15 @@ def test_head_pruning_removes_lowest_scored_heads():
                                        for j in range(2))]
     assert kept == expected_kept
     assert model(x).shape == (3, 5)
+
+
+def test_round_to_and_local_ranking():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 24, 3, padding=1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 5)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    imp = OBAImportance(batches=_batches((1, 3, 8, 8), 5), score_fn=l1_scores)
+    build_pruner(model, x, imp, pruning_ratio=0.3, round_to=4, global_pruning=False).step()
+    assert model[0].out_channels % 4 == 0 and model[2].out_channels % 4 == 0
+    assert model[0].out_channels < 16 and model[2].out_channels < 24
+    assert model[6].out_features == 5  # the classifier is kept
