@@ -313,3 +313,56 @@ def test_tied_target_parameter_is_refused():
     ids = torch.randint(0, 7, (2, 3))
     with pytest.raises(CaptureError, match="uses target parameter 'head.weight'"):
         build_scorer(m, find_layers(m), checked_loss(default_loss), (ids, torch.tensor([1, 2])))
+
+
+class Misc(nn.Module):
+    """Functional and method forms: F.layer_norm with its own affine, F.dropout (inactive),
+    F.relu6 / leaky_relu / hardtanh / silu, x.sigmoid(), stack, squeeze/unsqueeze, expand,
+    sum/mean over dims, advanced indexing, avg/adaptive pooling (non-global), nn.Identity."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.ln_w = nn.Parameter(torch.rand(4) + 0.5)
+        self.ln_b = nn.Parameter(torch.randn(4) * 0.1)
+        self.fc1 = nn.Linear(4, 4)
+        self.fc2 = nn.Linear(4, 4)
+        self.pool = nn.AvgPool2d(2)
+        self.ident = nn.Identity()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):                                       # (B, 2, 6, 6)
+        h = F.relu6(self.conv(x))                               # (B, 4, 6, 6)
+        h = F.adaptive_avg_pool2d(self.pool(h), (2, 2))         # (B, 4, 2, 2)
+        h = h.flatten(2).transpose(1, 2)                        # (B, 4, 4) tokens
+        h = F.layer_norm(h, (4,), self.ln_w, self.ln_b, 1e-5)
+        h = F.dropout(h, p=0.3, training=False)
+        a = F.leaky_relu(self.fc1(h), 0.2)
+        b = F.hardtanh(self.fc2(h), -0.5, 0.5) + a.sigmoid()
+        s = torch.stack([a, F.silu(b)], dim=1)                  # (B, 2, 4, 4)
+        s = s.unsqueeze(1).squeeze(1).sum(dim=2)                # (B, 2, 4)
+        s = s + s.mean(1, keepdim=True).expand(-1, 2, -1)
+        s = s[:, torch.tensor([1, 0])]                          # advanced index
+        return self.head(self.ident(s.reshape(s.shape[0], -1)))
+
+
+def test_functional_and_method_forms():
+    torch.manual_seed(10)
+    compare(Misc().double(), *_xy(2, 6, 6, classes=3))
+
+
+class _ClampHardsigmoid(nn.Module):
+    def forward(self, x):
+        return torch.clamp(x / 6 + 0.5, 0, 1)
+
+
+def test_hardsigmoid():
+    """The engine uses σ' = 1/6 exactly; PyTorch's own hardsigmoid backward rounds 1/6 to
+    float32 even for float64 (rel. error 3e-8), so the reference runs on the identical
+    function written as a clamp (exact autograd, with a double backward)."""
+    torch.manual_seed(11)
+    m = nn.Sequential(nn.Linear(5, 6), nn.Hardsigmoid(), nn.Linear(6, 6), nn.Tanh(),
+                      nn.Linear(6, 3)).double()
+    ref = copy.deepcopy(m)
+    ref[1] = _ClampHardsigmoid()
+    compare(m, *_xy(5, n=4, classes=3), ref_model=ref)

@@ -25,7 +25,9 @@ The sweep sets, before backward:
 - ``ctx.keys``, ``ctx.first``: requested keys and whether "taylor" is wanted.
 
 ``None`` for a tangent or cotangent means zero; rules exploit it to skip work, and return
-``None`` rather than a tensor of zeros. ``g`` may be ``None`` only when nothing downstream
+``None`` rather than a tensor of zeros. Rules on the hot path return their two streams as the
+halves of one buffer when they can, so the next Linear/Conv stacks them without a copy
+(:mod:`.pairs`; an optimization, never an assumption). ``g`` may be ``None`` only when nothing downstream
 reached the node (the sweep then skips the rule). Rules never modify their inputs in place.
 
 Registry: :data:`MODULE_RULES` (module class, looked up along the MRO),
@@ -59,6 +61,10 @@ UNSUPPORTED: Dict[Any, str] = {
     nn.Bilinear: "nn.Bilinear (bilinear in its two inputs)",
     F.bilinear: "F.bilinear (bilinear in its two inputs)",
     torch.addmm: "torch.addmm (use matmul + add)",
+    nn.LSTM: "nn.LSTM (its gates multiply θ-dependent activations)",
+    nn.GRU: "nn.GRU (its gates multiply θ-dependent activations)",
+    nn.LSTMCell: "nn.LSTMCell (its gates multiply θ-dependent activations)",
+    nn.GRUCell: "nn.GRUCell (its gates multiply θ-dependent activations)",
     torch.baddbmm: "torch.baddbmm (use bmm + add)",
 }
 

@@ -68,8 +68,6 @@ class TwoStreamLayerRule:
                 ctx.y, ctx.t_y = y, t_y
             if "in" in keys or "weight" in keys:
                 ctx.x, ctx.t = x, t
-            if "bias" in keys and b is not None:
-                ctx.y_dims = y.dim()
         return y, t_y
 
     def backward(self, ctx, g, c):
