@@ -365,3 +365,28 @@ def test_cuda_float64_parity(kind, kernels):
     torch.manual_seed(11)
     compare(TokenNet(TimmBlock(is_causal=True)).cuda(),
             [(x.cuda(), y.cuda()) for x, y in batches()], kind)
+
+
+class GQAttention(nn.Module):
+    """Grouped-query attention: 4 query heads share 2 key/value heads (SDPA enable_gqa)."""
+
+    def __init__(self, dim=E, heads=H, kv_heads=2):
+        super().__init__()
+        self.h, self.kvh, self.hd = heads, kv_heads, dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * kv_heads * self.hd)
+        self.o = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q = self.q(x).view(B, N, self.h, self.hd).transpose(1, 2)
+        k, v = self.kv(x).view(B, N, 2, self.kvh, self.hd).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return x + self.o(o.transpose(1, 2).reshape(B, N, C))
+
+
+@pytest.mark.parametrize("kind", ["oba", "exact"])
+def test_sdpa_grouped_query(kind, kernels):
+    kernels("cpu")
+    torch.manual_seed(12)
+    compare(TokenNet(GQAttention()), batches(), kind)

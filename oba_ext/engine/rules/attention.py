@@ -6,8 +6,9 @@ Both run the fused two-stream kernels through :mod:`oba_ext.engine.kernels`
 ``QKᵀ`` and ``AV`` carry their product-rule terms in both modes.
 
 ``scaled_dot_product_attention(q, k, v, attn_mask, dropout_p=0, is_causal, scale)``: any
-leading dims (flattened to (B, 1, N, D) unless 4-D), bool/additive masks, causal. Refused:
-``dropout_p > 0`` (score in eval mode), ``enable_gqa`` with fewer k/v heads, a θ-dependent mask.
+leading dims (flattened to (B, 1, N, D) unless 4-D), bool/additive masks, causal,
+``enable_gqa`` (k/v heads repeated for their query groups, cotangents summed back). Refused:
+``dropout_p > 0`` (score in eval mode), a θ-dependent mask.
 
 ``nn.MultiheadAttention`` (a target layer of kind "mha"): the q/k/v projections are the packed
 ``in_proj_weight`` rows (or ``q/k/v_proj_weight``), each run through the Linear rule as a
@@ -99,20 +100,28 @@ class SDPARule:
                              f"{b['dropout_p']}; the engine needs attention dropout off "
                              f"(score in eval mode)")
         q, k, v = b["query"], b["key"], b["value"]
-        if b["enable_gqa"] and q.shape[-3] != k.shape[-3]:
-            raise ValueError(f"{where}: scaled_dot_product_attention with enable_gqa and "
-                             f"{q.shape[-3]} query heads vs {k.shape[-3]} key heads is not "
-                             f"supported by the engine")
+        t = [call.tangents[slot[n]] for n in ("query", "key", "value")]
+        shapes = (q.shape, k.shape, v.shape)
+        rep = 1
+        if b["enable_gqa"] and q.dim() >= 3 and q.shape[-3] != k.shape[-3]:
+            # grouped-query attention: each k/v head serves rep query heads; run on repeated
+            # k/v and fold their cotangents back (sum over the group) in backward
+            rep = q.shape[-3] // k.shape[-3]
+            if rep * k.shape[-3] != q.shape[-3] or v.shape[-3] != k.shape[-3]:
+                raise ValueError(f"node {where!r}: enable_gqa needs the query heads "
+                                 f"({q.shape[-3]}) to be a multiple of the key/value heads "
+                                 f"({k.shape[-3]}, {v.shape[-3]})")
+            k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
+            t[1:] = [x.repeat_interleave(rep, -3) if x is not None else None for x in t[1:]]
         mask = b["attn_mask"]
         ms = slot["attn_mask"]
         if isinstance(ms, int) and (call.tangents[ms] is not None or call.needs[ms]):
             raise ValueError(f"{where}: the attention mask depends on the scored parameters; "
                              f"the engine supports constant masks only")
-        t = [call.tangents[slot[n]] for n in ("query", "key", "value")]
         lead, L, S = q.shape[:-2], q.shape[-2], k.shape[-2]
         if mask is not None and q.dim() != 4:
             mask = mask.expand(*lead, L, S).reshape(-1, 1, L, S)
-        st = SimpleNamespace(shapes=(q.shape, k.shape, v.shape),
+        st = SimpleNamespace(shapes=shapes, run_shapes=(q.shape, k.shape, v.shape), rep=rep,
                              slots=(slot["query"], slot["key"], slot["value"]),
                              n=len(call.inputs))
         O, Od = _AttentionCore.forward(st, _four_d(q), _four_d(k), _four_d(v), _four_d(t[0]),
@@ -126,9 +135,18 @@ class SDPARule:
         st = ctx.attn
         res = _AttentionCore.backward(st, ctx, _four_d(g), _four_d(c))
         out = [None] * st.n
-        for slot, shape, (gi, ci) in zip(st.slots, st.shapes, res):
+
+        def back(x, run_shape, shape):
+            if x is None:
+                return None
+            x = x.reshape(run_shape)
+            if run_shape != shape:  # grouped-query k/v: sum the cotangents of each group
+                x = x.unflatten(-3, (shape[-3], st.rep)).sum(-3)
+            return x
+
+        for slot, run_shape, shape, (gi, ci) in zip(st.slots, st.run_shapes, st.shapes, res):
             if ctx.needs[slot]:
-                out[slot] = (gi.reshape(shape), ci.reshape(shape) if ci is not None else None)
+                out[slot] = (back(gi, run_shape, shape), back(ci, run_shape, shape))
         return out
 
 
