@@ -257,3 +257,21 @@ def test_round_to_and_local_ranking():
     assert model[0].out_channels % 4 == 0 and model[2].out_channels % 4 == 0
     assert model[0].out_channels < 16 and model[2].out_channels < 24
     assert model[6].out_features == 5  # the classifier is kept
+
+
+def test_mha_embed_handler_sums_every_removed_piece():
+    """Torch-Pruning removes embed index e of a packed nn.MultiheadAttention from in_proj's
+    columns, the q/k/v rows e, E+e, 2E+e, and out_proj's row and column e."""
+    from oba_ext.pruning.importance import _mha_embed
+    E = 8
+    mha = nn.MultiheadAttention(E, 2, batch_first=True)
+    g = torch.Generator().manual_seed(0)
+    ls = LayerScores(out=torch.randn(3 * E, generator=g), inp=torch.randn(E, generator=g))
+    op = LayerScores(out=torch.randn(E, generator=g), inp=torch.randn(E, generator=g))
+    idxs = [1, 5, 6]
+    parts = _mha_embed(mha, ls, idxs, {"attn.out_proj": op}, {mha.out_proj: "attn.out_proj"})
+    got = torch.stack(parts).sum(0)
+    i = torch.tensor(idxs)
+    want = ls.inp[i] + ls.out[i] + ls.out[i + E] + ls.out[i + 2 * E] + op.out[i] + op.inp[i]
+    torch.testing.assert_close(got, want)
+    assert len(_mha_embed(mha, None, idxs, {}, {})) == 0  # unscored: contributes nothing
