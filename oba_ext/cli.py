@@ -68,7 +68,11 @@ def _pruning(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scope", default="global", choices=["global", "layer"],
                    help="unstructured ranking: over all layers or per layer")
     g.add_argument("--permanent", action="store_true", help="unstructured: bake masks in (prune.remove)")
-    g.add_argument("--steps", type=int, default=1, help="iterative schedule: rescore every step")
+    g.add_argument("--steps", type=int, default=1,
+                   help="iterative schedule: prune in this many steps, rescoring the current model "
+                        "at each (with --finetune-between epochs of training in between)")
+    g.add_argument("--finetune-between", type=float, default=0.0, metavar="EPOCHS",
+                   help="fine-tuning between iterative steps (default 0)")
     g.add_argument("--local", action="store_true", help="rank channels per layer (default: global)")
     g.add_argument("--round-to", type=int, help="keep channel counts multiples of this")
     g.add_argument("--ignore", nargs="*", default=[], metavar="MODULE",

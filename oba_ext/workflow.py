@@ -172,15 +172,25 @@ def _prune_one(model, criterion, batches, example, args, train_loader, test_load
         scores = imp.scores_for(model)  # the unpruned model's scores (cached for the search)
         kw = dict(global_pruning=not args.local, round_to=args.round_to, ignored_layers=args.ignore)
         if args.flops_ratio is not None or args.params_ratio is not None:
+            between = None
+            if args.finetune_between > 0:
+                def between(m, k):
+                    fit(m, train_loader, epochs=args.finetune_between, lr=args.lr,
+                        optimizer=args.optimizer, progress=progress, desc=f"fine-tune step {k}")
+                    m.eval()
             outcome = prune_to_target(model, example, imp, flops_ratio=args.flops_ratio,
                                       params_ratio=args.params_ratio, tol=args.tol, steps=args.steps,
-                                      progress=progress, **kw)
+                                      between_steps=between, progress=progress, **kw)
             pruned = outcome.model
             facts["target"] = outcome.as_dict()
         else:
             pruned = copy.deepcopy(model)
-            for _ in range(args.steps):
+            for k in range(1, args.steps + 1):
+                # each step removes the same fraction of what is left: (1 - r)^(1/steps) kept
                 prune_once(pruned, example, imp, 1 - (1 - args.pruning_ratio) ** (1 / args.steps), **kw)
+                if args.finetune_between > 0 and k < args.steps:
+                    fit(pruned, train_loader, epochs=args.finetune_between, lr=args.lr,
+                        optimizer=args.optimizer, progress=progress, desc=f"fine-tune step {k}")
     facts["prune_seconds"] = time.perf_counter() - t0
     facts.update({f"{k}_after": v for k, v in _macs_params(pruned, example).items()})
     facts["acc_after_prune"] = evaluate(pruned, test_loader)
