@@ -108,7 +108,7 @@ def compare(model, data, kind, gran=("out", "in", "weight")):
     for name in b:
         ta, tb = a[name].tensors(), b[name].tensors()
         assert set(ta) == set(tb), (name, sorted(ta), sorted(tb))
-        scale = max(t.norm().item() for t in tb.values())
+        scale = max((t.norm().item() for t in tb.values()), default=0.0)
         for key in tb:
             if tb[key].norm().item() < 1e-9 * scale:
                 # analytically zero (the key bias: softmax is shift invariant): compare on
