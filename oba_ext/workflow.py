@@ -86,10 +86,13 @@ def setup(args):
     if bad:
         raise UsageError(f"--ignore: {bad} are not modules of {args.model} "
                          f"(e.g. {[n for n in names if n][:4]})")
-    train_loader = make_loader(train.dataset, args.batch_size, shuffle=True, seed=args.seed)
+    fit_set = train.dataset
+    if args.dataset in ("cifar10", "cifar100"):  # crop + flip for (fine-)tuning, not for scoring
+        fit_set = get_dataset(args.dataset, args.data_root, train=True, augment=True).dataset
+    train_loader = make_loader(fit_set, args.batch_size, shuffle=True, seed=args.seed)
     test_loader = make_loader(test.dataset, args.batch_size, shuffle=False)
     batches = []
-    for i, b in enumerate(train_loader):
+    for i, b in enumerate(make_loader(train.dataset, args.batch_size, shuffle=True, seed=args.seed)):
         if i >= args.num_batches:
             break
         batches.append(b)

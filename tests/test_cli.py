@@ -152,3 +152,31 @@ def test_torchrun_distributed_score(tmp_path):
     for name in b:
         for key in b[name]:
             torch.testing.assert_close(a[name][key], b[name][key], rtol=1e-5, atol=1e-7)
+
+
+def test_prune_on_a_cifar_folder_in_process(tmp_path, capsys):
+    """cifar10 in torchvision's folder format (generated), augmentation for fine-tuning,
+    --pruning-ratio with two steps and fine-tuning in between."""
+    import pickle
+
+    import numpy as np
+
+    from oba_ext.cli import main
+    base = tmp_path / "data" / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(base / f, "wb") as fh:
+            pickle.dump({b"data": rng.integers(0, 256, (8, 3072), dtype=np.uint8),
+                         b"labels": list(rng.integers(0, 10, 8))}, fh)
+    out = tmp_path / "o"
+    assert main(["prune", "--model", "small_cnn", "--dataset", "cifar10", "--data-root",
+                 str(tmp_path / "data"), "--batch-size", "8", "--num-batches", "1", "--pruning-ratio",
+                 "0.4", "--steps", "2", "--finetune-between", "0.2", "--finetune-epochs", "0.2",
+                 "--criteria", "taylor", "--impl", "reference", "--no-progress",
+                 "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    run_ = rep["runs"]["taylor"]
+    assert run_["params_after"] < rep["before"]["params"]
+    assert 0.0 <= run_["acc_after_finetune"] <= 1.0
+    assert "taylor" in capsys.readouterr().out
