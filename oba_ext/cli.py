@@ -73,6 +73,12 @@ def _pruning(p: argparse.ArgumentParser) -> None:
                         "at each (with --finetune-between epochs of training in between)")
     g.add_argument("--finetune-between", type=float, default=0.0, metavar="EPOCHS",
                    help="fine-tuning between iterative steps (default 0)")
+    g.add_argument("--group-reduction", default="mean", choices=["mean", "sum", "max", "prod", "first"],
+                   help="how a group's layer scores combine (Torch-Pruning convention; the Jacobian "
+                        "Criterion of Optimal Brain Connection sums: use 'sum')")
+    g.add_argument("--normalizer", default="mean",
+                   help="group score normalizer: mean, sum, max, standarization, gaussian, lamp, "
+                        "sentinel_Q or none (default: mean)")
     g.add_argument("--local", action="store_true", help="rank channels per layer (default: global)")
     g.add_argument("--round-to", type=int, help="keep channel counts multiples of this")
     g.add_argument("--ignore", nargs="*", default=[], metavar="MODULE",

@@ -171,7 +171,8 @@ def _prune_one(model, criterion, batches, example, args, train_loader, test_load
         scores = res
     else:
         imp = OBAImportance(kind=criterion, batches=batches, impl=args.impl, progress=progress,
-                            eval_mode=not args.train_mode)
+                            eval_mode=not args.train_mode, group_reduction=args.group_reduction,
+                            normalizer=None if args.normalizer == "none" else args.normalizer)
         scores = imp.scores_for(model)  # the unpruned model's scores (cached for the search)
         kw = dict(global_pruning=not args.local, round_to=args.round_to, ignored_layers=args.ignore)
         if args.flops_ratio is not None or args.params_ratio is not None:
@@ -210,6 +211,9 @@ def _prune_one(model, criterion, batches, example, args, train_loader, test_load
 def _validate_prune(args):
     for c in args.criteria:
         check_criterion(c)
+    norms = ("mean", "sum", "max", "standarization", "gaussian", "lamp", "none")
+    if args.normalizer not in norms and not args.normalizer.startswith("sentinel_"):
+        raise UsageError(f"--normalizer: expected one of {list(norms)} or sentinel_Q, got {args.normalizer!r}")
     for flag in ("flops_ratio", "params_ratio", "pruning_ratio", "sparsity"):
         check_fraction("--" + flag.replace("_", "-"), getattr(args, flag))
     given = [f for f in ("flops_ratio", "params_ratio", "pruning_ratio", "sparsity")

@@ -94,6 +94,8 @@ BAD_INPUT = [
     (["prune", "--flops-ratio", "0.5", "--dataset", "cifar10"], "--data-root"),
     (["prune", "--flops-ratio", "0.5", "--sparsity", "0.5"], "exactly one"),
     (["prune", "--flops-ratio", "0.001"], "cannot reach"),
+    (["prune", "--flops-ratio", "0.5", "--normalizer", "median"], "--normalizer"),
+    (["prune", "--flops-ratio", "0.5", "--ignore", "no.such.layer"], "--ignore"),
 ]
 
 
