@@ -9,6 +9,12 @@ first). The sweep runs under ``no_grad``: rules compute every stream explicitly.
 
 Memory: a forward value is dropped after its last reader (rules keep on their ``ctx`` only what
 backward and the scores need); a node's ``ctx`` is dropped when the last backward pass leaves it.
+
+Measured (torchvision resnet18, 32×32, batch 64, float32, eval, CPU, 1 thread, thread CPU
+time, median of 7; the ordinary forward+backward = 1): structured ``oba`` 1.12, per-weight
+``oba`` 1.81, structured ``exact`` 1.11, ``taylor`` 0.69; the reference path 3.5 (3.1× slower
+than the engine). Convolutions are ~86% of the engine's time; the Python sweep itself is small
+(batch 1: 1.23 vs 1.0).
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from typing import Dict, Sequence
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from .capture import Program, inspect_empty
 from .loss import loss_streams, resolve_loss_rule
@@ -150,7 +157,7 @@ class EngineScorer:
                            recorder(layer) if layer is not None else None)
                 ctx.input_nodes = in_nodes
                 ctx.sublayer = lambda name, _k=keys, _r=recorder: self._sublayer(name, _k, _r)
-                args, kwargs = pytree_unflatten(leaves, st.spec)
+                args, kwargs = pytree.tree_unflatten(leaves, st.spec)
                 call = Call(node, st.module, st.fn, args, kwargs, leaves, st.spec, slots, ts, needs)
                 # no rule, or Python values only (arithmetic on x.shape): plain evaluation
                 if st.rule is None or not slots:
@@ -265,7 +272,3 @@ def _key_shape(spec, m, k):
         return tuple(m.bias.shape) if m.bias is not None else None
     return None
 
-
-def pytree_unflatten(leaves, spec):
-    from torch.utils import _pytree as pytree
-    return pytree.tree_unflatten(leaves, spec)
