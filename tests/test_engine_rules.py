@@ -366,3 +366,22 @@ def test_hardsigmoid():
     ref = copy.deepcopy(m)
     ref[1] = _ClampHardsigmoid()
     compare(m, *_xy(5, n=4, classes=3), ref_model=ref)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_float32_rule_on_grouped_convs_and_norms(train):
+    """SPEC §7 float32 rule on depthwise/grouped/dilated convs, GN and BN1d (eval and train)."""
+    torch.manual_seed(12)
+    m64 = Convs().double().train(train)
+    x64, y = _xy(3, 8, 8, n=4, seed=3)
+    loss = checked_loss(default_loss)
+    ref64 = ReferenceScorer(m64, find_layers(m64), loss)(x64, y, QUANTITIES, KEYS)
+    m32, x32 = copy.deepcopy(m64).float(), x64.float()
+    layers32 = find_layers(m32)
+    eng32 = build_scorer(m32, layers32, loss, (x32, y))(x32, y, QUANTITIES, KEYS)
+    ref32 = ReferenceScorer(m32, layers32, loss)(x32, y, QUANTITIES, KEYS)
+    for name in layers32:
+        for q in QUANTITIES:
+            for k, r in ref64[name][q].items():
+                assert_matches(eng32[name][q][k], r, ref32[name][q][k], dtype=torch.float32,
+                               what=f"{name} {q} {k}")
