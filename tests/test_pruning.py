@@ -155,7 +155,9 @@ def test_flops_target_end_to_end(make, global_pruning):
     batches = _batches((2, 3, 32, 32))
     x = batches[0][0][:1]
     ref_out = model(x)
-    imp = OBAImportance(kind="oba", batches=batches, impl="reference")
+    # "auto": the fast engine where it captures the model (its parity with the reference path
+    # is tested in the engine's own tests), else the reference path
+    imp = OBAImportance(kind="oba", batches=batches, impl="auto")
     out = prune_to_target(model, x, imp, flops_ratio=0.5, progress=False,
                           global_pruning=global_pruning)
     assert abs(out.achieved - 0.5) <= 0.03 * 0.5, out.as_dict()
@@ -165,15 +167,15 @@ def test_flops_target_end_to_end(make, global_pruning):
     y = out.model(batches[0][0])
     assert y.shape == (2, 10) and torch.isfinite(y).all()
     torch.testing.assert_close(model(x), ref_out)  # the input model is untouched
-    assert imp.last_result.impl == "reference"
+    assert imp.last_result.impl in ("kernel", "reference")
 
 
 def test_params_target_and_iterative_steps():
-    from oba_ext.models import resnet20
+    from oba_ext.models import small_cnn
     torch.manual_seed(0)
-    model = resnet20(num_classes=10).eval()
-    x = torch.randn(1, 3, 16, 16)
-    imp = OBAImportance(kind="taylor", batches=_batches((4, 3, 16, 16), 10), impl="reference")
+    model = small_cnn(num_classes=10, in_channels=3).eval()
+    x = torch.randn(1, 3, 8, 8)
+    imp = OBAImportance(kind="taylor", batches=_batches((8, 3, 8, 8), 10), impl="auto")
     out = prune_to_target(model, x, imp, params_ratio=0.6, steps=2, progress=False)
     assert abs(out.achieved - 0.6) <= 0.03 * 0.6
     assert len(out.step_ratios) >= 2 and imp.num_scorings >= 2  # rescored after step 1
