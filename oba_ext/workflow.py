@@ -10,10 +10,9 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
-from torch import nn
 
 from . import criteria as _criteria
 from .data import get_dataset, make_loader

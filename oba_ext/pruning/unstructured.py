@@ -15,7 +15,6 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from ..targets import find_layers
 
 _SCOPES = ("global", "layer")
 
