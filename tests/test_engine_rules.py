@@ -385,3 +385,32 @@ def test_float32_rule_on_grouped_convs_and_norms(train):
             for k, r in ref64[name][q].items():
                 assert_matches(eng32[name][q][k], r, ref32[name][q][k], dtype=torch.float32,
                                what=f"{name} {q} {k}")
+
+
+class FunctionalLayers(nn.Module):
+    """F.linear / F.conv2d with non-target weights (buffers), dtype casts."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.register_buffer("w2", torch.randn(3, 3, 1, 1))
+        self.register_buffer("w3", torch.randn(4, 12))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(F.conv2d(self.conv(x).float().double(), self.w2))   # (B, 3, 2, 2)
+        h = F.linear(h.flatten(1), self.w3)
+        return self.head(torch.sigmoid(h).to(torch.float64))
+
+
+def test_functional_layers_with_constant_weights():
+    torch.manual_seed(13)
+    saved = set(generic._WARNED)
+    generic._WARNED.clear()
+    try:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            compare(FunctionalLayers().double(), *_xy(2, 4, 4, classes=3))
+    finally:
+        generic._WARNED.update(saved)
+    assert not [x for x in w if "no rule for" in str(x.message)], "a hand rule is missing"

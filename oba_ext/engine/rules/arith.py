@@ -226,6 +226,10 @@ register_method("sub", "sub_")(AddRule(-1.0))
 register_function(operator.mul, operator.imul, torch.mul)(MulRule())
 register_method("mul", "mul_")(MulRule())
 register_function(operator.matmul, torch.matmul, torch.bmm, torch.mm, torch.einsum)(BilinearRule())
+# functional Linear/Conv outside a target module (weights that are not target parameters):
+# bilinear in (x, w); with a bias operand the generic rule handles the single live operand
+import torch.nn.functional as F  # noqa: E402
+register_function(F.linear, F.conv1d, F.conv2d)(BilinearRule())
 register_method("matmul", "bmm", "mm")(BilinearRule())
 register_function(torch.cat, torch.concat)(CatRule(stack=False))
 register_function(torch.stack)(CatRule(stack=True))

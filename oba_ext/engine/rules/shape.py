@@ -98,6 +98,22 @@ def _getitem_back(ctx, v):
     return fn(v)[0]
 
 
+class CastRule(LinearOpRule):
+    """``x.float()``, ``x.to(dtype)``, ``x.type_as(y)``: T and the cotangents are cast the same
+    way (back to the input dtype in backward). Device moves are cast back likewise."""
+
+    def __init__(self):
+        super().__init__(vjp=None)
+
+    def forward(self, call, ctx):
+        ctx.x_dtype = call.inputs[0].dtype
+        ctx.x_device = call.inputs[0].device
+        return super().forward(call, ctx)
+
+    def _transpose(self, ctx, v):
+        return v.to(device=ctx.x_device, dtype=ctx.x_dtype)
+
+
 def _dropout_check(call, ctx):
     m = call.module
     if m is not None:
@@ -156,6 +172,7 @@ register_function(operator.getitem)(LinearOpRule(_getitem_back, save_input=True)
 DROPOUT = LinearOpRule(_reshape_back, check=_dropout_check)
 register_module(nn.Dropout, nn.Dropout1d, nn.Dropout2d)(DROPOUT)
 register_function(F.dropout, F.dropout1d, F.dropout2d)(DROPOUT)
+register_method("to", "float", "double", "half", "bfloat16", "type_as")(CastRule())
 register_function(torch.sum)(LinearOpRule(_sum_back))
 register_method("sum")(LinearOpRule(_sum_back))
 register_function(torch.mean)(LinearOpRule(_mean_back))
