@@ -277,7 +277,8 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
             tgt = _to(tgt, model_device, dtype)
             if scorer is None:
                 scorer = _make_scorer(model, layers, loss, impl, crit, (inputs, tgt))
-            q = scorer(inputs, tgt, crit.quantities, keys)
+            with torch.enable_grad():  # callers may hold no_grad (Torch-Pruning's pruners do)
+                q = scorer(inputs, tgt, crit.quantities, keys)
             acc.add(_apply_criterion(crit, q), index)
             _restore_buffers(model, state)
             if bar is not None:

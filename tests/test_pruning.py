@@ -277,3 +277,17 @@ def test_mha_embed_handler_sums_every_removed_piece():
     want = ls.inp[i] + ls.out[i] + ls.out[i + E] + ls.out[i + 2 * E] + op.out[i] + op.inp[i]
     torch.testing.assert_close(got, want)
     assert len(_mha_embed(mha, None, idxs, {}, {})) == 0  # unscored: contributes nothing
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_score_works_under_no_grad(impl):
+    """Torch-Pruning's MetaPruner estimates importance inside torch.no_grad()."""
+    import oba_ext
+    torch.manual_seed(0)
+    model = GroupedNet().eval()
+    batches = _batches((2, 3, 8, 8), 5)
+    want = oba_ext.score(model, batches, kind="oba", impl=impl, progress=False)
+    with torch.no_grad():
+        got = oba_ext.score(model, batches, kind="oba", impl=impl, progress=False)
+    for name in want:
+        torch.testing.assert_close(got[name].out, want[name].out, rtol=0, atol=0)
