@@ -18,7 +18,8 @@ Providers (one batch; the model in eval mode; float32 unless --dtype):
 What is timed for the score kinds is the per-batch call of the scorer that ``oba_ext.score``
 builds (``scoring._make_scorer``): the one-time capture is excluded from the timing and
 recorded as ``config.setup_ms``. Rows: time (p20/p50/p80), peak memory, and
-``ratio_to_gradient`` (each quantile divided by the gradient's same quantile) per model.
+``ratio_to_gradient`` (p50: p50 over the gradient's p50; p20/p80 columns: the smallest/largest of
+the three same-quantile ratios) per model.
 Appends to ``benchmarks/results/scoring.csv``.
 """
 from __future__ import annotations
@@ -162,8 +163,10 @@ def ratio_rows(rows, model_name: str):
         g = grad[r["metric"]]
         metric = "ratio_to_gradient" if r["metric"] == "time" else "memory_ratio_to_gradient"
         rr = {**r, "metric": metric, "unit": "x", "memory_method": ""}
-        for q in ("p20", "p50", "p80"):
-            rr[q] = f"{float(r[q]) / max(float(g[q]), 1e-12):.4g}"
+        ratios = [float(r[q]) / max(float(g[q]), 1e-12) for q in ("p20", "p50", "p80")]
+        # p50 is p50/p50; the p20/p80 columns hold the smallest/largest of the three quantile
+        # ratios (ratios of quantiles need not be ordered)
+        rr["p20"], rr["p50"], rr["p80"] = (f"{v:.4g}" for v in (min(ratios), ratios[1], max(ratios)))
         out.append(rr)
     return out
 

@@ -85,7 +85,7 @@ def plot_group(rows: Sequence[Dict[str, str]], title: str, path: str) -> str:
             idx = [j for j, x in enumerate(xs) if x in pts]
             p20, p50, p80 = zip(*(pts[xs[j]] for j in idx))
             pos = [j - 0.4 + width * (i + 0.5) for j in idx]
-            err = [[m - lo for lo, m in zip(p20, p50)], [hi - m for m, hi in zip(p50, p80)]]
+            err = [[max(m - lo, 0.0) for lo, m in zip(p20, p50)], [max(hi - m, 0.0) for m, hi in zip(p50, p80)]]
             ax.bar(pos, p50, width=width, yerr=err, capsize=2, label=prov)
         ax.set_xticks(range(len(xs)))
         ax.set_xticklabels(xs, rotation=30 if max(len(x) for x in xs) > 8 else 0, ha="right"
