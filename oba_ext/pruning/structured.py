@@ -165,7 +165,7 @@ class PruneOutcome:
 
 
 def _search_step(model, example_inputs, importance, target_abs, metric, tol_abs, max_ratio,
-                 iters, kwargs):
+                 iters, kwargs, hi=None):
     """Bisect the pruning ratio so that ``metric(pruned copy)`` ~ target_abs. Returns
     (best ratio, best pruned copy, its metric value)."""
     idx = 0 if metric == "flops" else 1
@@ -178,7 +178,7 @@ def _search_step(model, example_inputs, importance, target_abs, metric, tol_abs,
     best = (0.0, model, count(model, example_inputs)[idx])
     if best[2] <= target_abs + tol_abs:
         return best
-    lo, hi = 0.0, max_ratio
+    lo, hi = 0.0, max_ratio if hi is None else hi
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
         m, v = trial(mid)
@@ -246,8 +246,10 @@ def prune_to_target(model: nn.Module, example_inputs, importance, *, flops_ratio
             for _ in range(refine):
                 if v - target_k <= tol_abs:
                     break
+                # the gap is small: small ratios suffice, so search [0, 0.25·max] with fewer steps
                 r2, cur2, v2 = _search_step(current, example_inputs, importance, target_k, metric,
-                                            tol_abs, max_pruning_ratio, search_iters, kw)
+                                            tol_abs, max_pruning_ratio, max(6, search_iters // 2),
+                                            kw, hi=0.25 * max_pruning_ratio)
                 if abs(v2 - target_k) >= abs(v - target_k):
                     break
                 current, v = cur2, v2
