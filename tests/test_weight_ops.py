@@ -17,6 +17,18 @@ def up(ts):
     return [t.to(torch.float64) for t in ts]
 
 
+@pytest.fixture
+def no_tf32():
+    """float32 GEMM/conv in true float32 on CUDA: cuDNN convolutions default to TF32 (10-bit
+    mantissa), which would make the float32 comparison measure TF32 rounding of two different
+    algorithm choices rather than the kernels."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 # ---------------------------------------------------------------- linear
 
 # (name, C_out, C_in, leading dims per stream, n streams, non-contiguous inputs)
@@ -70,7 +82,7 @@ def test_linear_matches_reference_cpu(kernels, case, dtype):
                          ids=[c[0] for c in LINEAR_CASES] + ["big"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp64", "fp16", "bf16"])
-def test_linear_matches_reference_cuda(kernels, case, dtype):
+def test_linear_matches_reference_cuda(kernels, no_tf32, case, dtype):
     kernels("cuda")
     name, *spec = case
     check_linear(*linear_inputs(*spec, dtype, "cuda"), dtype, name)
@@ -142,7 +154,7 @@ def test_conv_matches_reference_cpu(kernels, case, dtype):
 @pytest.mark.parametrize("case", CONV_CASES, ids=[c[0] for c in CONV_CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp64", "fp16", "bf16"])
-def test_conv_matches_reference_cuda(kernels, case, dtype):
+def test_conv_matches_reference_cuda(kernels, no_tf32, case, dtype):
     kernels("cuda")
     name, *spec = case
     check_conv(*conv_inputs(*spec, dtype, "cuda"), dtype, name)
