@@ -414,3 +414,33 @@ def test_functional_layers_with_constant_weights():
     finally:
         generic._WARNED.update(saved)
     assert not [x for x in w if "no rule for" in str(x.message)], "a hand rule is missing"
+
+
+class Splits(nn.Module):
+    """chunk/split/unbind (tuple-valued nodes), one piece unused; a channel shuffle."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(4, 3)
+
+    def forward(self, x):                                   # (B, 4)
+        a, b = self.fc(x).chunk(2, dim=1)                   # (B, 4) each
+        p, q, _ = torch.split(torch.tanh(a), [1, 2, 1], 1)  # third piece unused
+        r = torch.unbind(b.view(b.shape[0], 2, 2), dim=1)
+        s = torch.cat([q, p, r[0][:, :1]], 1)               # (B, 4)
+        s = s.view(-1, 2, 2).transpose(1, 2).reshape(-1, 4)  # shuffle
+        return self.fc2(torch.relu(s) + r[1].sum(1, keepdim=True))
+
+
+def test_tuple_outputs_chunk_split_unbind():
+    torch.manual_seed(14)
+    saved = set(generic._WARNED)
+    generic._WARNED.clear()
+    try:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            compare(Splits().double(), *_xy(4, n=3, classes=3))
+    finally:
+        generic._WARNED.update(saved)
+    assert not [x for x in w if "no rule for" in str(x.message)], "a hand rule is missing"

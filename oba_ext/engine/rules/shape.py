@@ -114,6 +114,40 @@ class CastRule(LinearOpRule):
         return v.to(device=ctx.x_device, dtype=ctx.x_dtype)
 
 
+class SplitRule:
+    """``chunk`` / ``split`` / ``unbind`` (tuple outputs): streams split the same way; the
+    cotangents of the pieces (``None`` = zero, pieces nobody read) are concatenated back."""
+
+    def __init__(self, dim_pos: int, stack: bool = False):
+        self.dim_pos, self.stack = dim_pos, stack
+
+    def forward(self, call, ctx):
+        if len(call.inputs) != 1:
+            ctx.delegate = GENERIC
+            return GENERIC.forward(call, ctx)
+        ctx.delegate = None
+        x, t = call.inputs[0], call.tangents[0]
+        dim = call.args[self.dim_pos] if len(call.args) > self.dim_pos else call.kwargs.get("dim", 0)
+        ys = call.invoke([x])
+        ts = call.invoke([t]) if t is not None else None
+        ctx.dim = dim % x.dim()
+        ctx.shapes = [y.shape for y in ys]
+        ctx.like = x
+        return ys, ts
+
+    def _join(self, ctx, parts):
+        parts = [p if p is not None else ctx.like.new_zeros(shape)
+                 for p, shape in zip(parts, ctx.shapes)]
+        return torch.stack(parts, ctx.dim) if self.stack else torch.cat(parts, ctx.dim)
+
+    def backward(self, ctx, g, c):
+        if ctx.delegate is not None:
+            return ctx.delegate.backward(ctx, g, c)
+        gx = self._join(ctx, g)
+        cx = self._join(ctx, c) if c is not None else None
+        return [(gx, cx)]
+
+
 def _dropout_check(call, ctx):
     m = call.module
     if m is not None:
@@ -173,6 +207,10 @@ DROPOUT = LinearOpRule(_reshape_back, check=_dropout_check)
 register_module(nn.Dropout, nn.Dropout1d, nn.Dropout2d)(DROPOUT)
 register_function(F.dropout, F.dropout1d, F.dropout2d)(DROPOUT)
 register_method("to", "float", "double", "half", "bfloat16", "type_as")(CastRule())
+register_function(torch.chunk, torch.split)(SplitRule(dim_pos=2))
+register_method("chunk", "split")(SplitRule(dim_pos=2))
+register_function(torch.unbind)(SplitRule(dim_pos=1, stack=True))
+register_method("unbind")(SplitRule(dim_pos=1, stack=True))
 register_function(torch.sum)(LinearOpRule(_sum_back))
 register_method("sum")(LinearOpRule(_sum_back))
 register_function(torch.mean)(LinearOpRule(_mean_back))
