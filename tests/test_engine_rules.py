@@ -444,3 +444,26 @@ def test_tuple_outputs_chunk_split_unbind():
     finally:
         generic._WARNED.update(saved)
     assert not [x for x in w if "no rule for" in str(x.message)], "a hand rule is missing"
+
+
+def test_subclass_overriding_forward_is_traced_not_ruled():
+    """torchvision's LayerNorm2d subclasses nn.LayerNorm but permutes around it: the engine
+    must run its forward, not the nn.LayerNorm rule (which would normalize over W)."""
+    from torchvision.models.convnext import LayerNorm2d
+    torch.manual_seed(15)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.norm = LayerNorm2d(4)
+            self.fc = nn.Linear(4 * 3 * 3, 3)
+
+        def forward(self, x):
+            return self.fc(F.gelu(self.norm(self.conv(x))).flatten(1))
+
+    m = Block().double()
+    with torch.no_grad():
+        m.norm.weight.uniform_(0.5, 1.5)
+        m.norm.bias.uniform_(-0.2, 0.2)
+    compare(m, *_xy(3, 3, 3, classes=3))

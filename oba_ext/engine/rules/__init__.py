@@ -94,10 +94,13 @@ def register_method(*names):
 
 
 def module_rule(module: nn.Module):
+    """The rule of the nearest registered class along the MRO — only if the module still runs
+    that class's ``forward`` (a subclass that overrides it, e.g. torchvision's LayerNorm2d
+    permuting around nn.LayerNorm, is traced through instead)."""
     for cls in type(module).__mro__:
         r = MODULE_RULES.get(cls)
         if r is not None:
-            return r
+            return r if type(module).forward is cls.forward else None
     return None
 
 
