@@ -162,6 +162,15 @@ def _dropout_check(call, ctx):
                          f"random; call model.eval() or set p=0")
 
 
+def _stochastic_depth_check(call, ctx):
+    names = ("input", "p", "mode", "training")
+    a = dict(zip(names, call.args))
+    a.update(call.kwargs)
+    if a.get("training", True) and a.get("p", 0.0) > 0:
+        raise ValueError(f"{ctx.name}: active stochastic depth (training mode, p > 0) makes "
+                         f"the scores random; call model.eval()")
+
+
 def _sum_back(ctx, v):
     call = ctx.call
     names = ("input", "dim", "keepdim")
@@ -215,3 +224,10 @@ register_function(torch.sum)(LinearOpRule(_sum_back))
 register_method("sum")(LinearOpRule(_sum_back))
 register_function(torch.mean)(LinearOpRule(_mean_back))
 register_method("mean")(LinearOpRule(_mean_back))
+
+try:  # torchvision's stochastic depth (EfficientNet, ConvNeXt): the identity when inactive
+    from torchvision.ops import stochastic_depth as _stochastic_depth
+except Exception:  # torchvision is optional
+    _stochastic_depth = None
+if _stochastic_depth is not None:
+    register_function(_stochastic_depth)(LinearOpRule(_reshape_back, check=_stochastic_depth_check))
