@@ -185,8 +185,10 @@ def test_unreachable_target_and_bad_ratio():
     model = GroupedNet().eval()
     x = torch.randn(1, 3, 8, 8)
     imp = OBAImportance(batches=_batches((1, 3, 8, 8), 5), score_fn=l1_scores)
-    with pytest.raises(TargetUnreachableError, match="flops_ratio"):
-        prune_to_target(model, x, imp, flops_ratio=0.01, progress=False, max_pruning_ratio=0.5)
+    # with the residual group (a, c) ignored only b's outputs can go: 5% of the FLOPs is out of reach
+    with pytest.raises(TargetUnreachableError, match="cannot reach 0.0500"):
+        prune_to_target(model, x, imp, flops_ratio=0.05, progress=False, ignored_layers=["a"])
+    assert model.a.out_channels == 8 and model.b.out_channels == 8  # the input model is untouched
     for bad in (0.0, 1.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="flops_ratio"):
             prune_to_target(model, x, imp, flops_ratio=bad, progress=False)

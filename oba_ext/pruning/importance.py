@@ -30,9 +30,25 @@ from torch_pruning.pruner import function as F
 from .. import criteria as _criteria
 
 
+def _take(s: torch.Tensor, idxs, layer: nn.Module, what: str) -> torch.Tensor:
+    if len(idxs) and max(idxs) >= s.numel():
+        raise ValueError(f"OBAImportance: {what} scores of {layer} have {s.numel()} entries but "
+                         f"Torch-Pruning indexes up to {max(idxs)} (scores of another model?)")
+    return s[idxs]
+
+
 def _out(layer: nn.Module, ls, idxs) -> List[torch.Tensor]:
     """Output channels removed: rows of W (and their bias) -> ``ls.out``: (C_out,)."""
-    return [] if ls.out is None else [ls.out[idxs]]
+    return [] if ls.out is None else [_take(ls.out, idxs, layer, "output-channel")]
+
+
+def _depthwise(layer: nn.Module, ls, idxs) -> List[torch.Tensor]:
+    """Torch-Pruning's depthwise handler serves both sides (in- and out-pruning are one
+    function); a conv with groups == C_out < C_in is typed depthwise too, and then its idxs
+    count input channels: use ``ls.inp`` when the idxs do not fit ``ls.out``."""
+    if ls.out is not None and (not len(idxs) or max(idxs) < ls.out.numel()):
+        return [ls.out[idxs]]
+    return _inp(layer, ls, idxs)
 
 
 def _inp(layer: nn.Module, ls, idxs) -> List[torch.Tensor]:
@@ -46,7 +62,7 @@ def _inp(layer: nn.Module, ls, idxs) -> List[torch.Tensor]:
     groups = getattr(layer, "groups", 1)
     if s.numel() != c_in and groups > 1 and s.numel() * groups == c_in:
         s = s.repeat(groups)
-    return [s[idxs]]
+    return [_take(s, idxs, layer, "input-channel")]
 
 
 def _mha_embed(layer: nn.Module, ls, idxs, scores=None, names=None) -> List[torch.Tensor]:
@@ -72,7 +88,7 @@ def _mha_embed(layer: nn.Module, ls, idxs, scores=None, names=None) -> List[torc
 HANDLERS: Dict[Callable, Callable] = {
     F.prune_conv_out_channels: _out,
     F.prune_linear_out_channels: _out,
-    F.prune_depthwise_conv_out_channels: _out,
+    F.prune_depthwise_conv_out_channels: _depthwise,
     F.prune_conv_in_channels: _inp,
     F.prune_linear_in_channels: _inp,
     # norm channels carry scores only for criteria that score them (e.g. the Jacobian Criterion)
