@@ -217,7 +217,14 @@ def test_attention_without_rules_raises_capture_error():
 def test_bad_arguments_and_active_dropout():
     m = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2)).double().train()
     x, y = _xy(4, classes=2)
+    # active dropout at capture: refused (impl="auto" falls back to the reference path)
+    with pytest.raises(CaptureError, match="active dropout"):
+        build_scorer(m, find_layers(m), checked_loss(default_loss), (x, y))
+    with pytest.warns(UserWarning, match="falling back to the reference path"):
+        assert oba_ext.score(m, [(x, y)], impl="auto", progress=False).impl == "reference"
+    m.eval()
     scorer = build_scorer(m, find_layers(m), checked_loss(default_loss), (x, y))
+    m.train()  # switched on after capture: the rule refuses at run time
     with pytest.raises(ValueError, match="quantities: unknown quantity 'hessian'"):
         scorer(x, y, ("hessian",), ("out",))
     with pytest.raises(ValueError, match="keys: unknown key 'rows'"):

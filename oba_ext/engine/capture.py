@@ -155,6 +155,10 @@ def capture(model: nn.Module, layers: Dict[str, "LayerSpec"]) -> Program:  # noq
                     raise CaptureError(f"node {node.name!r}: unknown tensor method "
                                        f".{node.target}()")
             st.rule = R.lookup(node, modules)
+            check = getattr(st.rule, "capture_check", None)
+            reason = check(node, st.module) if check is not None else None
+            if reason is not None:
+                raise CaptureError(reason)
             if node.op == "call_module" and st.layer is None:
                 for pname, prm in st.module.named_parameters():
                     if id(prm) in target_params:

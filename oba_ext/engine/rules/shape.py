@@ -162,6 +162,26 @@ def _dropout_check(call, ctx):
                          f"random; call model.eval() or set p=0")
 
 
+def _random_op_reason(names, default_training, default_p):
+    """capture_check for dropout-like ops: a reason to refuse capture when the op would draw a
+    random mask (so impl="auto" falls back to the reference path, which replays the RNG)."""
+    def reason(node, module):
+        if module is not None:
+            active = module.training and getattr(module, "p", 0) > 0
+        else:
+            a = dict(zip(names, node.args))
+            a.update(node.kwargs)
+            training, p = a.get("training", default_training), a.get("p", default_p)
+            if not isinstance(training, bool) or not isinstance(p, (int, float)):
+                return None  # decided at run time (the rule's check)
+            active = training and p > 0
+        if active:
+            return (f"node {node.name!r}: active dropout / stochastic depth (training mode, "
+                    f"p > 0) draws random masks; call model.eval() (or use impl='reference')")
+        return None
+    return reason
+
+
 def _stochastic_depth_check(call, ctx):
     names = ("input", "p", "mode", "training")
     a = dict(zip(names, call.args))
@@ -213,6 +233,7 @@ register_method("t")(LinearOpRule(_t_back))
 register_method("expand", "expand_as")(LinearOpRule(_expand_back))
 register_function(operator.getitem)(LinearOpRule(_getitem_back, save_input=True))
 DROPOUT = LinearOpRule(_reshape_back, check=_dropout_check)
+DROPOUT.capture_check = _random_op_reason(("input", "p", "training", "inplace"), True, 0.5)
 register_module(nn.Dropout, nn.Dropout1d, nn.Dropout2d)(DROPOUT)
 register_function(F.dropout, F.dropout1d, F.dropout2d)(DROPOUT)
 register_method("to", "float", "double", "half", "bfloat16", "type_as")(CastRule())
@@ -230,4 +251,6 @@ try:  # torchvision's stochastic depth (EfficientNet, ConvNeXt): the identity wh
 except Exception:  # torchvision is optional
     _stochastic_depth = None
 if _stochastic_depth is not None:
-    register_function(_stochastic_depth)(LinearOpRule(_reshape_back, check=_stochastic_depth_check))
+    _SD = LinearOpRule(_reshape_back, check=_stochastic_depth_check)
+    _SD.capture_check = _random_op_reason(("input", "p", "mode", "training"), True, 0.0)
+    register_function(_stochastic_depth)(_SD)
