@@ -24,6 +24,10 @@ The sweep sets, before backward:
   ``ctx.record(quantity, key, tensor)`` to add a score (accumulates: weight sharing sums);
 - ``ctx.keys``, ``ctx.first``: requested keys and whether "taylor" is wanted.
 
+Optionally a rule has ``capture_check(node, module) -> reason or None``, called once at
+capture: a reason makes capture raise ``CaptureError`` (e.g. active dropout), so
+``impl="auto"`` falls back to the reference path.
+
 ``None`` for a tangent or cotangent means zero; rules exploit it to skip work, and return
 ``None`` rather than a tensor of zeros. Rules on the hot path return their two streams as the
 halves of one buffer when they can, so the next Linear/Conv stacks them without a copy
