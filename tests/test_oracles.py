@@ -258,3 +258,43 @@ def test_structured_sums_equal_per_weight(case, kind):
             grp = o // (w.shape[0] // g)
             want_in[grp * cin_g:(grp + 1) * cin_g] += w[o].reshape(cin_g, -1).sum(1)
         assert_close(ls.inp, want_in, what=f"{name} in")
+
+
+@pytest.mark.parametrize("kind", ["oba", "exact", "taylor"])
+def test_inplace_ops_after_products(kind):
+    """In-place ops that overwrite a product's output (VGG's conv → ReLU(inplace), an in-place
+    residual add) give the same scores as the out-of-place model, and match brute force."""
+    torch.manual_seed(4)
+
+    class Net(nn.Module):
+        def __init__(self, inplace):
+            super().__init__()
+            self.inplace = inplace
+            self.c1, self.c2 = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1)
+            self.fc1, self.fc2 = nn.Linear(3 * 16, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = F.relu(self.c1(x), inplace=self.inplace)
+            r = self.c2(h)
+            if self.inplace:
+                r.add_(h)          # in-place residual join on the conv output
+                r = F.relu_(r)
+            else:
+                r = F.relu(r + h)
+            z = F.relu(self.fc1(r.flatten(1)), inplace=self.inplace)
+            return self.fc2(z)
+
+    a, b = Net(True).double(), Net(False).double()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 2, 4, 4, dtype=torch.float64)
+    y = torch.arange(4) % 3
+    with torch.no_grad():
+        assert_close(a(x), b(x), 1e-14, "forward")
+    ga, _ = engine_per_weight(a, x, y, kind)
+    gb, _ = engine_per_weight(b, x, y, kind)
+    exact, oba = brute.hessian_and_ggn_scores(b, x, y)
+    want = {"oba": oba, "exact": exact}.get(kind, gb)
+    scale = norm_all(want)
+    for n in gb:
+        assert_close(ga[n], gb[n], what=f"inplace vs out-of-place {n}", scale=scale)
+        assert_close(gb[n], want[n], what=f"vs brute force {n}", scale=scale)

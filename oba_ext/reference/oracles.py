@@ -59,15 +59,25 @@ class BilinearRecorder(TorchFunctionMode):
             if split is not None:
                 parts = split(args, kwargs)
                 if parts is not None:
+                    u, w, B = parts
                     out = func(*args, **kwargs)
-                    node = _Node(func, *parts, out)
+                    # The model may overwrite operands or the output in place later
+                    # (ReLU(inplace=True) right after a conv): keep frozen copies. The model
+                    # gets a clone of the output, so ∂L/∂out is taken at the product itself.
                     if self.tangents:
-                        node.du = fwAD.unpack_dual(parts[0]).tangent
-                        node.dw = fwAD.unpack_dual(parts[1]).tangent
-                        node.u = node.w = node.out = node.B = None  # keep only tangents
+                        node = _Node(func, None, None, None, None)
+                        node.du = _frozen(fwAD.unpack_dual(u).tangent)
+                        node.dw = _frozen(fwAD.unpack_dual(w).tangent)
+                    else:
+                        node = _Node(func, u.clone(), w.clone(), B, out)
+                        out = out.clone()
                     self.nodes.append(node)
                     return out
         return func(*args, **kwargs)
+
+
+def _frozen(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.detach().clone()
 
 
 def _call(model, values: Dict[str, Tensor], inputs):
