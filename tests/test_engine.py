@@ -29,22 +29,14 @@ QUANTITIES = ("taylor", "oba", "exact")
 KEYS = ("out", "in", "weight", "bias")
 
 
-def out_of_place(model: nn.Module) -> nn.Module:
-    m = copy.deepcopy(model)
-    for mod in m.modules():
-        if getattr(mod, "inplace", False) is True:
-            mod.inplace = False
-    return m
-
-
 def compare(model, x, y, loss_fn=None, quantities=QUANTITIES, keys=KEYS, dtype=torch.float64,
             ref_model=None):
-    """Engine on ``model`` vs the reference on ``ref_model`` (default: ``model`` with in-place
-    activation modules switched off — the same function)."""
+    """Engine on ``model`` vs the reference on ``ref_model`` (default: ``model`` itself,
+    in-place activations included)."""
     loss = checked_loss(loss_fn or default_loss)
     layers = find_layers(model)
     eng = build_scorer(model, layers, loss, (x, y))(x, y, quantities, keys)
-    ref_model = out_of_place(model if ref_model is None else ref_model)
+    ref_model = model if ref_model is None else ref_model
     ref = ReferenceScorer(ref_model, find_layers(ref_model), loss)(x, y, quantities, keys)
     n = 0
     for name in layers:
