@@ -128,9 +128,11 @@ def plot_curves(model: str, curves: Mapping[str, Mapping[str, List[tuple]]], pat
     modes = list(curves)
     fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.2), squeeze=False)
     for ax, mode in zip(axes[0], modes):
-        for crit, pts in curves[mode].items():
+        for i, (crit, pts) in enumerate(curves[mode].items()):
             r, acc = [p[0] for p in pts], [p[1] for p in pts]
-            style = {"color": "k", "ls": "--", "lw": 2} if crit.startswith("oracle") else {}
+            # more criteria than default colours: the second round of colours gets dotted lines
+            style = ({"color": "k", "ls": "--", "lw": 2} if crit.startswith("oracle")
+                     else {"ls": ("-", ":", "-.")[(i // 10) % 3]})
             ax.plot(r, acc, marker=".", label=crit, **style)
         ax.set_title(f"{model}: one-shot, {mode.replace('_', '-')} ranking, no fine-tuning", fontsize=9)
         ax.set_xlabel("fraction of prunable output channels removed")
