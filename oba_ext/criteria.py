@@ -3,10 +3,10 @@
 Each :class:`Criterion` says which *base quantities* a batch must provide and how one batch's
 quantities become that batch's score. :func:`oba_ext.score` averages the per-batch scores.
 
-Quantities are computed per batch by an implementation. The reference path looks them up in
+Quantities are computed per batch by an implementation: the reference path looks them up in
 ``oba_ext.reference.quantities.QUANTITIES`` (extensible: a new quantity is a function there);
-the engine computes the base quantities. Base quantities, per parameter ``i`` on target layers (SPEC §2), computed by an implementation
-(the reference path or the engine) at the requested granularities:
+the engine computes the base quantities. Base quantities, per parameter ``i`` on target layers
+(SPEC §2), at the requested granularities:
 
 - ``"taylor"``: ``θ_i g_i``                       (first order)
 - ``"oba"``:    ``θ_i (Ĥθ)_i``                    (OBA's Hessian, SPEC §2)
@@ -59,8 +59,13 @@ register(Criterion("exact", ("exact",), lambda q: q["exact"],
                    "exact Hessian θ⊙Hθ (= FastOBA at order 2)"))
 register(Criterion("delta_exact", ("taylor", "exact"), lambda q: -q["taylor"] + 0.5 * q["exact"],
                    "second-order removal estimate ΔL ≈ −θ⊙g + ½ θ⊙Hθ"))
+# Caveat, measured (benchmarks/results/fidelity_*.md): in a positively homogeneous ReLU network
+# θ⊙Ĥθ is a multiple of θ⊙g (SPEC §7.3: (L−1)·θ⊙∇L for a bias-free chain; ≈2.99× in the trained
+# digits CNN), so −θ⊙g + ½θ⊙Ĥθ ≈ +½θ⊙g ranks channels backwards there (Spearman −0.50 vs the
+# true removal ΔL). Use "oba" as an importance (|score|), as the OBA paper does.
 register(Criterion("delta_oba", ("taylor", "oba"), lambda q: -q["taylor"] + 0.5 * q["oba"],
-                   "second-order removal estimate with OBA's Hessian, −θ⊙g + ½ θ⊙Ĥθ"))
+                   "second-order removal estimate with OBA's Hessian, −θ⊙g + ½ θ⊙Ĥθ (ranks "
+                   "backwards on ReLU networks, where θ⊙Ĥθ ∝ θ⊙g; see the README)"))
 
 
 def get(kind: str) -> Criterion:
