@@ -1,7 +1,7 @@
 // CPU kernels of linear_weight_score / conv_weight_score (SPEC §5 per-weight scores):
 //   score = w ⊙ P,  P = Σ_k grads[k]ᵀ inputs[k] (Linear) or the conv wgrad over the batch-stacked
-// streams (Conv1d/2d). P comes from one ATen GEMM / wgrad (common/weight.h); the ⊙w epilogue is
-// ours and computes in float64.
+// streams (Conv1d/2d). P comes from ATen GEMMs accumulated over the streams / one wgrad
+// (common/weight.h); the ⊙w epilogue is ours and computes in float64.
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>

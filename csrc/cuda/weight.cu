@@ -1,5 +1,5 @@
 // CUDA kernels of linear_weight_score / conv_weight_score (SPEC §5 per-weight scores):
-//   score = w ⊙ P,  P = Σ_k grads[k]ᵀ inputs[k] (Linear, one cuBLAS GEMM over the batch-stacked
+//   score = w ⊙ P,  P = Σ_k grads[k]ᵀ inputs[k] (Linear: cuBLAS GEMMs accumulated over the
 // streams) or the conv wgrad over the stacked batch (cuDNN); the ⊙w epilogue kernel is ours and
 // computes in float32 (float64 for float64 weights).
 #include <ATen/AccumulateType.h>
