@@ -29,6 +29,7 @@ import time
 from typing import Callable, Dict, Tuple
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 import torch.nn.functional as F
 from torch import nn
 
@@ -103,7 +104,9 @@ def jvp_grad_case(model, x, y) -> harness.Case:
         return F.cross_entropy(out, y)
 
     def call():
-        _, hv = torch.func.jvp(torch.func.grad(loss_of), (theta,), (theta,))
+        # torch's math SDPA backend: the fused CPU attention kernel has no forward-mode AD
+        with sdpa_kernel([SDPBackend.MATH]):
+            _, hv = torch.func.jvp(torch.func.grad(loss_of), (theta,), (theta,))
         return {k: theta[k] * hv[k] for k in theta}
     return harness.Case(call, info={"impl": "torch.func.jvp(grad)"})
 
@@ -113,7 +116,8 @@ def double_backward_case(model, x, y) -> harness.Case:
     names = list(theta)
 
     def call():
-        loss = F.cross_entropy(model(x), y)
+        with sdpa_kernel([SDPBackend.MATH]):  # the fused CPU kernel has no double backward
+            loss = F.cross_entropy(model(x), y)
         g = torch.autograd.grad(loss, [theta[n] for n in names], create_graph=True)
         gv = sum((gi * theta[n].detach()).sum() for gi, n in zip(g, names))
         hv = torch.autograd.grad(gv, [theta[n] for n in names])
