@@ -24,7 +24,7 @@ build: $(STAMP)
 	flock /tmp/oba_ext_build.lock $(PY) setup.py build_ext --inplace
 
 test: $(STAMP) build
-	$(PY) -m pytest -q -rs -p no:cacheprovider tests
+	$(PY) -m pytest -q -rs -p no:cacheprovider --durations=15 tests
 
 demo: $(STAMP) build
 	$(PY) -m oba_ext.cli demo
