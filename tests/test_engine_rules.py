@@ -194,24 +194,6 @@ def test_untraceable_model_raises_capture_error():
     assert res.impl == "reference"
 
 
-def test_attention_without_rules_raises_capture_error():
-    class Attn(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
-            self.fc = nn.Linear(4, 2)
-
-        def forward(self, x):
-            return self.fc(self.mha(x, x, x)[0].mean(1))
-
-    from oba_ext.engine import rules as R
-    if nn.MultiheadAttention in R.MODULE_RULES:
-        pytest.skip("attention rules are registered")
-    m = Attn().double()
-    with pytest.raises(CaptureError, match="MultiheadAttention"):
-        build_scorer(m, find_layers(m), checked_loss(default_loss), None)
-
-
 def test_bad_arguments_and_active_dropout():
     m = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2)).double().train()
     x, y = _xy(4, classes=2)
