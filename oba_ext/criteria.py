@@ -39,6 +39,9 @@ class Criterion:
     impls: Tuple[str, ...] = ("reference", "kernel")
     #: applied to the batch-averaged score (e.g. ``torch.sqrt`` for an L2 norm); None = identity
     finalize: Optional[Callable[[Tensor], Tensor]] = None
+    #: the per-batch value is a mean over the batch's samples and the score a mean over all
+    #: samples: batches are averaged weighted by their size (else each batch counts once)
+    per_sample_mean: bool = False
 
 
 CRITERIA: Dict[str, Criterion] = {}
@@ -99,7 +102,7 @@ register(Criterion("taylor_abs", ("taylor_abs",), lambda q: q["taylor_abs"],
                    impls=("reference",)))
 register(Criterion("fisher", ("fisher",), lambda q: q["fisher"],
                    "diagonal empirical-Fisher OBD w²·mean_n g_n² (per-sample gradients)",
-                   impls=("reference",)))
+                   impls=("reference",), per_sample_mean=True))
 register(Criterion("fastoba2", ("fastoba2",), lambda q: q["fastoba2"],
                    "FastOBA 2nd-order term θ⊙∂(DL[θ]) = θ⊙Hθ by nested autograd",
                    impls=("reference",)))

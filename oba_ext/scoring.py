@@ -32,7 +32,7 @@ from .results import GRANULARITIES, LayerScores, ScoreResult
 from .targets import LayerSpec, find_layers
 
 _IMPLS = ("auto", "reference", "kernel")
-_CKPT_VERSION = 1
+_CKPT_VERSION = 2  # 2: total_weight (per-sample-mean criteria)
 
 
 def _normalize_granularity(granularity) -> Tuple[str, ...]:
@@ -128,15 +128,19 @@ def _make_scorer(model, layers, loss_fn, impl: str, crit, example):
 
 
 class _Accumulator:
-    """Float64 running sums of per-batch criterion values, keyed (layer, key)."""
+    """Float64 running sums of per-batch criterion values, keyed (layer, key), each batch
+    weighted by ``weight`` (1, or its number of samples for per-sample-mean criteria);
+    ``total_weight`` is what the sums are divided by."""
 
     def __init__(self, keep_per_batch: bool):
         self.sums: Dict[str, Dict[str, torch.Tensor]] = {}
         self.per_batch: Dict[str, Dict[str, list]] = {}
         self.num_batches = 0
+        self.total_weight = 0.0
         self.keep = keep_per_batch
 
-    def add(self, values: Dict[str, Dict[str, torch.Tensor]], batch_index: int):
+    def add(self, values: Dict[str, Dict[str, torch.Tensor]], batch_index: int,
+            weight: float = 1.0):
         for layer, d in values.items():
             for key, v in d.items():
                 if not torch.isfinite(v).all():
@@ -147,20 +151,25 @@ class _Accumulator:
                         f"(scoring in float64 with dtype=torch.float64 may help)")
                 acc = self.sums.setdefault(layer, {})
                 v64 = v.detach().to(torch.float64)
+                if weight != 1.0:
+                    v64 = v64 * weight
                 acc[key] = acc[key] + v64 if key in acc else v64.clone()
                 if self.keep:
                     self.per_batch.setdefault(layer, {}).setdefault(key, []).append(
                         v.detach().cpu().clone())
         self.num_batches += 1
+        self.total_weight += weight
 
     def state_dict(self):
         return {"sums": {l: {k: v.cpu() for k, v in d.items()} for l, d in self.sums.items()},
-                "per_batch": self.per_batch, "num_batches": self.num_batches}
+                "per_batch": self.per_batch, "num_batches": self.num_batches,
+                "total_weight": self.total_weight}
 
     def load_state_dict(self, st, device):
         self.sums = {l: {k: v.to(device) for k, v in d.items()} for l, d in st["sums"].items()}
         self.per_batch = st["per_batch"]
         self.num_batches = st["num_batches"]
+        self.total_weight = st["total_weight"]
 
 
 def _save_atomic(obj, path: str):
@@ -279,7 +288,8 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
                 scorer = _make_scorer(model, layers, loss, impl, crit, (inputs, tgt))
             with torch.enable_grad():  # callers may hold no_grad (Torch-Pruning's pruners do)
                 q = scorer(inputs, tgt, crit.quantities, keys)
-            acc.add(_apply_criterion(crit, q), index)
+            acc.add(_apply_criterion(crit, q), index,
+                    weight=_batch_size(inputs) if crit.per_sample_mean else 1.0)
             _restore_buffers(model, state)
             if bar is not None:
                 bar.update(1)
@@ -294,11 +304,18 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
     if checkpoint is not None:
         _save_atomic({"meta": meta, "acc": acc.state_dict()}, checkpoint)
 
-    num = acc.num_batches
+    num, total = acc.num_batches, acc.total_weight
     if distributed:
-        num = _all_reduce(acc, process_group, model_device, layers)
+        num, total = _all_reduce(acc, process_group, model_device, layers)
     impl_ran = getattr(scorer, "impl", "reference") if scorer is not None else "reference"
-    return _finish(acc, num, layers, crit, gran, impl_ran, model)
+    return _finish(acc, num, total, layers, crit, gran, impl_ran, model)
+
+
+def _batch_size(inputs) -> float:
+    first = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
+    if not isinstance(first, torch.Tensor) or first.dim() == 0:
+        raise ValueError("batches: a per-sample-mean criterion needs inputs with a batch dimension")
+    return float(first.shape[0])
 
 
 def _keys_for(gran: Tuple[str, ...]) -> Tuple[str, ...]:
@@ -318,17 +335,17 @@ def _apply_criterion(crit, q):
     return out
 
 
-def _all_reduce(acc: _Accumulator, group, device, layers) -> int:
+def _all_reduce(acc: _Accumulator, group, device, layers) -> Tuple[int, float]:
     import torch.distributed as dist
     for layer in sorted(acc.sums):
         for key in sorted(acc.sums[layer]):
             dist.all_reduce(acc.sums[layer][key], op=dist.ReduceOp.SUM, group=group)
-    n = torch.tensor([acc.num_batches], dtype=torch.float64, device=device)
+    n = torch.tensor([acc.num_batches, acc.total_weight], dtype=torch.float64, device=device)
     dist.all_reduce(n, op=dist.ReduceOp.SUM, group=group)
-    return int(n.item())
+    return int(n[0].item()), float(n[1].item())
 
 
-def _finish(acc, num, layers, crit, gran, impl_ran, model) -> ScoreResult:
+def _finish(acc, num, total, layers, crit, gran, impl_ran, model) -> ScoreResult:
     out = {}
     fields = {"out": "out", "in": "inp", "weight": "weight", "bias": "bias", "head": "head"}
     by_layer = {name: acc.sums.get(name, {}) for name in layers}
@@ -341,7 +358,7 @@ def _finish(acc, num, layers, crit, gran, impl_ran, model) -> ScoreResult:
                else next(modules[name].parameters()))
         ls = LayerScores()
         for key, s in sums.items():
-            v = s / num
+            v = s / total
             if crit.finalize is not None:
                 v = crit.finalize(v)
             v = v.to(ref.dtype)

@@ -16,8 +16,9 @@ criterion has ``norm_layers=True``; ``g = ∇L`` of the batch's mean loss):
   n's own loss (the loss of a batch of one, i.e. not divided by the batch size): the diagonal
   empirical Fisher as a Hessian surrogate in OBD's saliency ``w² h_ii`` (no ½). Per-sample
   gradients come from one batched ``torch.func.vmap(grad)`` pass (chunked), not a loop.
-  Averaged over batches by :func:`oba_ext.score`, this is the mean over all samples of all
-  batches when the batches have equal sizes (Torch-Pruning's OBD-C keeps only the last one).
+  The criterion is ``per_sample_mean``: :func:`oba_ext.score` weights each batch by its size,
+  so the score is the mean over all samples of all batches, whatever the batch sizes
+  (Torch-Pruning's OBD-C keeps only the last one).
 """
 from __future__ import annotations
 
