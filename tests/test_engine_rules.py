@@ -454,3 +454,29 @@ def test_subclass_overriding_forward_is_traced_not_ruled():
         m.norm.weight.uniform_(0.5, 1.5)
         m.norm.bias.uniform_(-0.2, 0.2)
     compare(m, *_xy(3, 3, 3, classes=3))
+
+
+def test_scored_norm_layer_used_by_hand_is_refused_not_zeroed():
+    """A criterion that scores norm channels (jacobian) on a model that uses a BN layer's
+    weight outside a norm call: capture refuses (impl="auto" falls back to the exact reference
+    path) instead of returning zeros for that layer."""
+
+    class HandBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.bn, self.fc2 = nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            h = (h - self.bn.running_mean) * self.bn.weight + self.bn.bias  # by hand
+            return self.fc2(torch.tanh(h))
+
+    m = HandBN().double().eval()
+    x, y = _xy(4, classes=3, n=5)
+    with pytest.raises(RuntimeError, match="scored norm layer"):
+        oba_ext.score(m, [(x, y)], kind="jacobian", impl="kernel", progress=False)
+    with pytest.warns(UserWarning, match="falling back to the reference path"):
+        r = oba_ext.score(m, [(x, y)], kind="jacobian", impl="auto", progress=False)
+    assert r.impl == "reference" and r["bn"].out.abs().max() > 0
+    # criteria that do not score norm channels are unaffected
+    assert oba_ext.score(m, [(x, y)], kind="oba", impl="kernel", progress=False).impl == "kernel"

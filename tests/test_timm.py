@@ -18,7 +18,7 @@ MODELS = {
     "vit_tiny": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2)),
     "deit_tiny": ("deit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2)),
     "resnet18": ("resnet18", {}),
-    "efficientnet_b0": ("efficientnet_b0", {}),  # BatchNormAct2d: F.batch_norm via the generic rule
+    "efficientnet_b0": ("efficientnet_b0", {}),  # BatchNormAct2d: a functional F.batch_norm
 }
 
 
@@ -43,17 +43,22 @@ def _close(a, b, scale, what):
 
 
 @pytest.mark.parametrize("key", list(MODELS))
-@pytest.mark.parametrize("kind", ["oba", "exact", "taylor"])
+@pytest.mark.parametrize("kind", ["oba", "exact", "taylor", "jacobian"])
 def test_engine_matches_reference(key, kind):
+    """jacobian also scores norm channels: timm's BatchNormAct2d is traced through and reaches
+    the engine's F.batch_norm rule (it used to be zero-filled silently)."""
     model, data = _model(key), _batches()
     gran = ("out", "in", "weight")
+    if kind == "jacobian":
+        gran = ("out", "in")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the generic rule's one-time note for F.batch_norm
+        warnings.simplefilter("error")  # no generic-rule fallback, no reference fallback
         eng = oba_ext.score(model, data, kind=kind, granularity=gran, impl="kernel", progress=False)
     ref = oba_ext.score(model, data, kind=kind, granularity=gran, impl="reference", progress=False)
     assert eng.impl == "kernel" and set(eng) == set(ref)
     for name in ref:
-        scale = 1e-6 * ref[name].weight.abs().sum().item()
+        w = ref[name].weight
+        scale = 1e-6 * w.abs().sum().item() if w is not None else 0.0
         for field, r in ref[name].tensors().items():
             e = eng[name].tensors()[field]
             _close(e, r, scale if field in ("out", "inp") else 0.0, f"{key} {kind} {name}.{field}")

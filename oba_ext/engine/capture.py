@@ -107,6 +107,11 @@ def capture(model: nn.Module, layers: Dict[str, "LayerSpec"]) -> Program:  # noq
     modules = dict(model.named_modules())
     target_params = {id(s.param(p)): s.qualified(p) for s in layers.values()
                      if s.kind != "norm" for p in s.params}
+    # scored norm layers (criteria with norm_layers=True): a module call records its channels;
+    # a traced-through module (timm's BatchNormAct2d) must reach a functional norm rule
+    norm_params = {id(s.param(p)): s.name for s in layers.values() if s.kind == "norm"
+                   for p in s.params}
+    norm_attr: Dict[fx.Node, str] = {}
     nodes = list(graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     steps: List[Step] = []
@@ -125,6 +130,8 @@ def capture(model: nn.Module, layers: Dict[str, "LayerSpec"]) -> Program:  # noq
                 raise CaptureError(f"target parameter {target_params[id(val)]!r} is used outside "
                                    f"its module's forward (node {node.name!r}); the engine needs "
                                    f"target layers called as modules")
+            if id(val) in norm_params:
+                norm_attr[node] = norm_params[id(val)]
             live[node] = False
         elif node.op == "output":
             output = node.args[0]
@@ -161,6 +168,11 @@ def capture(model: nn.Module, layers: Dict[str, "LayerSpec"]) -> Program:  # noq
                 raise CaptureError(reason)
             if node.op == "call_module" and st.layer is None:
                 for pname, prm in st.module.named_parameters():
+                    if id(prm) in norm_params:
+                        raise CaptureError(
+                            f"module {node.target!r} ({type(st.module).__name__}) uses the "
+                            f"parameters of scored norm layer {norm_params[id(prm)]!r}; the engine "
+                            f"cannot record that layer's channel scores")
                     if id(prm) in target_params:
                         raise CaptureError(
                             f"module {node.target!r} ({type(st.module).__name__}) uses target "
@@ -169,6 +181,16 @@ def capture(model: nn.Module, layers: Dict[str, "LayerSpec"]) -> Program:  # noq
                             f"a leaf module without a rule)")
             st.flat, st.spec = pytree.tree_flatten((tuple(node.args), dict(node.kwargs)))
             st.node_pos = [i for i, a in enumerate(st.flat) if isinstance(a, fx.Node)]
+            norms = {norm_attr[st.flat[i]] for i in st.node_pos if st.flat[i] in norm_attr}
+            if norms:
+                name = next(iter(norms))
+                if len(norms) > 1 or not getattr(st.rule, "records_norm", False) or name in called_layers:
+                    raise CaptureError(
+                        f"node {node.name!r} ({getattr(st.fn, '__name__', st.fn)}) uses the "
+                        f"parameters of scored norm layer(s) {sorted(norms)} in a way the engine "
+                        f"cannot record as that layer's channel scores")
+                st.layer = name
+                called_layers.add(name)
             st.tuple_getitem = (node.op == "call_function" and node.target is operator.getitem)
             inputs_live = any(live.get(st.flat[i], False) for i in st.node_pos)
             st.live = inputs_live or st.layer is not None

@@ -102,49 +102,89 @@ def _record_norm_out(ctx, g, y, channel_dims_to_keep):
     ctx.record("taylor", "out", (g * y).sum(dims).reshape(-1))
 
 
+def _bn_forward(ctx, x, t, batch_stats, running_mean, running_var, weight, bias, eps):
+    """BatchNorm on x's channel dim 1: batch statistics (train mode, or no running stats) per
+    stream, else the per-channel affine map; running statistics are never updated."""
+    ctx.batch_stats = batch_stats
+    gamma, beta = _channel_view(weight, x), _channel_view(bias, x)
+    if batch_stats:
+        dims = [0] + list(range(2, x.dim()))
+        y, t_y = _NormCore.forward(ctx, x, t, dims, eps, gamma, beta, _ident, _ident)
+    else:
+        s = torch.rsqrt(running_var + eps)
+        if weight is not None:
+            s = s * weight
+        h = -running_mean * s
+        if bias is not None:
+            h = h + bias
+        s, h = _channel_view(s, x), _channel_view(h, x)
+        p = as_pair(x, t)
+        if p is not None:  # paired streams stay paired: [x; t]·s, then + h on the x half
+            y, t_y = halves(p * s)
+            y.add_(h)
+        else:
+            y = x * s + h
+            t_y = t * s if t is not None else None
+        ctx.s = s
+    if ctx.layer is not None:
+        ctx.y = y
+    return y, t_y
+
+
+def _bn_backward(ctx, g, c):
+    if ctx.batch_stats:
+        gx, cx = _NormCore.backward(ctx, g, c)
+    else:
+        p = as_pair(g, c)
+        if p is not None:
+            gx, cx = halves(p * ctx.s)
+        else:
+            gx = g * ctx.s
+            cx = c * ctx.s if c is not None else None
+    if ctx.layer is not None:
+        _record_norm_out(ctx, g, ctx.y, (1,))
+    return gx, cx
+
+
 class BatchNormRule:
     def forward(self, call, ctx):
         m = call.module
-        x, t = call.inputs[0], call.tangents[0]
-        batch_stats = m.training or m.running_mean is None
-        ctx.batch_stats = batch_stats
-        gamma, beta = _channel_view(m.weight, x), _channel_view(m.bias, x)
-        if batch_stats:
-            dims = [0] + list(range(2, x.dim()))
-            y, t_y = _NormCore.forward(ctx, x, t, dims, m.eps, gamma, beta, _ident, _ident)
-        else:
-            s = torch.rsqrt(m.running_var + m.eps)
-            if m.weight is not None:
-                s = s * m.weight
-            h = -m.running_mean * s
-            if m.bias is not None:
-                h = h + m.bias
-            s, h = _channel_view(s, x), _channel_view(h, x)
-            p = as_pair(x, t)
-            if p is not None:  # paired streams stay paired: [x; t]·s, then + h on the x half
-                y, t_y = halves(p * s)
-                y.add_(h)
-            else:
-                y = x * s + h
-                t_y = t * s if t is not None else None
-            ctx.s = s
-        if ctx.layer is not None:
-            ctx.y = y
-        return y, t_y
+        return _bn_forward(ctx, call.inputs[0], call.tangents[0],
+                           m.training or m.running_mean is None, m.running_mean, m.running_var,
+                           m.weight, m.bias, m.eps)
 
     def backward(self, ctx, g, c):
-        if ctx.batch_stats:
-            gx, cx = _NormCore.backward(ctx, g, c)
-        else:
-            p = as_pair(g, c)
-            if p is not None:
-                gx, cx = halves(p * ctx.s)
-            else:
-                gx = g * ctx.s
-                cx = c * ctx.s if c is not None else None
-        if ctx.layer is not None:
-            _record_norm_out(ctx, g, ctx.y, (1,))
-        return [(gx, cx)]
+        return [_bn_backward(ctx, g, c)]
+
+
+def _functional_args(call, ctx, names, fn_name):
+    """Bind a functional norm call's arguments; its non-input tensors must not carry streams."""
+    a = dict(zip(names, call.args))
+    a.update(call.kwargs)
+    if any(tt is not None for tt in call.tangents[1:]) or any(call.needs[1:]):
+        raise ValueError(f"{ctx.name}: {fn_name} with θ-dependent statistics, weight or bias is "
+                         f"not supported by the engine")
+    ctx.n_inputs = len(call.inputs)
+    return a
+
+
+class FunctionalBatchNormRule:
+    """``F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)``
+    (timm's BatchNormAct2d calls it); records the channel scores of the scored BN layer whose
+    weight it uses (capture sets ``ctx.layer``)."""
+
+    records_norm = True
+
+    def forward(self, call, ctx):
+        a = _functional_args(call, ctx, ("input", "running_mean", "running_var", "weight", "bias",
+                                         "training", "momentum", "eps"), "F.batch_norm")
+        rm = a.get("running_mean")
+        return _bn_forward(ctx, call.inputs[0], call.tangents[0],
+                           bool(a.get("training", False)) or rm is None, rm, a.get("running_var"),
+                           a.get("weight"), a.get("bias"), a.get("eps", 1e-5))
+
+    def backward(self, ctx, g, c):
+        return [_bn_backward(ctx, g, c)] + [None] * (ctx.n_inputs - 1)
 
 
 class LayerNormRule:
@@ -190,27 +230,33 @@ class GroupNormRule:
 
 class FunctionalLayerNormRule:
     """``F.layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5)``; weight/bias are
-    not moved by δθ (they must not depend on θ)."""
+    not moved by δθ (they must not depend on θ). Records the channel scores of the scored LN
+    layer whose weight it uses (capture sets ``ctx.layer``)."""
+
+    records_norm = True
 
     def forward(self, call, ctx):
-        names = ("input", "normalized_shape", "weight", "bias", "eps")
-        a = dict(zip(names, call.args))
-        a.update(call.kwargs)
+        a = _functional_args(call, ctx, ("input", "normalized_shape", "weight", "bias", "eps"),
+                             "F.layer_norm")
         x, t = call.inputs[0], call.tangents[0]
-        if any(tt is not None for tt in call.tangents[1:]) or any(call.needs[1:]):
-            raise ValueError(f"{ctx.name}: F.layer_norm with θ-dependent weight/bias is not "
-                             f"supported by the engine")
         k = len(tuple(a["normalized_shape"]))
         dims = list(range(x.dim() - k, x.dim()))
-        ctx.n_inputs = len(call.inputs)
-        return _NormCore.forward(ctx, x, t, dims, a.get("eps", 1e-5), a.get("weight"),
-                                 a.get("bias"), _ident, _ident)
+        ctx.k = k
+        y, t_y = _NormCore.forward(ctx, x, t, dims, a.get("eps", 1e-5), a.get("weight"),
+                                   a.get("bias"), _ident, _ident)
+        if ctx.layer is not None:
+            ctx.y = y
+        return y, t_y
 
     def backward(self, ctx, g, c):
-        return [_NormCore.backward(ctx, g, c)] + [None] * (ctx.n_inputs - 1)
+        gx, cx = _NormCore.backward(ctx, g, c)
+        if ctx.layer is not None:
+            _record_norm_out(ctx, g, ctx.y, range(ctx.y.dim() - ctx.k, ctx.y.dim()))
+        return [(gx, cx)] + [None] * (ctx.n_inputs - 1)
 
 
 register_module(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)(BatchNormRule())
 register_module(nn.LayerNorm)(LayerNormRule())
 register_module(nn.GroupNorm)(GroupNormRule())
 register_function(F.layer_norm)(FunctionalLayerNormRule())
+register_function(F.batch_norm)(FunctionalBatchNormRule())
