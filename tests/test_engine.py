@@ -59,6 +59,22 @@ def compare(model, x, y, loss_fn=None, quantities=QUANTITIES, keys=KEYS, dtype=t
     return eng, ref
 
 
+def assert_float32_rule(m64, x64, y, what=""):
+    """SPEC §7 float32 rule: the engine on a float32 copy of ``m64`` vs the float64 oracle,
+    within twice the float32 reference path's own error (plus the floor)."""
+    loss = checked_loss(default_loss)
+    ref64 = ReferenceScorer(m64, find_layers(m64), loss)(x64, y, QUANTITIES, KEYS)
+    m32, x32 = copy.deepcopy(m64).float(), x64.float()
+    layers32 = find_layers(m32)
+    eng32 = build_scorer(m32, layers32, loss, (x32, y))(x32, y, QUANTITIES, KEYS)
+    ref32 = ReferenceScorer(m32, layers32, loss)(x32, y, QUANTITIES, KEYS)
+    for name in layers32:
+        for q in QUANTITIES:
+            for k, r in ref64[name][q].items():
+                assert_matches(eng32[name][q][k], r, ref32[name][q][k], dtype=torch.float32,
+                               what=f"{what}{name} {q} {k}")
+
+
 def _batch(size=32, n=2, classes=10, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, size, size, generator=g, dtype=torch.float64)
@@ -149,17 +165,7 @@ def test_float32_parity():
             mod.running_mean.uniform_(-0.2, 0.2)
             mod.running_var.uniform_(0.5, 1.5)
     x64, y = _batch(16, seed=7)
-    loss = checked_loss(default_loss)
-    ref64 = ReferenceScorer(m64, find_layers(m64), loss)(x64, y, QUANTITIES, KEYS)
-    m32, x32 = copy.deepcopy(m64).float(), x64.float()
-    layers32 = find_layers(m32)
-    eng32 = build_scorer(m32, layers32, loss, (x32, y))(x32, y, QUANTITIES, KEYS)
-    ref32 = ReferenceScorer(m32, layers32, loss)(x32, y, QUANTITIES, KEYS)
-    for name in layers32:
-        for q in QUANTITIES:
-            for k, r in ref64[name][q].items():
-                assert_matches(eng32[name][q][k], r, ref32[name][q][k], dtype=torch.float32,
-                               what=f"{name} {q} {k}")
+    assert_float32_rule(m64, x64, y)
 
 
 @pytest.mark.cuda
@@ -170,14 +176,4 @@ def test_cuda_resnet18_float64_and_float32():
     m = torchvision.models.resnet18(num_classes=10).double().eval().cuda()
     x, y = (v.cuda() for v in _batch(32, n=4))
     compare(m, x, y)
-    loss = checked_loss(default_loss)
-    ref64 = ReferenceScorer(m, find_layers(m), loss)(x, y, QUANTITIES, KEYS)
-    m32, x32 = copy.deepcopy(m).float(), x.float()
-    layers32 = find_layers(m32)
-    eng32 = build_scorer(m32, layers32, loss, (x32, y))(x32, y, QUANTITIES, KEYS)
-    ref32 = ReferenceScorer(m32, layers32, loss)(x32, y, QUANTITIES, KEYS)
-    for name in layers32:
-        for q in QUANTITIES:
-            for k, r in ref64[name][q].items():
-                assert_matches(eng32[name][q][k], r, ref32[name][q][k], dtype=torch.float32,
-                               what=f"cuda {name} {q} {k}")
+    assert_float32_rule(m, x, y, what="cuda ")

@@ -18,7 +18,7 @@ from oba_ext.engine.rules import generic
 from oba_ext.reference import ReferenceScorer
 from oba_ext.scoring import checked_loss, default_loss
 from oba_ext.targets import find_layers
-from test_engine import KEYS, QUANTITIES, compare
+from test_engine import KEYS, QUANTITIES, assert_float32_rule, compare
 from tolerances import assert_matches
 
 D = torch.float64
@@ -361,17 +361,7 @@ def test_float32_rule_on_grouped_convs_and_norms(train):
     torch.manual_seed(12)
     m64 = Convs().double().train(train)
     x64, y = _xy(3, 8, 8, n=4, seed=3)
-    loss = checked_loss(default_loss)
-    ref64 = ReferenceScorer(m64, find_layers(m64), loss)(x64, y, QUANTITIES, KEYS)
-    m32, x32 = copy.deepcopy(m64).float(), x64.float()
-    layers32 = find_layers(m32)
-    eng32 = build_scorer(m32, layers32, loss, (x32, y))(x32, y, QUANTITIES, KEYS)
-    ref32 = ReferenceScorer(m32, layers32, loss)(x32, y, QUANTITIES, KEYS)
-    for name in layers32:
-        for q in QUANTITIES:
-            for k, r in ref64[name][q].items():
-                assert_matches(eng32[name][q][k], r, ref32[name][q][k], dtype=torch.float32,
-                               what=f"{name} {q} {k}")
+    assert_float32_rule(m64, x64, y)
 
 
 class FunctionalLayers(nn.Module):
