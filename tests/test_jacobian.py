@@ -10,18 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import oba_ext
+from tolerances import assert_close_rel
 
-RTOL64 = 1e-10
-
-
-def assert_close_rel(got, want, what, rtol=RTOL64):
-    got, want = got.detach().double(), want.detach().double()
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert want.abs().max() > 0, f"{what}: the brute-force value is all zero (a vacuous check)"
-    d = (got - want).abs()
-    rel = (got - want).norm() / want.norm()
-    assert rel <= rtol, (f"{what}: relative Frobenius error {rel:.3e} > {rtol:.0e} "
-                         f"(max |diff| {d.max():.3e}, mean {d.mean():.3e})")
 
 
 class ConvBNLN(nn.Module):

@@ -58,3 +58,15 @@ def assert_matches(out: torch.Tensor, ref64: torch.Tensor, twin_same_dtype: torc
     assert err <= bound, (
         f"{what} [{dtype}]: relative error {err:.3e} > bound {bound:.3e} "
         f"(twin's error in this dtype {twin_err:.3e}); kernel: {_diff_summary(out, ref64)}")
+
+
+def assert_close_rel(got: torch.Tensor, want: torch.Tensor, what: str,
+                     rtol: float = FLOAT64_RTOL) -> None:
+    """Oracle-vs-brute-force check in float64: relative Frobenius error ≤ ``rtol`` (SPEC §7),
+    refusing an all-zero brute-force value (that would make the check vacuous)."""
+    got, want = got.detach().double(), want.detach().double()
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert want.abs().max() > 0, f"{what}: the brute-force value is all zero (a vacuous check)"
+    err = rel_err(got, want)
+    assert err <= rtol, (f"{what}: relative Frobenius error {err:.3e} > {rtol:.0e} "
+                         f"({_diff_summary(got, want)})")
