@@ -35,7 +35,7 @@ from torch import nn
 
 from . import harness
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 #: provider -> (kind, granularity, impl override or None)
 KIND_PROVIDERS: Dict[str, Tuple[str, Tuple[str, ...], str]] = {
     "oba[out,in]": ("oba", ("out", "in"), None),

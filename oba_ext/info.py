@@ -11,6 +11,21 @@ import torch
 
 from . import _ext
 
+#: Where the CUDA kernels were last validated on a real GPU (``benchmarks/gpu_check.sh`` results
+#: committed under ``benchmarks/results/``), e.g. ``"NVIDIA H200, torch 2.11, <git sha>"``.
+#: ``None`` until that happens: the kernels are compiled and linked in CI but have never run.
+CUDA_VALIDATED_ON = None
+
+
+def cuda_status(cuda_kernels: bool) -> str:
+    """One honest line about the CUDA kernels: built or not, and whether they have ever run."""
+    if not cuda_kernels:
+        return "not built"
+    if CUDA_VALIDATED_ON is None:
+        return ("compiled, but not yet run on a GPU: no GPU results are committed "
+                "(benchmarks/gpu_check.sh produces them)")
+    return f"compiled; validated on {CUDA_VALIDATED_ON}"
+
 
 def collect() -> dict:
     """The report as a dict (also used by tests)."""
@@ -26,6 +41,7 @@ def collect() -> dict:
         "load_error": None if loaded else repr(_ext.load_error),
         "cpu_kernels": _ext.has_cpu_kernels(),
         "cuda_kernels": _ext.has_cuda_kernels(),
+        "cuda_status": cuda_status(_ext.has_cuda_kernels()),
         "cuda_archs": info.get("cuda_archs"),
         "cuda_home": info.get("cuda_home"),
         "debug_build": info.get("debug"),
