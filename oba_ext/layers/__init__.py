@@ -18,7 +18,7 @@ from torch import nn
 from .base import HeadGroup, LayerKind, weight_in, weight_out
 
 #: the files of this package that define kinds, in lookup order
-_KIND_FILES = ("dense", "mha", "norm")
+_KIND_FILES = ("dense", "mha", "norm", "conv_transpose", "embedding")
 
 #: kind name -> LayerKind
 KINDS: Dict[str, LayerKind] = {}

@@ -73,6 +73,9 @@ class LayerKind:
     head_layout: ``head_layout(name, module) -> HeadGroup or None``, for attention modules.
     target: True for target layers (θ); False for normalization layers (scored only by
         criteria that ask for them, SPEC §6).
+    direction: ``direction(module, local name, param) -> δθ`` where a kind holds entries that
+        never move (Embedding's ``padding_idx`` row gets no gradient, so δθ = 0 there);
+        None: ``δθ = θ``.
     """
 
     name: str
@@ -85,6 +88,7 @@ class LayerKind:
     channels: Callable[[nn.Module], int]
     head_layout: Optional[Callable[[str, nn.Module], Optional[HeadGroup]]] = None
     target: bool = True
+    direction: Optional[Callable[[nn.Module, str, Tensor], Tensor]] = None
 
 
 # ---------------------------------------------------------------- shared reductions (SPEC §5)
