@@ -88,6 +88,19 @@ class _Snapshot:
         return same
 
 
+def _max_eps(imp: torch.Tensor) -> torch.Tensor:
+    """The OBA authors' normalizer: ``imp / (max(imp) + 1e-6)``."""
+    return imp / (imp.max() + 1e-6)
+
+
+#: named recipes for :meth:`OBAImportance.from_preset`. "paper": the OBA authors' pipeline
+#: (train-mode scoring, their group mean over layers with a non-zero score, max + 1e-6 normalizer).
+PRESETS: Dict[str, dict] = {
+    "paper": dict(kind="oba", eval_mode=False, group_reduction="mean_nonzero",
+                  normalizer="max_eps"),
+}
+
+
 @contextlib.contextmanager
 def _mode(model: nn.Module, eval_mode: Optional[bool]):
     if eval_mode is None:
@@ -110,7 +123,10 @@ class OBAImportance(tp.importance.GroupMagnitudeImportance):
         batches: iterable of ``(inputs, targets)`` used to score; re-iterated at every rescore,
             so pass a list or a DataLoader, not a one-shot generator.
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` (default mean cross-entropy).
-        group_reduction / normalizer: as in ``tp.importance.GroupMagnitudeImportance``.
+        group_reduction / normalizer: as in ``tp.importance.GroupMagnitudeImportance``, plus
+            ``group_reduction="mean_nonzero"`` (the mean over the group's layers whose scores
+            are not all zero) and ``normalizer="max_eps"`` (divide by max + 1e-6), the OBA
+            authors' two choices (see :data:`PRESETS` and :meth:`from_preset`).
         model: the model; by default taken from the group's dependency graph.
         eval_mode: score in eval mode (True, default: BN uses running stats, so conv
             output-channel scores before BN do not vanish, SPEC §7.3), in train mode (False),
@@ -137,7 +153,7 @@ class OBAImportance(tp.importance.GroupMagnitudeImportance):
                                                         and iter(batches) is batches):
             raise TypeError("batches: got a one-shot iterator; pass a list or a DataLoader "
                             "(scores are recomputed at every pruning step)")
-        reductions = ("mean", "sum", "max", "prod", "first", "gate", None)
+        reductions = ("mean", "sum", "max", "prod", "first", "gate", "mean_nonzero", None)
         if group_reduction not in reductions:
             raise ValueError(f"group_reduction: expected one of {list(reductions)}, got {group_reduction!r}")
         self.kind = kind
@@ -151,6 +167,36 @@ class OBAImportance(tp.importance.GroupMagnitudeImportance):
         self.num_scorings = 0
         self.last_result = None
         self._cached: Optional[Tuple[_Snapshot, object]] = None  # (state scored, ScoreResult)
+
+    @classmethod
+    def from_preset(cls, name: str, batches: Iterable, **overrides) -> "OBAImportance":
+        """An importance configured by a named recipe of :data:`PRESETS`; ``overrides``
+        replace single arguments. ``OBAImportance.from_preset("paper", batches)`` is the
+        OBA authors' pipeline: ``kind="oba"``, scored in train mode, ``group_reduction=
+        "mean_nonzero"``, ``normalizer="max_eps"``. Raises ValueError for an unknown name."""
+        if name not in PRESETS:
+            raise ValueError(f"preset: unknown name {name!r}; expected one of {sorted(PRESETS)}")
+        return cls(batches=batches, **{**PRESETS[name], **overrides})
+
+    def _reduce(self, group_imp, group_idxs):
+        if self.group_reduction != "mean_nonzero":
+            return super()._reduce(group_imp, group_idxs)
+        # the OBA authors' mean: the sum over the group's layers divided by the number of
+        # layers whose score is not all zero (at least 1)
+        total = torch.zeros_like(group_imp[0], dtype=torch.float32)
+        n = 0
+        for imp, root_idxs in zip(group_imp, group_idxs):
+            if any(r is None for r in root_idxs):
+                continue
+            imp = imp.to(total.device, torch.float32)
+            total.scatter_add_(0, torch.as_tensor(root_idxs, device=imp.device), imp)
+            n += int(bool(imp.ne(0).any()))
+        return total / max(n, 1)
+
+    def _normalize(self, group_importance, normalizer):
+        if normalizer == "max_eps":
+            return _max_eps(group_importance)
+        return super()._normalize(group_importance, normalizer)
 
     def reset(self) -> None:
         """Forget cached scores (the next group is scored afresh)."""
