@@ -6,113 +6,161 @@ sums of per-parameter scores, so no cross terms are involved):
     head[h] = Σ_{c ∈ h} (q.out[c] + k.out[c] + v.out[c])  +  Σ_{c ∈ h} proj.in[c]
 
 where channel c = h·head_dim + d (the head-major layout every attention implementation uses
-when it splits E into (num_heads, head_dim)). Parts whose layer is not scored (ignored) are
-left out. It works on the accumulated ``{layer: {key: sum}}`` of either implementation, before
-the batch average and any criterion ``finalize`` (so an L2-norm criterion yields the head's
-norm), which is why the scorers are asked for "out" and "in" when "head" is requested.
+when it splits E into (num_heads, head_dim)). With grouped-query attention (H query heads,
+H_kv < H key/value heads, each serving g = H / H_kv query heads, query head h reading kv head
+h // g), the k/v score of kv head j is shared equally among its g query heads
+(``k.out``/``v.out`` of head j, divided by g), so Σ_h head[h] is the sum of every channel score
+of the block. Parts whose layer is not scored (ignored) are left out. It works on the
+accumulated ``{layer: {key: sum}}`` of either implementation, before the batch average and any
+criterion ``finalize`` (so an L2-norm criterion yields the head's norm), which is why the scorers
+are asked for "out" and "in" when "head" is requested.
 
-Where head scores appear (:data:`HEAD_LAYOUTS`, looked up along the module's MRO, then the
-duck-typed :data:`HEAD_PATTERNS` for classes this package cannot import):
+Where head scores appear: first the layer kind's own layout (``LayerKind.head_layout``,
+:mod:`oba_ext.layers`), then the duck-typed :data:`HEAD_PATTERNS` for attention written with
+explicit matmuls (classes this package does not import), each under **the attention module's
+own name**, an entry of its own holding only ``head`` (unless that module is itself scored):
 
 - ``nn.MultiheadAttention`` ``m`` at ``name``: ``result[name].head``; q/k/v from its own
   "out" (3E,) rows, the output projection from ``name.out_proj``'s "in". The packed in_proj
   already reports ``parts["q.out"|"k.out"|"v.out"]``.
-- timm-style attention (a module with ``qkv: nn.Linear`` (E → 3E), ``proj: nn.Linear`` and an
-  int ``num_heads``; timm's ``Attention``): ``result[name].head`` under **the attention
-  module's own name** (e.g. ``"blocks.0.attn"``), an entry of its own with only ``head``;
-  the packed ``name.qkv`` Linear also reports ``parts["q.out"|"k.out"|"v.out"]``.
-- Hugging Face-style attention (``q_proj``, ``k_proj``, ``v_proj`` Linears, ``o_proj`` or
-  ``out_proj``, and ``num_heads``), with as many key/value heads as query heads:
-  ``result[name].head`` under the module's name.
+- packed qkv (timm ``Attention``: ``qkv``/``proj``; GPT/nanoGPT: ``c_attn``/``c_proj``; both
+  ``nn.Linear``, E → 3E, and an int ``num_heads``/``n_head``): the packed Linear also reports
+  ``parts["q.out"|"k.out"|"v.out"]``.
+- separate projections (Hugging Face LLaMA/Mistral/OPT/BART style: ``q_proj``, ``k_proj``,
+  ``v_proj`` Linears, ``o_proj``/``out_proj``/``dense``), with grouped-query attention: query
+  heads from ``num_heads``, ``num_attention_heads``, ``config.num_attention_heads`` or
+  ``q_proj.out_features // head_dim``; kv heads from ``k_proj.out_features // head_dim``.
+- BERT layout (a module with ``self.query``/``self.key``/``self.value`` Linears,
+  ``self.num_attention_heads``, and ``output.dense``), under the outer module's name; a bare
+  self-attention module (``query``/``key``/``value`` and ``num_attention_heads``) without an
+  output projection gets heads from q/k/v alone.
+
+Modules that look like attention (a ``num_heads``/``num_attention_heads``/``n_head``
+attribute) but match no layout get no head score; :func:`headless_attention` names them with
+the reason, and :func:`add_head_scores` warns once per call listing them (e.g. Hugging Face
+GPT-2, whose ``c_attn`` is ``transformers.Conv1D``, not a target layer).
 
 Keys the user did not ask for ("out"/"in" computed only to form heads) are removed, except the
 ``parts.{q,k,v}.out`` of packed projections, which belong to the head report.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import torch
 from torch import Tensor, nn
 
-__all__ = ["HeadGroup", "HEAD_LAYOUTS", "HEAD_PATTERNS", "find_head_groups", "add_head_scores",
-           "helper_keys"]
+from .layers import HeadGroup, kind_of
 
+__all__ = ["HeadGroup", "HEAD_PATTERNS", "find_head_groups", "add_head_scores", "helper_keys",
+           "headless_attention"]
 
-@dataclass(frozen=True)
-class HeadGroup:
-    """One attention block: where its head score goes and which channel scores form it.
-
-    key: the result entry that receives ``head``.
-    num_heads: H.
-    qkv: ``(layer name, part, offset)``: the q/k/v out-channel scores are
-        ``sums[layer]["out"][offset : offset + E]``; ``part`` ("q", "k", "v") names them.
-    packed: layer that should also report ``parts.{q,k,v}.out`` (a packed qkv Linear), or None.
-    out_in: layer whose "in" channels (E,) are the heads' outputs (output projection), or None.
-    """
-
-    key: str
-    num_heads: int
-    embed_dim: int
-    qkv: Tuple[Tuple[str, str, int], ...]
-    packed: Optional[str]
-    out_in: Optional[str]
+_HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head")
 
 
 def _join(name: str, child: str) -> str:
     return f"{name}.{child}" if name else child
 
 
-def _mha_layout(name: str, m: nn.MultiheadAttention) -> Optional[HeadGroup]:
-    E = m.embed_dim
-    return HeadGroup(name, m.num_heads, E, tuple((name, p, i * E) for i, p in enumerate("qkv")),
-                     None, _join(name, "out_proj"))
+def _int_attr(m: nn.Module, *names) -> Optional[int]:
+    for n in names:
+        v = getattr(m, n, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    cfg = getattr(m, "config", None)
+    for n in names:
+        v = getattr(cfg, n, None) if cfg is not None else None
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    return None
 
 
-def _timm_layout(name: str, m: nn.Module) -> Optional[HeadGroup]:
-    qkv, proj, H = getattr(m, "qkv", None), getattr(m, "proj", None), getattr(m, "num_heads", None)
-    if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(H, int)):
+def _packed(name: str, m: nn.Module, qkv_attr: str, proj_attr: str) -> Optional[HeadGroup]:
+    qkv, proj, H = getattr(m, qkv_attr, None), getattr(m, proj_attr, None), _int_attr(m, *_HEAD_ATTRS)
+    if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and H):
         return None
     E = proj.in_features
     if qkv.out_features != 3 * E or E % H:
         return None
-    q = _join(name, "qkv")
-    return HeadGroup(name, H, E, tuple((q, p, i * E) for i, p in enumerate("qkv")), q,
-                     _join(name, "proj"))
+    q = _join(name, qkv_attr)
+    return HeadGroup(name, H, E, tuple((q, p, i * E, E, H) for i, p in enumerate("qkv")), q,
+                     _join(name, proj_attr))
+
+
+def _timm_layout(name: str, m: nn.Module) -> Optional[HeadGroup]:
+    return _packed(name, m, "qkv", "proj")
+
+
+def _gpt_layout(name: str, m: nn.Module) -> Optional[HeadGroup]:
+    return _packed(name, m, "c_attn", "c_proj")
+
+
+def _separate(name: str, q: nn.Module, k: nn.Module, v: nn.Module, names: Tuple[str, str, str],
+              out_name: Optional[str], out: Optional[nn.Module], H: Optional[int],
+              head_dim: Optional[int]) -> Optional[HeadGroup]:
+    if not all(isinstance(p, nn.Linear) for p in (q, k, v)):
+        return None
+    E = q.out_features
+    if H is None and head_dim:
+        H = E // head_dim
+    if not H or E % H:
+        return None
+    hd = E // H
+    if k.out_features != v.out_features or k.out_features % hd:
+        return None
+    H_kv = k.out_features // hd
+    if not H_kv or H % H_kv:
+        return None
+    if out is not None and not (isinstance(out, nn.Linear) and out.in_features == E):
+        return None
+    widths = ((names[0], "q", E, H), (names[1], "k", k.out_features, H_kv),
+              (names[2], "v", v.out_features, H_kv))
+    return HeadGroup(name, H, E, tuple((l, p, 0, w, h) for l, p, w, h in widths), None,
+                     out_name if out is not None else None)
 
 
 def _hf_layout(name: str, m: nn.Module) -> Optional[HeadGroup]:
-    H = getattr(m, "num_heads", None)
     projs = [getattr(m, a, None) for a in ("q_proj", "k_proj", "v_proj")]
-    out = getattr(m, "o_proj", None)
-    out_attr = "o_proj"
-    if out is None:
-        out, out_attr = getattr(m, "out_proj", None), "out_proj"
-    if not (isinstance(H, int) and all(isinstance(p, nn.Linear) for p in projs)
-            and isinstance(out, nn.Linear)):
+    if not all(isinstance(p, nn.Linear) for p in projs):
         return None
-    E = out.in_features
-    if any(p.out_features != E for p in projs) or E % H:
-        return None  # grouped-query attention: k/v heads differ from query heads
-    return HeadGroup(name, H, E, tuple((_join(name, a), p, 0) for a, p in
-                                       zip(("q_proj", "k_proj", "v_proj"), "qkv")),
-                     None, _join(name, out_attr))
+    out_attr = next((a for a in ("o_proj", "out_proj", "dense")
+                     if isinstance(getattr(m, a, None), nn.Linear)), None)
+    if out_attr is None:
+        return None
+    return _separate(name, *projs, tuple(_join(name, a) for a in ("q_proj", "k_proj", "v_proj")),
+                     _join(name, out_attr), getattr(m, out_attr), _int_attr(m, *_HEAD_ATTRS),
+                     _int_attr(m, "head_dim", "attention_head_size"))
 
 
-#: module class -> layout (MRO lookup)
-HEAD_LAYOUTS: Dict[type, Callable[[str, nn.Module], Optional[HeadGroup]]] = {
-    nn.MultiheadAttention: _mha_layout,
-}
-#: duck-typed layouts tried in order for modules without a class entry
-HEAD_PATTERNS: List[Callable[[str, nn.Module], Optional[HeadGroup]]] = [_timm_layout, _hf_layout]
+def _bert_self(name: str, s: nn.Module, out_name: Optional[str], out: Optional[nn.Module],
+               key: str) -> Optional[HeadGroup]:
+    projs = [getattr(s, a, None) for a in ("query", "key", "value")]
+    H = _int_attr(s, *_HEAD_ATTRS)
+    if H is None:
+        return None
+    g = _separate(key, *projs, tuple(_join(name, a) for a in ("query", "key", "value")),
+                  out_name, out, H, None)
+    return g
+
+
+def _bert_layout(name: str, m: nn.Module) -> Optional[HeadGroup]:
+    s, o = getattr(m, "self", None), getattr(m, "output", None)
+    if isinstance(s, nn.Module) and isinstance(getattr(o, "dense", None), nn.Linear):
+        return _bert_self(_join(name, "self"), s, _join(name, "output.dense"), o.dense, name)
+    if isinstance(getattr(m, "query", None), nn.Linear):
+        return _bert_self(name, m, None, None, name)
+    return None
+
+
+#: duck-typed layouts tried in order for modules whose kind has no head layout
+HEAD_PATTERNS: List[Callable[[str, nn.Module], Optional[HeadGroup]]] = [
+    _timm_layout, _gpt_layout, _hf_layout, _bert_layout]
 
 
 def _layout_for(name: str, m: nn.Module) -> Optional[HeadGroup]:
-    for cls in type(m).__mro__:
-        fn = HEAD_LAYOUTS.get(cls)
-        if fn is not None:
-            return fn(name, m)
+    kind = kind_of(m)
+    if kind is not None and kind.head_layout is not None:
+        return kind.head_layout(name, m)
     for fn in HEAD_PATTERNS:
         g = fn(name, m)
         if g is not None:
@@ -120,14 +168,40 @@ def _layout_for(name: str, m: nn.Module) -> Optional[HeadGroup]:
     return None
 
 
-def find_head_groups(model: nn.Module) -> List[HeadGroup]:
-    """Every attention block of ``model`` whose head layout is known."""
-    out = []
+def _scan(model: nn.Module):
+    groups, headless, covered = [], [], set()
     for name, m in model.named_modules():
+        if any(name == c or name.startswith(c + ".") for c in covered):
+            continue  # inside a block already found (BERT's inner self-attention)
         g = _layout_for(name, m)
         if g is not None:
-            out.append(g)
-    return out
+            groups.append(g)
+            covered.add(name)
+        elif _int_attr(m, *_HEAD_ATTRS) is not None and kind_of(m) is None:
+            headless.append((name, _why_headless(m)))
+    return groups, headless
+
+
+def _why_headless(m: nn.Module) -> str:
+    lin = [n for n, c in m.named_children() if isinstance(c, nn.Linear)]
+    other = [f"{n} ({type(c).__name__})" for n, c in m.named_children()
+             if not isinstance(c, nn.Linear) and any(True for _ in c.parameters())]
+    why = (f"{type(m).__name__} has a head count but no known q/k/v + output projection layout "
+           f"(nn.Linear children: {lin or 'none'}")
+    if other:
+        why += f"; other parametrized children: {other}, not target layers"
+    return why + ")"
+
+
+def find_head_groups(model: nn.Module) -> List[HeadGroup]:
+    """Every attention block of ``model`` whose head layout is known (outermost first)."""
+    return _scan(model)[0]
+
+
+def headless_attention(model: nn.Module) -> List[Tuple[str, str]]:
+    """``[(module name, reason)]`` for modules that look like attention (an int
+    ``num_heads``/``num_attention_heads``/``n_head``) but whose heads cannot be located."""
+    return _scan(model)[1]
 
 
 def helper_keys(gran: Sequence[str]) -> Tuple[str, ...]:
@@ -135,8 +209,14 @@ def helper_keys(gran: Sequence[str]) -> Tuple[str, ...]:
     return ("out", "in") if "head" in gran else ()
 
 
-def _per_head(v: Tensor, H: int) -> Tensor:
-    return v.reshape(H, -1).sum(1)
+def _per_head(v: Tensor, heads: int, H: int) -> Tensor:
+    """(heads·head_dim,) -> (H,): per-head sums; a kv head serving g = H/heads query heads is
+    shared equally among them."""
+    s = v.reshape(heads, -1).sum(1)
+    if heads == H:
+        return s
+    g = H // heads
+    return (s / g).repeat_interleave(g)
 
 
 def _wanted(key: str, gran: Sequence[str]) -> bool:
@@ -152,22 +232,27 @@ def add_head_scores(model: nn.Module, layers, sums: Dict[str, Dict[str, Tensor]]
                     gran: Sequence[str]) -> Dict[str, Dict[str, Tensor]]:
     """``sums``: ``{layer: {key: tensor}}`` (accumulated channel scores of either
     implementation). Returns a new dict with ``head`` entries (and ``parts.{q,k,v}.out`` of
-    packed projections) added when "head" is in ``gran``, and helper keys removed."""
+    packed projections) added when "head" is in ``gran``, and helper keys removed. Warns
+    (``UserWarning``) naming attention-like modules that get no head score, and why."""
     out = {name: dict(d) for name, d in sums.items()}
     if "head" in gran:
-        for g in find_head_groups(model):
+        groups, headless = _scan(model)
+        if headless:
+            warnings.warn("granularity='head': no head scores for "
+                          + "; ".join(f"{n!r}: {why}" for n, why in headless), stacklevel=3)
+        for g in groups:
             terms = []
-            for layer, part, off in g.qkv:
+            for layer, part, off, width, heads in g.qkv:
                 s = out.get(layer, {}).get("out")
                 if s is None:
                     continue
-                chunk = s[off:off + g.embed_dim]
-                terms.append(_per_head(chunk, g.num_heads))
+                chunk = s[off:off + width]
+                terms.append(_per_head(chunk, heads, g.num_heads))
                 if g.packed == layer:
                     out[layer][f"parts.{part}.out"] = chunk
             s = out.get(g.out_in, {}).get("in") if g.out_in else None
             if s is not None:
-                terms.append(_per_head(s, g.num_heads))
+                terms.append(_per_head(s, g.num_heads, g.num_heads))
             if terms:
                 head = terms[0]
                 for t in terms[1:]:

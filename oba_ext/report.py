@@ -1,6 +1,7 @@
 """Run reports: JSON facts and PNG plots (matplotlib, Agg backend).
 
-``channels_per_layer(model)``: {layer: output channels} of Conv/Linear layers (and MHA embed dims).
+``channels_per_layer(model)``: {layer: channels} of every target layer, as its layer kind
+counts them (``LayerKind.channels``: output channels; MHA embed dim; Embedding dimension).
 ``write_json``: atomic JSON write. ``plot_channels``: before/after bars per layer.
 ``plot_score_distributions``: histograms of log10 |score| per criterion.
 """
@@ -13,17 +14,16 @@ from typing import Dict, Mapping
 import torch
 from torch import nn
 
-from .targets import lookup_kind
+from .layers import kind_of
 
 
 def channels_per_layer(model: nn.Module) -> Dict[str, int]:
     out = {}
     for name, m in model.named_modules():
-        kind = lookup_kind(m)
-        if kind == "mha":
-            out[name] = int(m.embed_dim)
-        elif kind is not None and hasattr(m, "weight") and m.weight is not None:
-            out[name] = int(m.weight.shape[0])
+        kind = kind_of(m, include_norm=False)
+        if kind is not None and any(isinstance(getattr(m, p, None), torch.Tensor)
+                                    for p in kind.params):
+            out[name] = kind.channels(m)
     return out
 
 

@@ -1,46 +1,35 @@
 """Which modules are scored, and how their parameters map to channels.
 
-The layer-kind table :data:`LAYER_KINDS` is the one place that says which module types are
-target layers (SPEC §1). Lookup walks the module's MRO through the dict, so subclasses of
-``nn.Linear`` (e.g. ``NonDynamicallyQuantizableLinear``) resolve without isinstance chains.
-``NORM_KINDS`` lists normalization layers, scored only by criteria that ask for them
-(the Jacobian Criterion scores BN/LN channels, SPEC §6).
+The layer kinds themselves (module types, target parameters, reductions, Torch-Pruning
+handlers, head layouts) live in :mod:`oba_ext.layers`, one :class:`~oba_ext.layers.LayerKind`
+per kind; this module resolves a model's target layers from them (SPEC §1). Lookup walks the
+module's MRO, so subclasses of ``nn.Linear`` (e.g. ``NonDynamicallyQuantizableLinear``)
+resolve without isinstance chains. Normalization layers (kind "norm") are scored only by
+criteria that ask for them (the Jacobian Criterion scores BN/LN channels, SPEC §6).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import nn
 
-#: module type -> layer kind. Target layers: their weights and biases form θ (SPEC §1).
-LAYER_KINDS: Dict[type, str] = {
-    nn.Linear: "linear",
-    nn.Conv1d: "conv",
-    nn.Conv2d: "conv",
-    nn.MultiheadAttention: "mha",
-}
+from .layers import KINDS, MODULE_KINDS, LayerKind
+
+#: module type -> layer kind name, target layers only (read-only view of oba_ext.layers):
+#: their weights and biases form θ (SPEC §1).
+LAYER_KINDS: Dict[type, str] = {c: k.name for c, k in MODULE_KINDS.items() if k.target}
 
 #: normalization layers: never moved by δθ, scored only by criteria with ``norm_layers=True``.
-NORM_KINDS: Dict[type, str] = {
-    nn.BatchNorm1d: "norm",
-    nn.BatchNorm2d: "norm",
-    nn.LayerNorm: "norm",
-    nn.GroupNorm: "norm",
-}
+NORM_KINDS: Dict[type, str] = {c: k.name for c, k in MODULE_KINDS.items() if not k.target}
 
 #: parameter names (on the module itself) that are target parameters, per layer kind
-KIND_PARAMS: Dict[str, Tuple[str, ...]] = {
-    "linear": ("weight", "bias"),
-    "conv": ("weight", "bias"),
-    "mha": ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight"),
-    "norm": ("weight", "bias"),
-}
+KIND_PARAMS: Dict[str, Tuple[str, ...]] = {n: k.params for n, k in KINDS.items()}
 
 
 def lookup_kind(module: nn.Module, table: Dict[type, str] = LAYER_KINDS) -> Optional[str]:
-    """The kind of ``module`` from ``table`` (first match along its MRO), or None."""
+    """The kind name of ``module`` from ``table`` (first match along its MRO), or None."""
     for cls in type(module).__mro__:
         kind = table.get(cls)
         if kind is not None:
@@ -64,6 +53,11 @@ class LayerSpec:
     def qualified(self, local: str) -> str:
         return f"{self.name}.{local}" if self.name else local
 
+    @property
+    def layer_kind(self) -> LayerKind:
+        """The :class:`~oba_ext.layers.LayerKind` record of this layer's kind."""
+        return KINDS[self.kind]
+
 
 def _spec(name: str, module: nn.Module, kind: str) -> Optional[LayerSpec]:
     params = tuple(p for p in KIND_PARAMS[kind]
@@ -77,7 +71,8 @@ def find_layers(model: nn.Module, targets: Optional[Iterable[str]] = None,
                 ignore: Iterable = (), include_norm: bool = False) -> Dict[str, LayerSpec]:
     """Resolve the target layers of ``model``.
 
-    targets: qualified module names to score (default: every Linear/Conv/MHA layer). A name
+    targets: qualified module names to score (default: every module of a target kind:
+        Linear, Conv1d/2d, ConvTranspose1d/2d, Embedding, MultiheadAttention). A name
         that is not a module of the model, or whose module is not a supported target layer,
         raises ``ValueError`` naming it.
     ignore: module names or module objects to leave out (and their submodules' names).
@@ -125,7 +120,7 @@ def find_layers(model: nn.Module, targets: Optional[Iterable[str]] = None,
                 out[name] = spec
     if not any(s.kind != "norm" for s in out.values()):
         raise ValueError(f"model: {type(model).__name__} has no target layers to score "
-                         f"(Linear/Conv1d/Conv2d/MultiheadAttention), after targets={targets!r} "
+                         f"({'/'.join(c.__name__ for c in LAYER_KINDS)}), after targets={targets!r} "
                          f"and ignore={ignore!r}")
     return out
 

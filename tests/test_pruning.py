@@ -266,7 +266,7 @@ def test_round_to_and_local_ranking():
 def test_mha_embed_handler_sums_every_removed_piece():
     """Torch-Pruning removes embed index e of a packed nn.MultiheadAttention from in_proj's
     columns, the q/k/v rows e, E+e, 2E+e, and out_proj's row and column e."""
-    from oba_ext.pruning.importance import _mha_embed
+    from oba_ext.layers.mha import tp_mha_embed as _mha_embed
     E = 8
     mha = nn.MultiheadAttention(E, 2, batch_first=True)
     g = torch.Generator().manual_seed(0)

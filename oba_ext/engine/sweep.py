@@ -24,6 +24,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from ..layers import KINDS
 from .capture import Program, inspect_empty
 from .loss import loss_streams, resolve_loss_rule
 from .rules import Call
@@ -32,9 +33,7 @@ from .rules.pairs import as_pair, halves
 SECOND_ORDER = ("oba", "exact")
 QUANTITIES = ("taylor",) + SECOND_ORDER
 KEYS = ("out", "in", "weight", "bias", "head")
-_LAYER_KEYS = {"linear": ("out", "in", "weight", "bias"), "conv": ("out", "in", "weight", "bias"),
-               "mha": ("out", "in", "weight", "bias"),
-               "norm": ("out",)}
+_LAYER_KEYS = {name: k.keys for name, k in KINDS.items()}  # per layer kind (oba_ext/layers)
 
 
 class _Ctx:
@@ -258,17 +257,4 @@ class EngineScorer:
 
 
 def _key_shape(spec, m, k):
-    if spec.kind == "mha":  # scored by the attention rule, which records every key it reaches
-        return None
-    if spec.kind == "norm":
-        return (m.weight.numel(),)
-    if k == "out":
-        return (m.weight.shape[0],)
-    if k == "in":
-        return (m.in_channels,) if spec.kind == "conv" else (m.in_features,)
-    if k == "weight":
-        return tuple(m.weight.shape)
-    if k == "bias":
-        return tuple(m.bias.shape) if m.bias is not None else None
-    return None
-
+    return KINDS[spec.kind].shape(m, k)  # None: the kind's rule records every key it reaches

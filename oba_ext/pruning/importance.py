@@ -19,7 +19,7 @@ iterative schedules score the current model at every step; deep copies of an unc
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -28,92 +28,77 @@ import torch_pruning as tp
 from torch_pruning.pruner import function as F
 
 from .. import criteria as _criteria
+from ..layers import kind_of
 
 
-def _take(s: torch.Tensor, idxs, layer: nn.Module, what: str) -> torch.Tensor:
-    if len(idxs) and max(idxs) >= s.numel():
-        raise ValueError(f"OBAImportance: {what} scores of {layer} have {s.numel()} entries but "
-                         f"Torch-Pruning indexes up to {max(idxs)} (scores of another model?)")
-    return s[idxs]
+def _handler_table(kind) -> Dict[Callable, Callable]:
+    """Torch-Pruning pruning function -> handler, from the kind's ``tp_handlers`` (names in
+    ``torch_pruning.pruner.function``; a name this Torch-Pruning version lacks is skipped)."""
+    table = _HANDLER_TABLES.get(kind.name)
+    if table is None:
+        table = {getattr(F, n): h for n, h in kind.tp_handlers.items() if hasattr(F, n)}
+        _HANDLER_TABLES[kind.name] = table
+    return table
 
 
-def _out(layer: nn.Module, ls, idxs) -> List[torch.Tensor]:
-    """Output channels removed: rows of W (and their bias) -> ``ls.out``: (C_out,)."""
-    return [] if ls.out is None else [_take(ls.out, idxs, layer, "output-channel")]
+_HANDLER_TABLES: Dict[str, Dict[Callable, Callable]] = {}
 
 
-def _depthwise(layer: nn.Module, ls, idxs) -> List[torch.Tensor]:
-    """Torch-Pruning's depthwise handler serves both sides (in- and out-pruning are one
-    function); a conv with groups == C_out < C_in is typed depthwise too, and then its idxs
-    count input channels: use ``ls.inp`` when the idxs do not fit ``ls.out``."""
-    if ls.out is not None and (not len(idxs) or max(idxs) < ls.out.numel()):
-        return [ls.out[idxs]]
-    return _inp(layer, ls, idxs)
+def handler_for(layer: nn.Module, fn: Callable) -> Optional[Callable]:
+    """The handler measuring Torch-Pruning's ``fn`` applied to ``layer`` (its layer kind's
+    ``tp_handlers``, :mod:`oba_ext.layers`), or None when the layer or that side is not scored."""
+    kind = kind_of(layer)
+    return None if kind is None else _handler_table(kind).get(fn)
 
 
-def _inp(layer: nn.Module, ls, idxs) -> List[torch.Tensor]:
-    """Input channels removed: columns of W -> ``ls.inp``: (C_in,). A grouped conv whose
-    input score has C_in/groups entries (per weight column) is tiled over the groups, the
-    way Torch-Pruning indexes grouped-conv inputs."""
-    if ls.inp is None:
-        return []
-    s = ls.inp
-    c_in = getattr(layer, "in_channels", getattr(layer, "in_features", s.numel()))
-    groups = getattr(layer, "groups", 1)
-    if s.numel() != c_in and groups > 1 and s.numel() * groups == c_in:
-        s = s.repeat(groups)
-    return [_take(s, idxs, layer, "input-channel")]
+class _Snapshot:
+    """The exact state of a model's parameters and buffers (names, shapes, values), to tell
+    whether cached scores still describe a model. Equal for a deep copy of an unchanged
+    model; different after pruning, an optimizer step or any other in-place change.
+
+    Fast check: the same tensor objects at the same autograd version counter and storage
+    (bumped by every in-place update); otherwise an exact value comparison (``torch.equal``),
+    so no two different states compare equal."""
+
+    def __init__(self, model: nn.Module):
+        self.tensors = self._tensors(model)
+        self.values = [(n, t.detach().clone()) for n, t in self.tensors]
+        self.stamp = self._stamp(self.tensors)
+
+    @staticmethod
+    def _tensors(model):
+        return list(model.named_parameters()) + list(model.named_buffers())
+
+    @staticmethod
+    def _stamp(tensors):
+        return [(n, id(t), t._version, t.data_ptr(), tuple(t.shape)) for n, t in tensors]
+
+    def matches(self, model: nn.Module) -> bool:
+        tensors = self._tensors(model)
+        if self._stamp(tensors) == self.stamp:
+            return True
+        if [(n, tuple(t.shape), t.dtype) for n, t in tensors] != \
+                [(n, tuple(v.shape), v.dtype) for n, v in self.values]:
+            return False
+        with torch.no_grad():
+            same = all(torch.equal(t.detach().to(v.device), v)
+                       for (_, t), (_, v) in zip(tensors, self.values))
+        if same:  # an identical copy: next time the cheap stamp suffices
+            self.tensors, self.stamp = tensors, self._stamp(tensors)
+        return same
 
 
-def _mha_embed(layer: nn.Module, ls, idxs, scores=None, names=None) -> List[torch.Tensor]:
-    """``nn.MultiheadAttention`` embed-dim pruning (Torch-Pruning removes index e from the
-    in_proj columns, the q/k/v rows e, E+e, 2E+e, and out_proj's row and column e): the sum of
-    every available score of those pieces."""
-    E = layer.embed_dim
-    idxs_t = torch.as_tensor(idxs, dtype=torch.long)
-    parts = []
-    if ls is not None:
-        if ls.inp is not None and ls.inp.numel() == E:
-            parts.append(ls.inp[idxs_t])
-        if ls.out is not None and ls.out.numel() == 3 * E:
-            parts += [ls.out[idxs_t + k * E] for k in range(3)]
-    op = scores.get(names.get(layer.out_proj)) if scores is not None else None
-    if op is not None:
-        parts += [t[idxs_t] for t in (op.out, op.inp) if t is not None and t.numel() == E]
-    return parts
+def _max_eps(imp: torch.Tensor) -> torch.Tensor:
+    """The OBA authors' normalizer: ``imp / (max(imp) + 1e-6)``."""
+    return imp / (imp.max() + 1e-6)
 
 
-#: Torch-Pruning pruning function -> which scores of the target layer measure it.
-#: (prune_*_in_channels of depthwise convs and of MHA are the same functions as *_out_*.)
-HANDLERS: Dict[Callable, Callable] = {
-    F.prune_conv_out_channels: _out,
-    F.prune_linear_out_channels: _out,
-    F.prune_depthwise_conv_out_channels: _depthwise,
-    F.prune_conv_in_channels: _inp,
-    F.prune_linear_in_channels: _inp,
-    # norm channels carry scores only for criteria that score them (e.g. the Jacobian Criterion)
-    F.prune_batchnorm_out_channels: _out,
-    F.prune_layernorm_out_channels: _out,
-    F.prune_groupnorm_out_channels: _out,
+#: named recipes for :meth:`OBAImportance.from_preset`. "paper": the OBA authors' pipeline
+#: (train-mode scoring, their group mean over layers with a non-zero score, max + 1e-6 normalizer).
+PRESETS: Dict[str, dict] = {
+    "paper": dict(kind="oba", eval_mode=False, group_reduction="mean_nonzero",
+                  normalizer="max_eps"),
 }
-#: handlers that need the whole score table (composite modules)
-COMPOSITE_HANDLERS: Dict[Callable, Callable] = {
-    F.prune_multihead_attention_out_channels: _mha_embed,
-}
-
-
-def _fingerprint(model: nn.Module) -> Tuple:
-    """Names, shapes and a cheap value checksum of every parameter and buffer: equal for a
-    deep copy, different after pruning or an optimizer step."""
-    items = []
-    with torch.no_grad():
-        for n, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if t.is_floating_point() and t.numel():
-                d = t.detach().double()
-                items.append((n, tuple(t.shape), float(d.sum()), float(d.abs().sum())))
-            else:
-                items.append((n, tuple(t.shape)))
-    return tuple(items)
 
 
 @contextlib.contextmanager
@@ -138,7 +123,10 @@ class OBAImportance(tp.importance.GroupMagnitudeImportance):
         batches: iterable of ``(inputs, targets)`` used to score; re-iterated at every rescore,
             so pass a list or a DataLoader, not a one-shot generator.
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` (default mean cross-entropy).
-        group_reduction / normalizer: as in ``tp.importance.GroupMagnitudeImportance``.
+        group_reduction / normalizer: as in ``tp.importance.GroupMagnitudeImportance``, plus
+            ``group_reduction="mean_nonzero"`` (the mean over the group's layers whose scores
+            are not all zero) and ``normalizer="max_eps"`` (divide by max + 1e-6), the OBA
+            authors' two choices (see :data:`PRESETS` and :meth:`from_preset`).
         model: the model; by default taken from the group's dependency graph.
         eval_mode: score in eval mode (True, default: BN uses running stats, so conv
             output-channel scores before BN do not vanish, SPEC §7.3), in train mode (False),
@@ -165,7 +153,7 @@ class OBAImportance(tp.importance.GroupMagnitudeImportance):
                                                         and iter(batches) is batches):
             raise TypeError("batches: got a one-shot iterator; pass a list or a DataLoader "
                             "(scores are recomputed at every pruning step)")
-        reductions = ("mean", "sum", "max", "prod", "first", "gate", None)
+        reductions = ("mean", "sum", "max", "prod", "first", "gate", "mean_nonzero", None)
         if group_reduction not in reductions:
             raise ValueError(f"group_reduction: expected one of {list(reductions)}, got {group_reduction!r}")
         self.kind = kind
@@ -178,18 +166,48 @@ class OBAImportance(tp.importance.GroupMagnitudeImportance):
         self.score_fn = score_fn
         self.num_scorings = 0
         self.last_result = None
-        self._cache: Dict[Tuple, object] = {}   # fingerprint -> ScoreResult
-        self._dg_key: Dict[int, Tuple] = {}     # id(DG) -> (shape signature, fingerprint)
+        self._cached: Optional[Tuple[_Snapshot, object]] = None  # (state scored, ScoreResult)
+
+    @classmethod
+    def from_preset(cls, name: str, batches: Iterable, **overrides) -> "OBAImportance":
+        """An importance configured by a named recipe of :data:`PRESETS`; ``overrides``
+        replace single arguments. ``OBAImportance.from_preset("paper", batches)`` is the
+        OBA authors' pipeline: ``kind="oba"``, scored in train mode, ``group_reduction=
+        "mean_nonzero"``, ``normalizer="max_eps"``. Raises ValueError for an unknown name."""
+        if name not in PRESETS:
+            raise ValueError(f"preset: unknown name {name!r}; expected one of {sorted(PRESETS)}")
+        return cls(batches=batches, **{**PRESETS[name], **overrides})
+
+    def _reduce(self, group_imp, group_idxs):
+        if self.group_reduction != "mean_nonzero":
+            return super()._reduce(group_imp, group_idxs)
+        # the OBA authors' mean: the sum over the group's layers divided by the number of
+        # layers whose score is not all zero (at least 1)
+        total = torch.zeros_like(group_imp[0], dtype=torch.float32)
+        n = 0
+        for imp, root_idxs in zip(group_imp, group_idxs):
+            if any(r is None for r in root_idxs):
+                continue
+            imp = imp.to(total.device, torch.float32)
+            total.scatter_add_(0, torch.as_tensor(root_idxs, device=imp.device), imp)
+            n += int(bool(imp.ne(0).any()))
+        return total / max(n, 1)
+
+    def _normalize(self, group_importance, normalizer):
+        if normalizer == "max_eps":
+            return _max_eps(group_importance)
+        return super()._normalize(group_importance, normalizer)
 
     def reset(self) -> None:
         """Forget cached scores (the next group is scored afresh)."""
-        self._cache.clear()
-        self._dg_key.clear()
+        self._cached = None
 
     def scores_for(self, model: nn.Module):
-        """The :class:`ScoreResult` of ``model`` in its current state (cached)."""
-        fp = _fingerprint(model)
-        res = self._cache.get(fp)
+        """The :class:`ScoreResult` of ``model`` in its current state (cached: only the
+        latest model's scores are kept, reused while its parameters and buffers are unchanged)."""
+        res = None
+        if self._cached is not None and self._cached[0].matches(model):
+            res = self._cached[1]
         if res is None:
             score_fn = self.score_fn
             if score_fn is None:
@@ -199,7 +217,7 @@ class OBAImportance(tp.importance.GroupMagnitudeImportance):
                 res = score_fn(model, self.batches, loss_fn=self.loss_fn, kind=self.kind,
                                granularity=("out", "in"), **self.score_kwargs)
             self.num_scorings += 1
-            self._cache = {fp: res}  # only the current model's scores are worth keeping
+            self._cached = (_Snapshot(model), res)
         self.last_result = res
         return res
 
@@ -212,22 +230,10 @@ class OBAImportance(tp.importance.GroupMagnitudeImportance):
             raise ValueError("OBAImportance: the group has no dependency graph; pass model=...")
         return dg.model
 
-    def _result_for_group(self, group):
-        model = self._model_of(group)
-        dg = getattr(group, "_DG", None)
-        # cheap per-call key: names, shapes and autograd version counters (bumped by every
-        # in-place update, e.g. an optimizer step); the value fingerprint only when it changes
-        shapes = tuple((n, tuple(p.shape), p._version) for n, p in model.named_parameters())
-        key = self._dg_key.get(id(dg))
-        if key is not None and key[0] == shapes and key[1] in self._cache:
-            return model, self._cache[key[1]]
-        res = self.scores_for(model)
-        self._dg_key = {id(dg): (shapes, next(iter(self._cache)))}
-        return model, res
-
     @torch.no_grad()
     def __call__(self, group, **kwargs):
-        model, res = self._result_for_group(group)
+        model = self._model_of(group)
+        res = self.scores_for(model)
         names = {m: n for n, m in model.named_modules()}
         group_imp, group_idxs = [], []
         seen = set()
@@ -239,14 +245,10 @@ class OBAImportance(tp.importance.GroupMagnitudeImportance):
             if (id(layer), fn) in seen:
                 continue
             seen.add((id(layer), fn))
-            if fn in COMPOSITE_HANDLERS:
-                parts = COMPOSITE_HANDLERS[fn](layer, res.layers.get(names.get(layer)), idxs,
-                                              res.layers, names)
-            elif fn in HANDLERS:
-                ls = res.layers.get(names.get(layer))
-                parts = [] if ls is None else HANDLERS[fn](layer, ls, idxs)
-            else:
-                continue  # parameters, embeddings, ...: not scored
+            handler = handler_for(layer, fn)
+            if handler is None:
+                continue  # bare parameters, LSTMs, ...: not scored
+            parts = handler(layer, res.layers.get(names.get(layer)), idxs, res.layers, names)
             for p in parts:
                 group_imp.append(p.detach().abs().float())
                 group_idxs.append(root_idxs)

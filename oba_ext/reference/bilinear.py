@@ -48,6 +48,17 @@ def _split_conv(conv: Callable, args, kwargs) -> Split:
     return x, w, lambda u, v: conv(u, v, None, stride, padding, dilation, groups)
 
 
+def _split_conv_transpose(conv: Callable, args, kwargs) -> Split:
+    # conv_transpose{1,2}d(input, weight, bias, stride, padding, output_padding, groups, dilation)
+    x, w = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight")
+    rest = [_arg(args, kwargs, i, n, d) for i, n, d in
+            ((3, "stride", 1), (4, "padding", 0), (5, "output_padding", 0), (6, "groups", 1),
+             (7, "dilation", 1))]
+    if not _both_tensors(x, w):
+        return None
+    return x, w, lambda u, v: conv(u, v, None, *rest)
+
+
 def _split_binary(op: Callable, args, kwargs) -> Split:
     a, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "other")
     return (a, b, op) if _both_tensors(a, b) else None
@@ -82,6 +93,8 @@ BILINEAR: Dict[Any, Callable[..., Split]] = {
     F.conv1d: functools.partial(_split_conv, F.conv1d),
     F.conv2d: functools.partial(_split_conv, F.conv2d),
     F.conv3d: functools.partial(_split_conv, F.conv3d),
+    F.conv_transpose1d: functools.partial(_split_conv_transpose, F.conv_transpose1d),
+    F.conv_transpose2d: functools.partial(_split_conv_transpose, F.conv_transpose2d),
     torch.matmul: functools.partial(_split_binary, torch.matmul),
     Tensor.matmul: functools.partial(_split_binary, torch.matmul),
     Tensor.__matmul__: functools.partial(_split_binary, torch.matmul),

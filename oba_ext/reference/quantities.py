@@ -39,6 +39,15 @@ class BatchContext:
                 continue
             for p in spec.params:
                 dest[spec.qualified(p)] = spec.param(p)
+        # δθ (SPEC §1): θ, with entries a layer kind never moves set to 0 (LayerKind.direction)
+        self.direction: Dict[str, Tensor] = {}
+        for spec in layers.values():
+            fn = spec.layer_kind.direction
+            for p in spec.params:
+                n = spec.qualified(p)
+                if n in self.params:
+                    self.direction[n] = (spec.param(p).detach() if fn is None
+                                         else fn(spec.module, p, spec.param(p)))
         self.fm = FunctionalModel(model, inputs, targets, loss_fn)
         self._grads: Optional[Dict[str, Tensor]] = None
 
@@ -70,12 +79,12 @@ def _taylor(ctx: BatchContext) -> Dict[str, Tensor]:
 
 
 def _oba(ctx: BatchContext) -> Dict[str, Tensor]:
-    hv = oba_hvp(ctx.fm, ctx.params)
+    hv = oba_hvp(ctx.fm, ctx.params, ctx.direction)
     return {n: p.detach() * hv[n] for n, p in ctx.params.items()}
 
 
 def _exact(ctx: BatchContext) -> Dict[str, Tensor]:
-    hv = exact_hvp(ctx.fm, ctx.params)
+    hv = exact_hvp(ctx.fm, ctx.params, ctx.direction)
     return {n: p.detach() * hv[n] for n, p in ctx.params.items()}
 
 

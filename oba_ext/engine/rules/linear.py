@@ -5,6 +5,7 @@ Channels: out = last dim of Y, in = last dim of X.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -37,3 +38,75 @@ class LinearRule(TwoStreamLayerRule):
 
 
 register_module(nn.Linear)(LinearRule())
+
+
+class EmbeddingRule:
+    """nn.Embedding, target or not: ``Y = W[idx]``, a Linear of the one-hot input, so linear
+    in W with no input stream (idx carries none). Target: ``T_Y = δW[idx] = Y`` (SPEC §3,
+    δθ = θ), except at positions reading ``padding_idx``: that row gets no gradient in torch
+    (it stays a fixed pad), so it is not a parameter that moves (δθ = 0 there, T_Y = 0);
+    non-target: no tangent. Backward returns nothing (idx has no cotangent).
+
+    Scores (SPEC §5 with X one-hot, T = 0, ``C_X − G_X = W C``), positions at ``padding_idx``
+    left out (autograd gives that row no gradient):
+        out_d  = Σ [C⊙Y]_d (T_Y − Y = 0)       first: Σ [G⊙Y]_d            (D,)
+        in_v   = Σ_{idx = v} ⟨Y, C⟩            first: Σ_{idx = v} ⟨Y, G⟩    (V,)
+        weight = W ⊙ Σ_{idx = v} C  (scatter)  first: W ⊙ Σ_{idx = v} G     (V, D)
+    ``max_norm`` (renormalizes W in place) and ``scale_grad_by_freq`` are refused at capture."""
+
+    def capture_check(self, node, module):
+        if module.max_norm is not None:
+            return (f"{node.target}: nn.Embedding with max_norm renormalizes its weight in "
+                    f"place during forward; the engine does not support it")
+        if module.scale_grad_by_freq:
+            return (f"{node.target}: nn.Embedding with scale_grad_by_freq=True is not "
+                    f"supported by the engine")
+        return None
+
+    def forward(self, call, ctx):
+        m, idx = call.module, call.inputs[0]
+        y = F.embedding(idx, m.weight, m.padding_idx)
+        target = ctx.layer is not None
+        if not (target and ctx.tangents):
+            t_y = None
+        elif m.padding_idx is None:
+            t_y = y
+        else:
+            t_y = y * (idx != m.padding_idx).unsqueeze(-1)
+        if target:
+            ctx.module, ctx.idx, ctx.y = m, idx, y
+        return y, t_y
+
+    def backward(self, ctx, g, c):
+        if ctx.layer is None:
+            return [None]
+        m, idx, y, keys = ctx.module, ctx.idx, ctx.y, ctx.keys
+        w = m.weight
+        acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+        keep = None if m.padding_idx is None else (idx != m.padding_idx).unsqueeze(-1)
+        flat_idx = idx.reshape(-1)
+        streams = [("taylor", g)] if (ctx.mode is None or ctx.first) else []
+        if ctx.mode is not None:
+            streams.append((ctx.mode, c))
+        for q, s in streams:
+            if s is None:  # C = 0: nothing to add
+                zeros = {"out": (w.shape[1],), "in": (w.shape[0],), "weight": tuple(w.shape)}
+                for k in keys:
+                    ctx.record(q, k, torch.zeros(zeros[k], dtype=acc, device=w.device))
+                continue
+            if keep is not None:
+                s = s * keep
+            if "out" in keys:
+                ctx.record(q, "out", (s * y).reshape(-1, y.shape[-1]).sum(0, dtype=acc))
+            if "in" in keys:
+                per_pos = (s * y).sum(-1, dtype=acc).reshape(-1)
+                ctx.record(q, "in", torch.zeros(w.shape[0], dtype=acc, device=w.device)
+                           .index_add_(0, flat_idx, per_pos))
+            if "weight" in keys:
+                rows = torch.zeros(w.shape, dtype=s.dtype, device=w.device).index_add_(
+                    0, flat_idx, s.reshape(-1, w.shape[1]))
+                ctx.record(q, "weight", w * rows)
+        return [None]
+
+
+register_module(nn.Embedding)(EmbeddingRule())
