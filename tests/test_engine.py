@@ -23,7 +23,7 @@ from oba_ext.engine import build_scorer
 from oba_ext.reference import ReferenceScorer
 from oba_ext.scoring import checked_loss, default_loss
 from oba_ext.targets import find_layers
-from tolerances import assert_matches
+from tolerances import assert_matches, assert_matches_pooled
 
 QUANTITIES = ("taylor", "oba", "exact")
 KEYS = ("out", "in", "weight", "bias")
@@ -60,19 +60,19 @@ def compare(model, x, y, loss_fn=None, quantities=QUANTITIES, keys=KEYS, dtype=t
 
 
 def assert_float32_rule(m64, x64, y, what=""):
-    """SPEC §7 float32 rule: the engine on a float32 copy of ``m64`` vs the float64 oracle,
-    within twice the float32 reference path's own error (plus the floor)."""
+    """SPEC §7 float32 rule (tests/tolerances.py): the engine on a float32 copy of ``m64`` vs
+    the float64 oracle, against the float32 reference path's own error — per tensor and, for
+    the many small tensors a single sample cannot judge, pooled over the whole model."""
     loss = checked_loss(default_loss)
     ref64 = ReferenceScorer(m64, find_layers(m64), loss)(x64, y, QUANTITIES, KEYS)
     m32, x32 = copy.deepcopy(m64).float(), x64.float()
     layers32 = find_layers(m32)
     eng32 = build_scorer(m32, layers32, loss, (x32, y))(x32, y, QUANTITIES, KEYS)
     ref32 = ReferenceScorer(m32, layers32, loss)(x32, y, QUANTITIES, KEYS)
-    for name in layers32:
-        for q in QUANTITIES:
-            for k, r in ref64[name][q].items():
-                assert_matches(eng32[name][q][k], r, ref32[name][q][k], dtype=torch.float32,
-                               what=f"{what}{name} {q} {k}")
+    items = [(f"{name} {q} {k}", eng32[name][q][k], r, ref32[name][q][k])
+             for name in layers32 for q in QUANTITIES for k, r in ref64[name][q].items()]
+    assert len(items) >= 3 * len(QUANTITIES) * len(layers32)
+    assert_matches_pooled(items, torch.float32, what=what)
 
 
 def _batch(size=32, n=2, classes=10, seed=0):
@@ -156,7 +156,7 @@ def test_token_mlp_mse_loss():
 
 
 def test_float32_parity():
-    """SPEC §7 rule: engine float32 error vs the float64 oracle ≤ 2× the float32 reference's + floor."""
+    """SPEC §7 float32 rule (tests/tolerances.py) on a small eval-mode ResNet."""
     torch.manual_seed(5)
     m64 = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1],
                                            num_classes=10).double().eval()
