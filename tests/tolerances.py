@@ -190,3 +190,84 @@ def assert_close_rel(got: torch.Tensor, want: torch.Tensor, what: str,
     err = rel_err(got, want)
     assert err <= rtol, (f"{what}: relative Frobenius error {err:.3e} > {rtol:.0e} "
                          f"({_diff_summary(got, want)})")
+
+
+# ------------------------------------------------------------------------------------------
+# The tolerance table. Every numeric tolerance of tests/ is named here, with its reason.
+# ------------------------------------------------------------------------------------------
+
+#: Analytically zero quantities — the ONLY float64 scores not held to FLOAT64_RTOL per tensor.
+#: Their computed values are float64 rounding of terms that cancel exactly, so a relative error
+#: against them measures nothing. They are held to FLOAT64_RTOL relative to the *layer's*
+#: scale (the norm of all the layer's scores of that quantity), and must themselves be
+#: ≤ ANALYTIC_ZERO_MAX of that scale (so calling a wrong value "analytically zero" fails).
+ANALYTIC_ZERO = {
+    "bn_train": "out-channel and bias scores (oba; exact and taylor alike) of a Linear/Conv "
+                "whose output feeds a train-mode BatchNorm: BN normalizes each channel by the "
+                "batch's own statistics, so scaling the channel's weights+bias changes nothing "
+                "(SPEC §7.3); the sum over the channel cancels up to BN's ε/var.",
+    "attn_k_bias": "the bias of an attention's k projection (in_proj_bias[k], k.bias): q·b_k "
+                   "shifts every key's logit of a query by the same amount and softmax is "
+                   "shift-invariant, so every score of it is 0.",
+}
+ANALYTIC_ZERO_MAX = 1e-4   # ‖analytically-zero value‖ / layer scale: observed ~1e-7 (BN ε/var)
+
+# Named tolerances (float64 unless said otherwise). "Same formula" = two evaluations of the same
+# mathematical expression in float64 whose only difference is summation order.
+F64_SAME_FORMULA = 1e-12   # kernel vs naive loop, all-reduce vs single process, attention twin
+                           # vs autograd, emulated CUDA recurrences: observed ≤ 1e-14
+F64_REORDERED_SUM = 1e-15  # the same scores from other batches of identical content
+F64_FORWARD = 1e-14        # forward outputs of two equal networks (in-place vs out-of-place)
+F32_EQUAL_NETWORKS = 1e-5  # float32 outputs of two algebraically equal networks (OBC's
+                           # equivalent pruning after merging; the brief's bound)
+F32_IDENTITY_INSERT = 1e-6 # float32 outputs before/after inserting identity compressors
+F32_VS_F64_SCORES = 1e-4   # float32 scoring vs float64 scoring of the same tiny model: float32
+                           # rounding of a ~10-layer sweep (observed ~1e-6)
+F32_PIXELS = 1e-3          # CIFAR pixels /255 stored as float32 vs the raw bytes (1/255 = 4e-3)
+FD_STEP = 1e-3             # finite-difference step of the benchmark's ΔL checks
+FD_RTOL = 1e-4             # central finite difference vs the analytic value: O(h²) = 1e-6
+DELTA_LOSS_RTOL = 1e-2     # second-order ΔL prediction vs a small (eps) actual removal: O(eps)
+DELTA_LOSS_SUM_RTOL = 2e-2 # ΔL of removing two channels vs the sum of single removals (cross term)
+
+
+def assert_f64(got: torch.Tensor, want: torch.Tensor, what: str,
+               analytic_zero: Optional[str] = None, layer_scale: float = 0.0) -> None:
+    """float64 score vs oracle: relative Frobenius error ≤ FLOAT64_RTOL per tensor (SPEC §7).
+
+    ``analytic_zero``: a key of ANALYTIC_ZERO when the caller knows ``want`` is analytically
+    zero; then the error is measured against ``layer_scale`` (the layer's score norm), and
+    ``want`` must indeed be ≤ ANALYTIC_ZERO_MAX × ``layer_scale``.
+    """
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    if analytic_zero is None:
+        err = rel_err(got, want)
+        assert err <= FLOAT64_RTOL, (f"{what}: relative error {err:.3e} > {FLOAT64_RTOL:.0e} "
+                                     f"({_diff_summary(got, want)})")
+        return
+    assert analytic_zero in ANALYTIC_ZERO, f"{what}: {analytic_zero!r} is not in ANALYTIC_ZERO"
+    assert layer_scale > 0, f"{what}: an analytically-zero value needs the layer's scale"
+    size = want.norm().item() / layer_scale
+    assert size <= ANALYTIC_ZERO_MAX, (f"{what}: claimed analytically zero ({analytic_zero}) but "
+                                       f"‖value‖ = {size:.3e} of the layer's scale")
+    err = (got - want).norm().item() / layer_scale
+    assert err <= FLOAT64_RTOL, (f"{what} (analytically zero, {analytic_zero}): error {err:.3e} "
+                                 f"of the layer's scale > {FLOAT64_RTOL:.0e}")
+
+
+def train_bn_fed_layers(model: torch.nn.Module) -> set:
+    """Names of the Linear/Conv modules whose output goes straight into a BatchNorm module in
+    train mode (ANALYTIC_ZERO["bn_train"]); found with torch.fx."""
+    import torch.fx
+    from torch import nn
+    gm = torch.fx.symbolic_trace(model)
+    mods = dict(gm.named_modules())
+    out = set()
+    for node in gm.graph.nodes:
+        m = mods.get(node.target) if node.op == "call_module" else None
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            src = node.args[0]
+            if src.op == "call_module" and isinstance(mods[src.target], (nn.Linear, nn.Conv1d,
+                                                                        nn.Conv2d)):
+                out.add(src.target)
+    return out
