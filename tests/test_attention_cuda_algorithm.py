@@ -159,8 +159,8 @@ def test_cuda_recurrences_match_twin(mask_kind, causal, exact):
 
 
 def test_cuda_recurrences_float32_rule():
-    """In float32 the recurrences obey the kernel tolerance rule (≤ 2× the float32 twin's
-    error against float64, + floor): the Welford co-moments avoid the cancellation of
+    """In float32 the recurrences obey the kernel tolerance rule of tests/tolerances.py
+    (≤ 2× the float32 twin's error against float64, up to the rule's sampling allowance): the Welford co-moments avoid the cancellation of
     Σ AṠv − r Σ Av and Σ AṠG_A − r δ_G. Sizes where that cancellation matters: a peaked
     softmax (k scaled by 4) and Ṡ with a large mean (q̇ = 3q + noise)."""
     from tolerances import assert_matches

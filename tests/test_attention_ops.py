@@ -3,7 +3,8 @@ against their pure-PyTorch twins (oba_ext/reference/attention.py, themselves che
 autograd in tests/test_attention_reference.py), plus opcheck and argument errors.
 
 Tolerance rule (tests/tolerances.py): float64 ≤ 1e-10 relative; lower precisions at most 2×
-the twin's error in the same dtype (+ a small floor), both against the float64 twin.
+the twin's error in the same dtype (up to the rule's sampling allowance), both against the
+float64 twin.
 """
 import pytest
 import torch
