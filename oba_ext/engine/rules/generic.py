@@ -235,16 +235,47 @@ def program_refusal(program, modules, quantities) -> Optional[str]:
     with its generic-rule steps: random ops always, ops not known to be product-free when
     ``"oba"`` is asked for."""
     live = {st.node: st.live for st in program.steps}
+    tensor = {}
     for st in program.steps:
+        ins = [st.flat[i] for i in st.node_pos] if st.flat is not None else []
+        tensor[st.node] = _tensor_valued(st.node, [tensor.get(n, True) for n in ins])
         if st.rule is not GENERIC:
+            continue
+        tensor_ins = [n for n in ins if tensor.get(n, True)]
+        if not tensor_ins:  # Python values only (torch.arange(x.shape[0])): evaluated as is
             continue
         reason = random_refusal(st.node, st.module)
         if reason is None and "oba" in quantities:
-            n_live = sum(1 for i in st.node_pos if live.get(st.flat[i], False))
+            n_live = sum(1 for n in tensor_ins if live.get(n, False))
             reason = oba_refusal(st.node, st.module, n_live)
         if reason is not None:
             return reason
     return None
+
+
+_META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout",
+               "is_sparse", "is_quantized", "names"}
+_META_METHODS = {"size", "dim", "numel", "item", "tolist", "stride", "element_size", "nelement",
+                 "is_contiguous", "is_floating_point", "ndimension", "get_device"}
+_PY_BUILTINS = {builtins.len, builtins.int, builtins.float, builtins.bool, builtins.isinstance}
+
+
+def _tensor_valued(node, inputs_tensor) -> bool:
+    """Whether fx ``node`` may hold a tensor (static, conservative: ``True`` when unsure).
+    ``inputs_tensor``: the same for its node inputs."""
+    if node.op in ("placeholder", "get_attr", "call_module"):
+        return True
+    if node.op == "call_method":
+        return node.target not in _META_METHODS
+    if node.op == "call_function":
+        t = node.target
+        if t is builtins.getattr:
+            return not (len(node.args) > 1 and node.args[1] in _META_ATTRS)
+        if t in _PY_BUILTINS:
+            return False
+        if getattr(t, "__module__", None) in ("_operator", "operator") and not any(inputs_tensor):
+            return False  # arithmetic / indexing on Python values (x.shape[0] // 2)
+    return True
 
 
 def warn_once(call, mode_note: str):
@@ -392,7 +423,7 @@ def _flatten_cot(v, spec):
         return [v]
     kids = v if isinstance(v, (list, tuple)) else [None] * spec.num_children
     out = []
-    for child, sub in zip(kids, spec.children_specs):
+    for child, sub in zip(kids, spec.children()):
         out.extend(_flatten_cot(child, sub))
     return out
 
