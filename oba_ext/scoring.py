@@ -118,7 +118,7 @@ def _make_scorer(model, layers, loss_fn, impl: str, crit, example):
             raise RuntimeError("impl='kernel': the engine is not built into this version")
         return ReferenceScorer(model, layers, loss_fn)
     try:
-        return build(model, layers, loss_fn, example)
+        return build(model, layers, loss_fn, example, quantities=crit.quantities)
     except engine.CaptureError as e:
         if impl == "kernel":
             raise RuntimeError(f"impl='kernel': the model cannot be captured: {e}") from e

@@ -16,16 +16,27 @@ from .capture import CaptureError, capture
 from .sweep import EngineScorer
 
 
-def build_scorer(model, layers, loss_fn, example=None) -> EngineScorer:
+def build_scorer(model, layers, loss_fn, example=None, quantities=None) -> EngineScorer:
     """Capture ``model`` once and return its batch scorer (``impl = "kernel"``).
 
     layers: ``{name: LayerSpec}`` from :func:`oba_ext.targets.find_layers`.
     loss_fn: ``loss_fn(outputs, targets) -> scalar`` (mean over the batch).
     example: ``(inputs, targets)`` of the first batch (unused by fx capture, which needs no
         example; accepted for the protocol).
-    Raises :class:`CaptureError` when the model cannot be captured (the reason is in the message).
+    quantities: the base quantities the scorer will be asked for (``"taylor"``, ``"oba"``,
+        ``"exact"``), or ``None`` (unknown: ops the generic rule cannot do in ``oba`` mode are
+        then refused only when an ``oba`` batch reaches them).
+    Raises :class:`CaptureError` when the model cannot be captured, or when it holds an op
+    without a rule that the generic rule cannot compute for ``quantities`` (one that draws
+    random numbers; for ``oba``, one not known to be free of products of two θ-dependent
+    values, SPEC §8) — the message names the node and the op.
     """
-    return EngineScorer(model, layers, loss_fn, capture(model, layers))
+    program = capture(model, layers)
+    from .rules.generic import program_refusal
+    reason = program_refusal(program, dict(model.named_modules()), tuple(quantities or ()))
+    if reason is not None:
+        raise CaptureError(reason)
+    return EngineScorer(model, layers, loss_fn, program)
 
 
 __all__ = ["build_scorer", "CaptureError", "EngineScorer"]

@@ -79,13 +79,12 @@ def _split_einsum(args, kwargs) -> Split:
     return ops[0], ops[1], lambda u, v: torch.einsum(eq, u, v)
 
 
-def _split_addmm(mm: Callable, args, kwargs) -> Split:
-    a, b = _arg(args, kwargs, 1, "mat1" if mm is torch.mm else "batch1"), \
-        _arg(args, kwargs, 2, "mat2" if mm is torch.mm else "batch2")
-    alpha = kwargs.get("alpha", 1)
+def _split_tensordot(args, kwargs) -> Split:
+    a, b = _arg(args, kwargs, 0, "a"), _arg(args, kwargs, 1, "b")
+    dims = _arg(args, kwargs, 2, "dims", 2)
     if not _both_tensors(a, b):
         return None
-    return a, b, lambda u, v: alpha * mm(u, v)
+    return a, b, lambda u, v: torch.tensordot(u, v, dims)
 
 
 BILINEAR: Dict[Any, Callable[..., Split]] = {
@@ -108,10 +107,22 @@ BILINEAR: Dict[Any, Callable[..., Split]] = {
     Tensor.__mul__: functools.partial(_split_binary, torch.mul),
     Tensor.__rmul__: functools.partial(_split_rbinary, torch.mul),
     torch.einsum: _split_einsum,
-    torch.addmm: functools.partial(_split_addmm, torch.mm),
-    torch.baddbmm: functools.partial(_split_addmm, torch.bmm),
+    # products of two activations by other names (SPEC §8); addmm/baddbmm/addcmul, GLU,
+    # F.bilinear and the recurrent layers are written out in :mod:`.decompose`
+    torch.outer: functools.partial(_split_binary, torch.outer),
+    Tensor.outer: functools.partial(_split_binary, torch.outer),
+    torch.ger: functools.partial(_split_binary, torch.outer),
+    Tensor.ger: functools.partial(_split_binary, torch.outer),
+    torch.inner: functools.partial(_split_binary, torch.inner),
+    Tensor.inner: functools.partial(_split_binary, torch.inner),
+    torch.dot: functools.partial(_split_binary, torch.dot),
+    Tensor.dot: functools.partial(_split_binary, torch.dot),
+    torch.mv: functools.partial(_split_binary, torch.mv),
+    Tensor.mv: functools.partial(_split_binary, torch.mv),
+    torch.tensordot: _split_tensordot,
 }
 
 #: in-place products cannot be re-evaluated as B(u, w); the oracle refuses them rather than
 #: silently treating them as linear
-INPLACE_PRODUCTS = {Tensor.mul_, Tensor.__imul__}
+INPLACE_PRODUCTS = {Tensor.mul_, Tensor.__imul__, Tensor.addcmul_, Tensor.addmm_,
+                    Tensor.baddbmm_, Tensor.addbmm_, Tensor.addmv_, Tensor.addr_}

@@ -1,10 +1,19 @@
-"""Attention written as explicit bilinear products and a softmax, for the oracles.
+"""Ops that hide products, written out for the oracles (and the engine's decomposing rule).
 
 The fused kernels behind ``F.scaled_dot_product_attention`` and
 ``F.multi_head_attention_forward`` hide the two products ``Q Kᵀ`` and ``A V`` from a
 ``TorchFunctionMode``, and may lack double-backward support. The oracles replace them with the
 plain math of SPEC §4 (``S = s·QKᵀ + mask``, ``A = softmax(S)``, ``O = AV``), evaluated with
 ``torch.matmul`` so that each product is seen by the recorder.
+
+The same holds for every op that contains a product of two θ-dependent values (SPEC §8): GLU,
+``addcmul``, ``F.bilinear``/``nn.Bilinear``, ``addmm``/``baddbmm``/``addbmm``/``addmv``/
+``addr``, einsum of three or more operands, and the recurrent layers (``nn.LSTM``/``GRU``/
+``RNN`` and their cells, via the ``torch._VF`` functions they call). :data:`DECOMPOSITIONS`
+maps each to its written-out form; :data:`RANDOM_MASKS` draws dropout masks once per pass.
+The written-out forms are the definition of these ops for ``oba`` and ``exact`` alike (every
+pass of the oracles runs them), so e.g. ``nn.LSTM``'s scores are those of the same LSTM written
+with explicit gate products.
 """
 from __future__ import annotations
 
@@ -121,8 +130,287 @@ def mha_math(*args, **kwargs):
     return out, weights
 
 
-#: functions whose body the oracles replace by explicit products (re-entering the recorder)
+#: functions whose body the oracles replace by explicit products (re-entering the recorder);
+#: a decomposition may return ``NotImplemented`` to leave a call as it is
 DECOMPOSITIONS = {
     F.scaled_dot_product_attention: sdpa_math,
     F.multi_head_attention_forward: mha_math,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Products hidden inside one op (SPEC §8): each is written out with the elementwise products and
+# matmuls it contains, so that the recorder sees every product of two θ-dependent values.
+# ``F.glu(z) ≡ a * sigmoid(b)``, ``addcmul ≡ input + value * (t1 * t2)``, … The engine runs the
+# same functions (``oba_ext.engine.rules.products``), so both paths score the same network.
+# ---------------------------------------------------------------------------------------------
+
+def glu_math(input: Tensor, dim: int = -1) -> Tensor:
+    """``F.glu``: ``a * sigmoid(b)`` with ``a, b = input.chunk(2, dim)``."""
+    a, b = input.chunk(2, dim)
+    return a * torch.sigmoid(b)
+
+
+def _value(args, kwargs, i, default=1):
+    v = args[i] if len(args) > i else kwargs.get("value", default)
+    return v
+
+
+def addcmul_math(input: Tensor, tensor1: Tensor, tensor2: Tensor, *args, value=1, **kw) -> Tensor:
+    """``torch.addcmul`` (function and method form): ``input + value * (tensor1 * tensor2)``."""
+    if args:
+        value = args[0]
+    if "out" in kw:
+        raise NotImplementedError("oba_ext: torch.addcmul(..., out=...) is not supported")
+    prod = tensor1 * tensor2
+    return input + (prod if value == 1 else value * prod)
+
+
+def addcdiv_math(input: Tensor, tensor1: Tensor, tensor2: Tensor, *args, value=1, **kw) -> Tensor:
+    """``torch.addcdiv``: ``input + value * (tensor1 / tensor2)``. Division is linearized like any
+    op that is not a product (softmax and LayerNorm divide too, SPEC §2), so addcdiv has no
+    bilinear node: it equals its written-out form ``input + value * tensor1 / tensor2``."""
+    if args:
+        value = args[0]
+    if "out" in kw:
+        raise NotImplementedError("oba_ext: torch.addcdiv(..., out=...) is not supported")
+    q = tensor1 / tensor2
+    return input + (q if value == 1 else value * q)
+
+
+def bilinear_math(input1: Tensor, input2: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.bilinear`` / ``nn.Bilinear``: ``y_o = x1ᵀ W_o x2 + b_o`` as two products
+    ``(x1 · W) · x2`` (a product of three factors is the chain of its pairwise products)."""
+    t = torch.einsum("...i,oij->...oj", input1, weight)
+    y = torch.einsum("...oj,...j->...o", t, input2)
+    return y if bias is None else y + bias
+
+
+def einsum_math(equation, *operands) -> Tensor:
+    """``torch.einsum`` of three or more operands as a left-to-right chain of two-operand
+    einsums (each a bilinear node; a multilinear product's second derivative does not depend on
+    the order of contraction). Two operands or fewer: ``NotImplemented`` (the recorder then
+    treats the call as one bilinear node)."""
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    if len(operands) <= 2 or not isinstance(equation, str):
+        return NotImplemented  # the recorder's own two-operand split applies
+    eq = equation.replace(" ", "")
+    if "..." in eq:
+        raise NotImplementedError("oba_ext: einsum with '...' and more than two operands is not "
+                                  "supported; write it as two-operand einsums")
+    if "->" in eq:
+        lhs, out = eq.split("->")
+    else:
+        lhs = eq
+        letters = lhs.replace(",", "")
+        out = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    subs = lhs.split(",")
+    if len(subs) != len(operands):
+        raise ValueError(f"einsum: equation {equation!r} names {len(subs)} operands, got "
+                         f"{len(operands)}")
+    cur, cur_sub = operands[0], subs[0]
+    for k in range(1, len(operands)):
+        later = "".join(subs[k + 1:]) + out
+        keep = []
+        for c in cur_sub + subs[k]:
+            if c in later and c not in keep:
+                keep.append(c)
+        res = "".join(keep)
+        cur = torch.einsum(f"{cur_sub},{subs[k]}->{res}", cur, operands[k])
+        cur_sub = res
+    if cur_sub != out:
+        cur = torch.einsum(f"{cur_sub}->{out}", cur)
+    return cur
+
+
+def _addmm_family(product, input, a, b, beta=1, alpha=1):
+    y = product(a, b)
+    if alpha != 1:
+        y = alpha * y
+    if beta == 0:
+        return y
+    return y + (input if beta == 1 else beta * input)
+
+
+def _addmm_like(product, names):
+    def fn(input, a, b, *args, beta=1, alpha=1, **kw):
+        if args:
+            raise NotImplementedError(f"oba_ext: positional beta/alpha in {names} are not supported")
+        if "out" in kw:
+            raise NotImplementedError(f"oba_ext: {names}(..., out=...) is not supported")
+        return _addmm_family(product, input, a, b, beta, alpha)
+    fn.__name__ = f"{names}_math"
+    fn.__doc__ = f"``torch.{names}``: ``beta·input + alpha·product(a, b)`` with the product explicit."
+    return fn
+
+
+addmm_math = _addmm_like(torch.mm, "addmm")
+baddbmm_math = _addmm_like(torch.bmm, "baddbmm")
+addbmm_math = _addmm_like(lambda a, b: torch.bmm(a, b).sum(0), "addbmm")
+addmv_math = _addmm_like(torch.mv, "addmv")
+addr_math = _addmm_like(torch.outer, "addr")
+
+
+# ---- recurrent layers: the gate products of LSTM / GRU, the plain RNN recurrence ------------
+def _lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr=None):
+    gates = F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh)
+    i, f, g, o = gates.chunk(4, -1)
+    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    c = f * c + i * g
+    h = o * torch.tanh(c)
+    if w_hr is not None:
+        h = F.linear(h, w_hr)
+    return h, c
+
+
+def _gru_cell(x, h, w_ih, w_hh, b_ih, b_hh):
+    ri, zi, ni = F.linear(x, w_ih, b_ih).chunk(3, -1)
+    rh, zh, nh = F.linear(h, w_hh, b_hh).chunk(3, -1)
+    r = torch.sigmoid(ri + rh)
+    z = torch.sigmoid(zi + zh)
+    n = torch.tanh(ni + r * nh)
+    return (1 - z) * n + z * h
+
+
+def _rnn_cell(act):
+    def cell(x, h, w_ih, w_hh, b_ih, b_hh):
+        return act(F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh))
+    return cell
+
+
+def lstm_cell_math(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """``torch.lstm_cell`` (nn.LSTMCell): gates from two F.linear, ``c' = f*c + i*g``,
+    ``h' = o * tanh(c')``; returns ``(h', c')``."""
+    return _lstm_cell(input, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh)
+
+
+def gru_cell_math(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """``torch.gru_cell`` (nn.GRUCell): ``n = tanh(W_in x + b_in + r*(W_hn h + b_hn))``,
+    ``h' = (1 - z)*n + z*h``."""
+    return _gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
+
+
+def rnn_tanh_cell_math(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """``torch.rnn_tanh_cell``: ``tanh(W_ih x + b_ih + W_hh h + b_hh)``."""
+    return _rnn_cell(torch.tanh)(input, hx, w_ih, w_hh, b_ih, b_hh)
+
+
+def rnn_relu_cell_math(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """``torch.rnn_relu_cell``: ``relu(W_ih x + b_ih + W_hh h + b_hh)``."""
+    return _rnn_cell(torch.relu)(input, hx, w_ih, w_hh, b_ih, b_hh)
+
+
+def _recurrent(kind: str):
+    """``_VF.lstm`` / ``_VF.gru`` / ``_VF.rnn_tanh`` / ``_VF.rnn_relu`` (what nn.LSTM/GRU/RNN
+    call) as an explicit loop over time steps, layers and directions. Dropout between layers
+    (train mode) is ``F.dropout`` on each layer's output but the last. Packed sequences are
+    refused."""
+    def fn(input, hx, *rest):
+        if not isinstance(input, Tensor) or (isinstance(hx, Tensor) and not hx.is_floating_point()):
+            raise NotImplementedError(f"oba_ext: nn.{_MODULE_NAME[kind]} on a PackedSequence is "
+                                      f"not supported; pass a padded tensor")
+        params, has_biases, num_layers, dropout, train, bidirectional, batch_first = rest
+        dirs = 2 if bidirectional else 1
+        per = len(params) // (num_layers * dirs)
+        x = input.transpose(0, 1) if batch_first else input  # (T, N, ·)
+        if kind == "lstm":
+            h0, c0 = hx
+        else:
+            h0, c0 = hx, None
+        h_n, c_n = [], []
+        for layer in range(num_layers):
+            outs = []
+            for d in range(dirs):
+                k = layer * dirs + d
+                w = list(params[k * per:(k + 1) * per])
+                w_ih, w_hh = w[0], w[1]
+                b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+                w_hr = w[-1] if kind == "lstm" and per == (5 if has_biases else 3) else None
+                h = h0[k]
+                c = c0[k] if c0 is not None else None
+                steps = range(x.shape[0] - 1, -1, -1) if d == 1 else range(x.shape[0])
+                ys = [None] * x.shape[0]
+                for t in steps:
+                    if kind == "lstm":
+                        h, c = _lstm_cell(x[t], h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
+                    elif kind == "gru":
+                        h = _gru_cell(x[t], h, w_ih, w_hh, b_ih, b_hh)
+                    else:
+                        h = _rnn_cell(torch.tanh if kind == "rnn_tanh" else torch.relu)(
+                            x[t], h, w_ih, w_hh, b_ih, b_hh)
+                    ys[t] = h
+                outs.append(torch.stack(ys, 0))
+                h_n.append(h)
+                if c is not None:
+                    c_n.append(c)
+            x = outs[0] if dirs == 1 else torch.cat(outs, -1)
+            if dropout and train and layer < num_layers - 1:
+                x = F.dropout(x, dropout, True)
+        out = x.transpose(0, 1) if batch_first else x
+        if kind == "lstm":
+            return out, torch.stack(h_n, 0), torch.stack(c_n, 0)
+        return out, torch.stack(h_n, 0)
+    fn.__name__ = f"{kind}_math"
+    return fn
+
+
+_MODULE_NAME = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN", "rnn_relu": "RNN"}
+
+DECOMPOSITIONS.update({
+    F.glu: glu_math,
+    torch.addcmul: addcmul_math, Tensor.addcmul: addcmul_math,
+    torch.addcdiv: addcdiv_math, Tensor.addcdiv: addcdiv_math,
+    F.bilinear: bilinear_math,
+    torch.einsum: einsum_math,
+    torch.addmm: addmm_math, Tensor.addmm: addmm_math,
+    torch.baddbmm: baddbmm_math, Tensor.baddbmm: baddbmm_math,
+    torch.addbmm: addbmm_math, Tensor.addbmm: addbmm_math,
+    torch.addmv: addmv_math, Tensor.addmv: addmv_math,
+    torch.addr: addr_math, Tensor.addr: addr_math,
+    torch._VF.lstm: _recurrent("lstm"), torch._VF.gru: _recurrent("gru"),
+    torch._VF.rnn_tanh: _recurrent("rnn_tanh"), torch._VF.rnn_relu: _recurrent("rnn_relu"),
+    torch._VF.lstm_cell: lstm_cell_math, torch._VF.gru_cell: gru_cell_math,
+    torch._VF.rnn_tanh_cell: rnn_tanh_cell_math, torch._VF.rnn_relu_cell: rnn_relu_cell_math,
+})
+
+
+# ---- dropout: one mask per batch, drawn on a plain tensor ------------------------------------
+def _dropout_mask(fn, names=("input", "p", "training", "inplace"), defaults=(None, 0.5, True, False)):
+    def mask(args, kwargs) -> Optional[Tensor]:
+        a = dict(zip(names, defaults))
+        a.update(zip(names, args))
+        a.update(kwargs)
+        x, p, training = a["input"], a["p"], a["training"]
+        if not training or p == 0 or not isinstance(x, Tensor):
+            return None
+        ones = torch.ones(x.shape, dtype=x.dtype, device=x.device)
+        return fn(ones, p, True)
+    return mask
+
+
+def _refuse_alpha(name):
+    def mask(args, kwargs):
+        training = args[2] if len(args) > 2 else kwargs.get("training", False)
+        p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+        if training and p > 0:
+            raise NotImplementedError(f"oba_ext: {name} in train mode (p={p}) is not supported; "
+                                      f"call model.eval() or set p=0")
+        return None
+    return mask
+
+
+#: dropout functions -> ``mask(args, kwargs)``: the scaled keep-mask ``F.dropout(ones)`` (same
+#: RNG draws as dropping ``input`` itself), or ``None`` when the call is inactive. The oracles
+#: apply it as ``input * mask``: forward-mode AD (dual inputs) makes ``F.dropout`` draw a
+#: *different* mask than a plain call, so calling the op on the real input would give the
+#: tangent pass and the gradient pass different networks. The engine draws the same mask
+#: (``oba_ext.engine.rules.random``).
+RANDOM_MASKS = {
+    F.dropout: _dropout_mask(F.dropout),
+    F.dropout1d: _dropout_mask(F.dropout1d),
+    F.dropout2d: _dropout_mask(F.dropout2d),
+    F.dropout3d: _dropout_mask(F.dropout3d),
+    F.alpha_dropout: _refuse_alpha("F.alpha_dropout / nn.AlphaDropout"),
+    F.feature_alpha_dropout: _refuse_alpha("F.feature_alpha_dropout / nn.FeatureAlphaDropout"),
 }

@@ -8,8 +8,10 @@
 
 Both evaluate the model functionally (``torch.func.functional_call``) on fresh leaves, so the
 model's parameters, gradients and buffers are untouched, and replay the same RNG state in every
-pass (so train-mode dropout draws one mask per batch). Attention is decomposed into explicit
-products (:mod:`.decompose`) in every pass.
+pass (so train-mode dropout draws one mask per batch; afterwards torch's global RNG stands
+where one forward of the model would leave it). Attention and every other op that hides a
+product (GLU, addcmul, nn.Bilinear, LSTM/GRU, …) are decomposed into explicit products
+(:mod:`.decompose`) in every pass.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
 from .bilinear import BILINEAR, INPLACE_PRODUCTS
-from .decompose import DECOMPOSITIONS
+from .decompose import DECOMPOSITIONS, RANDOM_MASKS
 
 
 class _Node:
@@ -46,10 +48,20 @@ class BilinearRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        mask = RANDOM_MASKS.get(func)
+        if mask is not None:
+            # dropout: the mask is drawn on a plain tensor (forward-mode AD dual inputs make
+            # F.dropout draw a different mask), then applied as a product with a constant
+            m = mask(args, kwargs)
+            if m is not None:
+                with self:
+                    return args[0] * m if args else kwargs["input"] * m
         dec = DECOMPOSITIONS.get(func)
         if dec is not None:
             with self:
-                return dec(*args, **kwargs)
+                out = dec(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
         if self.record:
             if func in INPLACE_PRODUCTS and len(args) > 1 and isinstance(args[1], Tensor):
                 raise NotImplementedError(
@@ -100,12 +112,13 @@ class FunctionalModel:
 
     @contextlib.contextmanager
     def _rng(self):
-        devices = [self._device] if self._cuda else []
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(self._cpu_rng)
-            if self._cuda:
-                torch.cuda.set_rng_state(self._cuda_rng, self._device)
-            yield
+        # Every pass starts from the RNG state the batch began with, so train-mode dropout
+        # draws the same mask in every pass; afterwards the global RNG is where one forward of
+        # the model leaves it (each batch draws fresh masks, as the engine's forward does).
+        torch.set_rng_state(self._cpu_rng)
+        if self._cuda:
+            torch.cuda.set_rng_state(self._cuda_rng, self._device)
+        yield
 
     def loss(self, values: Dict[str, Tensor], mode: Optional[TorchFunctionMode] = None) -> Tensor:
         """Loss with ``values`` substituted for the named parameters."""

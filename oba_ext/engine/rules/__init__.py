@@ -25,7 +25,7 @@ The sweep sets, before backward:
 - ``ctx.keys``, ``ctx.first``: requested keys and whether "taylor" is wanted.
 
 Optionally a rule has ``capture_check(node, module) -> reason or None``, called once at
-capture: a reason makes capture raise ``CaptureError`` (e.g. active dropout), so
+capture: a reason makes capture raise ``CaptureError`` (e.g. alpha dropout in train mode), so
 ``impl="auto"`` falls back to the reference path.
 
 ``None`` for a tangent or cotangent means zero; rules exploit it to skip work, and return
@@ -38,9 +38,13 @@ Registry: :data:`MODULE_RULES` (module class, looked up along the MRO),
 :data:`FUNCTION_RULES` (function object: ``torch.relu``, ``operator.add``, ...),
 :data:`METHOD_RULES` (tensor-method name: ``"view"``, ``"relu"``, ...). :func:`lookup`
 returns the rule for an fx node or ``None`` (the sweep then uses the generic rule,
-:mod:`.generic`, with a one-time warning). :data:`UNSUPPORTED` lists ops the generic rule
-would get wrong in ``oba`` mode (bilinear products inside: attention) — the sweep raises
-``CaptureError`` for them until a rule is registered.
+:mod:`.generic`, with a one-time warning). The generic rule is exact for ``taylor`` and
+``exact``; for ``oba`` it is used only for ops on its allow-list (no product of two θ-dependent
+values inside) — any other op without a rule is refused by name when an ``oba`` scorer is built
+(``build_scorer(..., quantities)``) and at run time. Ops that hide products (GLU, addcmul,
+nn.Bilinear, LSTM/GRU, …) have rules that write them out (:mod:`.products`). Values that are
+not floating point carry no streams (:mod:`.discrete`). :data:`UNSUPPORTED` lists ops refused
+in every mode.
 """
 from __future__ import annotations
 
@@ -56,21 +60,11 @@ MODULE_RULES: Dict[type, Any] = {}
 FUNCTION_RULES: Dict[Any, Any] = {}
 METHOD_RULES: Dict[str, Any] = {}
 
-#: ops whose generic linearization is wrong for ``oba`` (they contain products of two
-#: θ-dependent activations) and that have no rule yet: capture refuses them.
-UNSUPPORTED: Dict[Any, str] = {
-    nn.MultiheadAttention: "nn.MultiheadAttention (attention rules not registered yet)",
-    F.scaled_dot_product_attention: "scaled_dot_product_attention (attention rules not registered yet)",
-    F.multi_head_attention_forward: "multi_head_attention_forward (attention rules not registered yet)",
-    nn.Bilinear: "nn.Bilinear (bilinear in its two inputs)",
-    F.bilinear: "F.bilinear (bilinear in its two inputs)",
-    torch.addmm: "torch.addmm (use matmul + add)",
-    nn.LSTM: "nn.LSTM (its gates multiply θ-dependent activations)",
-    nn.GRU: "nn.GRU (its gates multiply θ-dependent activations)",
-    nn.LSTMCell: "nn.LSTMCell (its gates multiply θ-dependent activations)",
-    nn.GRUCell: "nn.GRUCell (its gates multiply θ-dependent activations)",
-    torch.baddbmm: "torch.baddbmm (use bmm + add)",
-}
+#: ops that cannot be scored by the engine at all (a rule refuses them, or none exists and the
+#: generic rule would be wrong in every mode): capture refuses them by name. Ops with hidden
+#: products now have rules (:mod:`.products`); ops without a rule that are not on the generic
+#: rule's oba allow-list are refused per run kind (:func:`.generic.program_refusal`).
+UNSUPPORTED: Dict[Any, str] = {}
 
 
 def register_module(*classes):
@@ -175,6 +169,7 @@ class Call:
 def _load():
     # importing the rule files fills the registries
     from . import arith, attention, conv, elementwise, linear, meta, norm, pool, shape  # noqa: F401
+    from . import discrete, products, random  # noqa: F401  (after shape: they override it)
 
 
 __all__ = ["MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES", "UNSUPPORTED", "Call", "lookup",

@@ -6,7 +6,9 @@ products of activations (SPEC §3 product rule, the same in ``oba`` and ``exact`
 
 Broadcasting is undone with ``sum_to_size``. Matmul-like products (``@``, ``matmul``, ``bmm``,
 ``einsum`` of two operands) use the same rule through ``torch.func.vjp`` of the op itself: the
-cross terms ``(G⊙T_b, T_a⊙G)`` are one VJP of the op at ``(T_a, T_b)``.
+cross terms ``(G⊙T_b, T_a⊙G)`` are one VJP of the op at ``(T_a, T_b)``. With more than two
+θ-dependent operands (einsum of three, ``F.linear`` with a θ-dependent weight and a bias) the
+op is written out product by product (:class:`.products.DecomposedRule`).
 """
 from __future__ import annotations
 
@@ -122,11 +124,15 @@ class BilinearRule:
 
     def forward(self, call, ctx):
         if len(call.inputs) != 2:
+            streams = sum(1 for x, t, n in zip(call.inputs, call.tangents, call.needs)
+                          if x.is_floating_point() and (t is not None or n))
+            if streams > 1:
+                # three or more operands (einsum), or F.linear/conv with a θ-dependent weight
+                # and a bias: the written-out form, product by product (rules/products.py)
+                from .products import DECOMPOSED
+                ctx.delegate = DECOMPOSED
+                return DECOMPOSED.forward(call, ctx)
             ctx.delegate = GENERIC_QUIET  # one tensor operand: linear, the JVP/VJP is exact
-            if len(call.inputs) > 2 and (sum(t is not None or n for t, n in
-                                             zip(call.tangents, call.needs)) > 1):
-                raise ValueError(f"{ctx.name}: products of more than two θ-dependent "
-                                 f"operands are not supported by the engine")
             return GENERIC_QUIET.forward(call, ctx)
         ctx.delegate = None
         a, b = call.inputs

@@ -4,42 +4,305 @@
     backward: G_x = vjp(f, x)(G);  C_x = vjp(f, x)(C)
               + for ``exact``: jvp of ``x ↦ vjp(f, x)(G)`` along T  (the op's own curvature)
 
-It is correct for any op whose ``oba`` linearization is the plain JVP, i.e. any op that is
-not a product of two θ-dependent activations (those need the product rule: see
-``arith.BilinearRule`` and ``rules.UNSUPPORTED``). Only floating inputs that carry a tangent
-or need a cotangent are differentiated; tuple outputs are supported (``G``/``C`` per element,
-``None`` = zero). The first use of each op warns once, naming it.
+What it is right for (decided per op, SPEC §2/§8):
+
+- ``taylor`` and ``exact``: any differentiable, deterministic op (the JVP, VJP and jvp-of-vjp
+  are the op's true derivatives).
+- ``oba``: only ops that contain **no product of two θ-dependent values**: for them the
+  ``oba`` recursion is the plain JVP/VJP. Those ops are listed here (:data:`SAFE_FUNCTIONS`,
+  :data:`SAFE_METHODS`, :data:`SAFE_MODULES`; an allow-list, by the project's convention that
+  elementwise functions of one value, division, softmax, normalizations and reductions other
+  than products are linearized, SPEC §2). Ops in :data:`SAFE_IF_ONE_STREAM` are safe while at
+  most one of their floating inputs carries a stream (``F.group_norm(x, w)`` multiplies ``x``'s
+  normalization by ``w``: a product when ``w`` is θ-dependent too). Any other op without a rule
+  is refused in an ``oba`` run: :func:`oba_refusal` names it at capture time
+  (``build_scorer(..., quantities=...)``), and the rule raises ``CaptureError`` at run time
+  should it be reached anyway — so ``impl="auto"`` falls back to the reference path and
+  ``impl="kernel"`` raises, never a silently linearized product.
+- ops that draw random numbers (:data:`RANDOM_OPS`) are refused in every mode: re-running
+  them for the VJP would draw again.
+
+Values that are not floating point (masks, indices) carry no stream: their inputs get no
+cotangent from them and they get no tangent (SPEC §8). Only floating inputs that carry a
+tangent or need a cotangent are differentiated; tuple outputs are supported (``G``/``C`` per
+element, ``None`` = zero; non-floating elements get none). The first use of each op warns once,
+naming it and saying which kinds it is exact for.
 """
 from __future__ import annotations
 
+import builtins
+import operator
 import warnings
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils import _pytree as pytree
 
 _WARNED = set()
+
+# ---------------------------------------------------------------------------------------------
+# The allow-list for oba: ops known to contain no product of two θ-dependent values
+# ---------------------------------------------------------------------------------------------
+_ELEMENTWISE = (
+    "abs", "absolute", "acos", "arccos", "acosh", "arccosh", "asin", "arcsin", "asinh", "arcsinh",
+    "atan", "arctan", "atanh", "arctanh", "ceil", "clamp", "clip", "clamp_min", "clamp_max",
+    "cos", "cosh", "deg2rad", "rad2deg", "digamma", "erf", "erfc", "erfinv", "exp", "exp2",
+    "expm1", "fix", "floor", "frac", "lgamma", "log", "log10", "log1p", "log2", "logit",
+    "nan_to_num", "neg", "negative", "positive", "pow", "float_power", "reciprocal", "round",
+    "rsqrt", "sigmoid", "sign", "sgn", "sin", "sinc", "sinh", "sqrt", "square", "tan", "tanh",
+    "trunc", "i0", "mvlgamma", "polygamma",
+    # two-operand ops that are not products (division is linearized, SPEC §2)
+    "div", "divide", "true_divide", "atan2", "arctan2", "hypot", "maximum", "minimum", "fmax",
+    "fmin", "fmod", "remainder", "where", "masked_fill", "logaddexp", "logaddexp2", "copysign",
+    "sub", "subtract", "add", "rsub",
+    # reductions and scans without products
+    "sum", "nansum", "mean", "nanmean", "amax", "amin", "max", "min", "logsumexp", "cumsum",
+    "var", "std", "var_mean", "std_mean", "norm", "median", "nanmedian", "cummax", "cummin",
+    "logcumsumexp", "aminmax",
+    # softmax family (a division, linearized like attention's softmax)
+    "softmax", "log_softmax",
+    # shape, indexing and copying
+    "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "contiguous", "clone",
+    "permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t", "T", "mT",
+    "expand", "expand_as", "repeat", "repeat_interleave", "tile", "roll", "flip", "fliplr",
+    "flipud", "rot90", "narrow", "select", "index_select", "gather", "take", "take_along_dim",
+    "masked_select", "diagonal", "diag", "diag_embed", "tril", "triu", "chunk", "split",
+    "tensor_split", "split_with_sizes", "unbind", "cat", "concat", "concatenate", "stack",
+    "hstack", "vstack", "dstack", "sort", "topk", "kthvalue", "unfold", "view_as", "reshape_as",
+    "detach", "to", "float", "double", "half", "bfloat16", "type_as", "type", "cpu", "cuda",
+    "scatter", "scatter_add", "index_add", "index_copy", "index_put", "masked_scatter",
+    "index_fill", "pad", "broadcast_to", "atleast_1d", "atleast_2d", "atleast_3d",
+    "real", "imag", "conj", "resolve_conj", "resolve_neg",
+    # comparisons and other non-floating results carry no stream at all
+    "eq", "ne", "lt", "le", "gt", "ge", "isnan", "isinf", "isfinite", "isclose", "argmax",
+    "argmin", "argsort", "logical_and", "logical_or", "logical_not", "logical_xor", "signbit",
+    "bucketize", "searchsorted", "count_nonzero", "nonzero", "any", "all", "long", "int",
+    "bool", "short", "byte", "char",
+)
+
+#: tensor methods (fx ``call_method`` targets) with no hidden product
+SAFE_METHODS = frozenset(_ELEMENTWISE) | frozenset(
+    n + "_" for n in ("abs", "clamp", "clip", "exp", "log", "neg", "pow", "sqrt", "rsqrt",
+                      "sigmoid", "tanh", "sin", "cos", "reciprocal", "div", "sub", "add",
+                      "masked_fill", "square", "floor", "ceil", "round", "erf", "zero", "fill"))
+SAFE_METHODS = SAFE_METHODS | {"size", "dim", "numel", "new_zeros", "new_ones", "new_empty",
+                               "new_full", "new_tensor", "zero_", "fill_"}
+
+_FN_SOURCES = (torch, torch.special, torch.linalg, F)
+
+
+def _resolve(names):
+    out = set()
+    for n in names:
+        for mod in _FN_SOURCES:
+            f = getattr(mod, n, None)
+            if callable(f):
+                out.add(f)
+    return out
+
+
+#: functions (fx ``call_function`` targets) with no hidden product
+SAFE_FUNCTIONS = frozenset(_resolve(_ELEMENTWISE) | _resolve((
+    "softplus", "elu", "selu", "celu", "mish", "softsign", "tanhshrink", "hardshrink",
+    "softshrink", "threshold", "rrelu", "logsigmoid", "softmin", "normalize",
+    "interpolate", "upsample", "upsample_nearest", "upsample_bilinear", "pixel_shuffle",
+    "pixel_unshuffle", "channel_shuffle", "fold", "avg_pool3d", "adaptive_avg_pool3d",
+    "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+    "lp_pool1d", "lp_pool2d", "vector_norm", "matrix_norm", "zeros_like", "ones_like",
+    "empty_like", "full_like", "cdist_", "one_hot", "embedding", "erfcx", "expit", "xlog1py_",
+    "log_ndtr", "ndtr", "ndtri", "gammaln", "entr", "i0e", "i1", "i1e", "sinc",
+)) | {operator.add, operator.sub, operator.neg, operator.pos, operator.truediv,
+      operator.floordiv, operator.mod, operator.getitem, operator.eq, operator.ne,
+      operator.lt, operator.le, operator.gt, operator.ge, operator.not_, operator.invert,
+      operator.and_, operator.or_, operator.xor, operator.abs, operator.pow, builtins.getattr,
+      builtins.abs})
+
+#: functions safe while at most one floating input carries a stream (a second one would be
+#: multiplied: a norm's affine weight, a pad value, an interpolation weight, ``pow(a, b)``…)
+SAFE_IF_ONE_STREAM = frozenset(_resolve((
+    "layer_norm", "group_norm", "instance_norm", "batch_norm", "rms_norm", "local_response_norm",
+    "lerp", "prelu", "xlogy", "embedding", "normalize",
+)))
+
+#: modules (class along the MRO) with no hidden product and no θ-dependent parameter use
+SAFE_MODULES = tuple(c for c in (
+    nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Softplus, nn.ELU, nn.SELU, nn.CELU, nn.Mish,
+    nn.Softsign, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.LogSigmoid,
+    nn.PReLU, nn.ReLU6, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+    nn.PixelShuffle, nn.PixelUnshuffle, getattr(nn, "ChannelShuffle", None), nn.ZeroPad2d,
+    nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d,
+    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.AvgPool3d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool3d, nn.LPPool1d, nn.LPPool2d, nn.Fold, nn.Unfold,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm,
+    getattr(nn, "RMSNorm", None), nn.Embedding, nn.EmbeddingBag, nn.CosineSimilarity,
+    nn.PairwiseDistance, nn.Identity, nn.Flatten, nn.Unflatten,
+) if c is not None)
+
+_RANDOM_NAMES = ("bernoulli", "bernoulli_", "multinomial", "normal", "normal_", "uniform_",
+                 "exponential_", "geometric_", "cauchy_", "log_normal_", "random_", "poisson",
+                 "rand_like", "randn_like", "randint_like", "dropout", "dropout1d", "dropout2d",
+                 "dropout3d", "alpha_dropout", "feature_alpha_dropout", "rrelu", "rrelu_",
+                 "gumbel_softmax", "native_dropout", "fused_dropout", "feature_dropout")
+#: ops that draw random numbers (refused in every mode unless a rule handles them)
+RANDOM_FUNCTIONS = frozenset(_resolve(_RANDOM_NAMES))
+RANDOM_METHODS = frozenset(_RANDOM_NAMES)
+RANDOM_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                  nn.FeatureAlphaDropout, nn.RReLU)
+
+
+def _target_name(node) -> str:
+    t = node.target
+    if node.op == "call_method":
+        return f"tensor method .{t}()"
+    return f"function {getattr(t, '__module__', '') or ''}.{getattr(t, '__name__', repr(t))}"
 
 
 def op_name(call) -> str:
     node = call.node
     if node.op == "call_module":
         return f"module {type(call.module).__name__} ({node.target})"
+    return _target_name(node)
+
+
+def _is_random(node, module) -> bool:
+    if node.op == "call_module":
+        return isinstance(module, RANDOM_MODULES) and module.training
     if node.op == "call_method":
-        return f"tensor method .{node.target}()"
-    t = node.target
-    return f"function {getattr(t, '__module__', '') or ''}.{getattr(t, '__name__', repr(t))}"
+        return node.target in RANDOM_METHODS
+    try:
+        return node.target in RANDOM_FUNCTIONS
+    except TypeError:
+        return False
 
 
-def warn_once(call):
+def _safe_kind(node, module) -> Optional[str]:
+    """``"any"`` (no product whatever its inputs), ``"one"`` (no product while at most one
+    floating input carries a stream) or ``None`` (not known to be product-free)."""
+    if node.op == "call_module":
+        return "any" if isinstance(module, SAFE_MODULES) else None
+    if node.op == "call_method":
+        return "any" if node.target in SAFE_METHODS else None
+    try:
+        if node.target in SAFE_IF_ONE_STREAM:
+            return "one"
+        if node.target in SAFE_FUNCTIONS:
+            return "any"
+    except TypeError:
+        return None
+    return None
+
+
+def _refusal_text(name: str) -> str:
+    return (f"{name} has no engine rule and is not known to be free of products of two "
+            f"θ-dependent values, so its oba curvature (SPEC §8) cannot be computed by the "
+            f"generic torch.func rule (it would be silently linearized); write the product "
+            f"out (a * b, matmul, ...), or score it with impl='reference'")
+
+
+def oba_refusal(node, module, live_inputs: int) -> Optional[str]:
+    """Why the generic rule cannot stand in for fx ``node`` in an ``oba`` run (or ``None``).
+
+    ``live_inputs``: how many of the node's inputs carry streams (θ-dependent values)."""
+    kind = _safe_kind(node, module)
+    name = (f"module {type(module).__name__} ({node.target})" if node.op == "call_module"
+            else _target_name(node))
+    if kind == "any":
+        return None
+    if kind == "one":
+        if live_inputs <= 1:
+            return None
+        return (f"node {node.name!r}: {name} with {live_inputs} θ-dependent inputs multiplies "
+                f"them (a product, SPEC §8) and has no engine rule; score with "
+                f"impl='reference'")
+    return f"node {node.name!r}: {_refusal_text(name)}"
+
+
+def random_refusal(node, module) -> Optional[str]:
+    """Why the generic rule cannot run fx ``node`` at all: it draws random numbers."""
+    if not _is_random(node, module):
+        return None
+    name = (f"module {type(module).__name__} ({node.target})" if node.op == "call_module"
+            else _target_name(node))
+    return (f"node {node.name!r}: {name} draws random numbers and has no engine rule (the "
+            f"generic rule would draw again for each stream); call model.eval() or use "
+            f"impl='reference'")
+
+
+def program_refusal(program, modules, quantities) -> Optional[str]:
+    """The first reason (or ``None``) why a captured program cannot compute ``quantities``
+    with its generic-rule steps: random ops always, ops not known to be product-free when
+    ``"oba"`` is asked for."""
+    live = {st.node: st.live for st in program.steps}
+    tensor = {}
+    for st in program.steps:
+        ins = [st.flat[i] for i in st.node_pos] if st.flat is not None else []
+        tensor[st.node] = _tensor_valued(st.node, [tensor.get(n, True) for n in ins])
+        if st.rule is not GENERIC:
+            continue
+        tensor_ins = [n for n in ins if tensor.get(n, True)]
+        if not tensor_ins:  # Python values only (torch.arange(x.shape[0])): evaluated as is
+            continue
+        reason = random_refusal(st.node, st.module)
+        if reason is None and "oba" in quantities:
+            n_live = sum(1 for n in tensor_ins if live.get(n, False))
+            reason = oba_refusal(st.node, st.module, n_live)
+        if reason is not None:
+            return reason
+    return None
+
+
+_META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout",
+               "is_sparse", "is_quantized", "names"}
+_META_METHODS = {"size", "dim", "numel", "item", "tolist", "stride", "element_size", "nelement",
+                 "is_contiguous", "is_floating_point", "ndimension", "get_device"}
+_PY_BUILTINS = {builtins.len, builtins.int, builtins.float, builtins.bool, builtins.isinstance}
+
+
+def _tensor_valued(node, inputs_tensor) -> bool:
+    """Whether fx ``node`` may hold a tensor (static, conservative: ``True`` when unsure).
+    ``inputs_tensor``: the same for its node inputs."""
+    if node.op in ("placeholder", "get_attr", "call_module"):
+        return True
+    if node.op == "call_method":
+        return node.target not in _META_METHODS
+    if node.op == "call_function":
+        t = node.target
+        if t is builtins.getattr:
+            return not (len(node.args) > 1 and node.args[1] in _META_ATTRS)
+        if t in _PY_BUILTINS:
+            return False
+        if getattr(t, "__module__", None) in ("_operator", "operator") and not any(inputs_tensor):
+            return False  # arithmetic / indexing on Python values (x.shape[0] // 2)
+    return True
+
+
+def warn_once(call, mode_note: str):
     name = op_name(call).split(" (")[0]
     if name not in _WARNED:
         _WARNED.add(name)
         warnings.warn(f"oba_ext engine: no rule for {name}; using the generic torch.func rule "
-                      f"(correct, but slower)", stacklevel=4)
+                      f"(slower; {mode_note})", stacklevel=4)
 
 
-def _zeros_like_tree(ref):
-    return pytree.tree_map(lambda r: torch.zeros_like(r) if isinstance(r, torch.Tensor) else r, ref)
+def _has_own_rule(call) -> bool:
+    """Whether the node has a registered rule (which then delegated to this one)."""
+    from . import FUNCTION_RULES, METHOD_RULES, module_rule
+    node = call.node
+    if node.op == "call_module":
+        return module_rule(call.module) is not None
+    if node.op == "call_method":
+        return node.target in METHOD_RULES
+    try:
+        return node.target in FUNCTION_RULES
+    except TypeError:
+        return False
+
+
+def _capture_error(msg):
+    from ..capture import CaptureError
+    return CaptureError(msg)
 
 
 def _fill(cot, ref):
@@ -52,46 +315,98 @@ def _fill(cot, ref):
     return cot
 
 
+def _is_float(v) -> bool:
+    return isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
+
+
 class GenericRule:
+    """``GenericRule(warn)``: the fallback (``warn=True``: checks the op against the allow-list
+    and the random ops, warns once) or a registered rule's delegate (``warn=False``)."""
+
     def __init__(self, warn: bool = True):
         self.warn = warn
 
     def forward(self, call, ctx):
-        if self.warn:
-            warn_once(call)
-        active = [i for i, x in enumerate(call.inputs)
-                  if x.is_floating_point() or x.is_complex()]
+        fallback = self.warn and not _has_own_rule(call)
+        ctx.oba_reason = None
+        if fallback:
+            reason = random_refusal(call.node, call.module)
+            if reason is not None:
+                raise _capture_error(reason)
+            n_streams = sum(1 for x, t, n in zip(call.inputs, call.tangents, call.needs)
+                            if _is_float(x) and (t is not None or n))
+            ctx.oba_reason = oba_refusal(call.node, call.module, n_streams)
+            warn_once(call, "exact for taylor and exact" + (
+                "; an oba run refuses it" if ctx.oba_reason else
+                ", and for oba: it holds no product of two θ-dependent values"))
+        active = [i for i, x in enumerate(call.inputs) if _is_float(x)]
         active = [i for i in active if call.tangents[i] is not None or call.needs[i]]
         base = list(call.inputs)
+        ctx.n_inputs = len(call.inputs)
 
-        def f(*xs):
+        def invoke(*xs):
             vals = list(base)
             for i, v in zip(active, xs):
                 vals[i] = v
             return call.invoke(vals)
 
         primals = tuple(call.inputs[i] for i in active)
+        if not primals:  # nothing to differentiate
+            ctx.primals = ()
+            return invoke(), None
+        # differentiate only the floating leaves of the output: masks and indices carry nothing
+        y = invoke(*primals)
+        leaves, spec = pytree.tree_flatten(y)
+        float_pos = [k for k, v in enumerate(leaves) if _is_float(v)]
+        ctx.out_spec, ctx.out_leaves, ctx.float_pos = spec, len(leaves), float_pos
+        if not float_pos:
+            ctx.primals = ()
+            return y, None
+
+        def f(*xs):
+            out = pytree.tree_flatten(invoke(*xs))[0]
+            return tuple(out[k] for k in float_pos)
+
         tangents = [call.tangents[i] for i in active]
-        ctx.f, ctx.active, ctx.primals, ctx.n_inputs = f, active, primals, len(call.inputs)
+        ctx.f, ctx.active, ctx.primals = f, active, primals
+        t_y = None
+        ctx.tans = None
         if any(t is not None for t in tangents):
             tans = tuple(torch.zeros_like(p) if t is None else t for p, t in zip(primals, tangents))
-            y, t_y = torch.func.jvp(f, primals, tans)
+            _, t_float = torch.func.jvp(f, primals, tans)
             ctx.tans = tans if ctx.want_exact else None
-        else:
-            y, t_y = f(*primals), None
-            ctx.tans = None
-        ctx.y_ref = pytree.tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, y)
+            t_leaves = [None] * len(leaves)
+            for k, t in zip(float_pos, t_float):
+                t_leaves[k] = t
+            t_y = t_leaves[0] if isinstance(y, torch.Tensor) else pytree.tree_unflatten(t_leaves, spec)
+        ctx.y_ref = tuple(leaves[k].detach() for k in float_pos)
         return y, t_y
 
+    def _float_cots(self, ctx, v):
+        """The cotangent (tensor, or nested lists for tuple outputs) at the floating leaves."""
+        if ctx.out_leaves == 1 and ctx.float_pos == [0] and not isinstance(v, (list, tuple)):
+            return (v,)
+        if v is None:
+            return tuple(None for _ in ctx.float_pos)
+        leaves = _flatten_cot(v, ctx.out_spec)
+        return tuple(leaves[k] for k in ctx.float_pos)
+
     def backward(self, ctx, g, c):
-        f, primals = ctx.f, ctx.primals
+        primals = ctx.primals
         out = [None] * ctx.n_inputs
         if not primals:
             return out
-        g = _fill(g, ctx.y_ref)
+        if ctx.mode == "oba" and ctx.oba_reason is not None:
+            raise _capture_error(ctx.oba_reason)
+        f = ctx.f
+        g = tuple(_fill(a, r) for a, r in zip(self._float_cots(ctx, g), ctx.y_ref))
         _, vjp_fn = torch.func.vjp(f, *primals)
         gs = vjp_fn(g)
-        cs = vjp_fn(_fill(c, ctx.y_ref)) if c is not None else None
+        cs = None
+        if c is not None:
+            cf = self._float_cots(ctx, c)
+            if any(x is not None for x in cf):
+                cs = vjp_fn(tuple(_fill(a, r) for a, r in zip(cf, ctx.y_ref)))
         if ctx.exact and ctx.tans is not None:
             def gx_of(*xs):
                 return torch.func.vjp(f, *xs)[1](g)
@@ -100,6 +415,17 @@ class GenericRule:
         for k, i in enumerate(ctx.active):
             out[i] = (gs[k], cs[k] if cs is not None else None)
         return out
+
+
+def _flatten_cot(v, spec):
+    """Cotangent ``v`` (tensor / nested lists with ``None``) flattened like the output spec."""
+    if spec.num_children == 0:
+        return [v]
+    kids = v if isinstance(v, (list, tuple)) else [None] * spec.num_children
+    out = []
+    for child, sub in zip(kids, spec.children()):
+        out.extend(_flatten_cot(child, sub))
+    return out
 
 
 #: the shared instances the sweep uses

@@ -1,5 +1,5 @@
-"""Ops linear in their first tensor input (shape ops, slicing, pooling-free reductions, inactive
-dropout, identity): ``T_y = f(T)``, ``G_x = fᵀ(G)``, ``C_x = fᵀ(C)``, no curvature.
+"""Ops linear in their first tensor input (shape ops, slicing, pooling-free reductions, casts,
+identity; dropout is in :mod:`.random`): ``T_y = f(T)``, ``G_x = fᵀ(G)``, ``C_x = fᵀ(C)``, no curvature.
 
 :class:`LinearOpRule` takes an optional hand-written transpose ``vjp(ctx, v) -> v_x``; without
 one it uses ``torch.func.vjp`` at the saved input. If another tensor input is θ-dependent the
@@ -10,7 +10,6 @@ from __future__ import annotations
 import operator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import register_function, register_method, register_module
@@ -22,7 +21,10 @@ class LinearOpRule:
         self.vjp, self.save_input, self.check = vjp, save_input, check
 
     def forward(self, call, ctx):
-        if any(t is not None for t in call.tangents[1:]) or any(call.needs[1:]):
+        # another floating input with a stream makes the op non-linear in the streams (a bool
+        # mask or an integer index carries none: ``x[idx]`` stays linear in x)
+        if any((t is not None or n) and x.is_floating_point() for x, t, n in
+               zip(call.inputs[1:], call.tangents[1:], call.needs[1:])):
             ctx.delegate = GENERIC
             return GENERIC.forward(call, ctx)
         ctx.delegate = None
@@ -108,7 +110,16 @@ class CastRule(LinearOpRule):
     def forward(self, call, ctx):
         ctx.x_dtype = call.inputs[0].dtype
         ctx.x_device = call.inputs[0].device
-        return super().forward(call, ctx)
+        y, t_y = super().forward(call, ctx)
+        # a bool/integer value on either side (``mask.float()``, ``x.long()``) carries no stream
+        ctx.no_stream = not (call.inputs[0].is_floating_point()
+                             and isinstance(y, torch.Tensor) and y.is_floating_point())
+        return y, (None if ctx.no_stream else t_y)
+
+    def backward(self, ctx, g, c):
+        if ctx.delegate is None and ctx.no_stream:
+            return [None] * ctx.n_inputs
+        return super().backward(ctx, g, c)
 
     def _transpose(self, ctx, v):
         return v.to(device=ctx.x_device, dtype=ctx.x_dtype)
@@ -146,49 +157,6 @@ class SplitRule:
         gx = self._join(ctx, g)
         cx = self._join(ctx, c) if c is not None else None
         return [(gx, cx)]
-
-
-def _dropout_check(call, ctx):
-    m = call.module
-    if m is not None:
-        active = m.training and m.p > 0
-    else:
-        names = ("input", "p", "training", "inplace")
-        a = dict(zip(names, call.args))
-        a.update(call.kwargs)
-        active = a.get("training", True) and a.get("p", 0.5) > 0
-    if active:
-        raise ValueError(f"{ctx.name}: active dropout (training mode, p > 0) makes the scores "
-                         f"random; call model.eval() or set p=0")
-
-
-def _random_op_reason(names, default_training, default_p):
-    """capture_check for dropout-like ops: a reason to refuse capture when the op would draw a
-    random mask (so impl="auto" falls back to the reference path, which replays the RNG)."""
-    def reason(node, module):
-        if module is not None:
-            active = module.training and getattr(module, "p", 0) > 0
-        else:
-            a = dict(zip(names, node.args))
-            a.update(node.kwargs)
-            training, p = a.get("training", default_training), a.get("p", default_p)
-            if not isinstance(training, bool) or not isinstance(p, (int, float)):
-                return None  # decided at run time (the rule's check)
-            active = training and p > 0
-        if active:
-            return (f"node {node.name!r}: active dropout / stochastic depth (training mode, "
-                    f"p > 0) draws random masks; call model.eval() (or use impl='reference')")
-        return None
-    return reason
-
-
-def _stochastic_depth_check(call, ctx):
-    names = ("input", "p", "mode", "training")
-    a = dict(zip(names, call.args))
-    a.update(call.kwargs)
-    if a.get("training", True) and a.get("p", 0.0) > 0:
-        raise ValueError(f"{ctx.name}: active stochastic depth (training mode, p > 0) makes "
-                         f"the scores random; call model.eval()")
 
 
 def _sum_back(ctx, v):
@@ -232,10 +200,6 @@ register_method("transpose")(LinearOpRule(_transpose_back))
 register_method("t")(LinearOpRule(_t_back))
 register_method("expand", "expand_as")(LinearOpRule(_expand_back))
 register_function(operator.getitem)(LinearOpRule(_getitem_back, save_input=True))
-DROPOUT = LinearOpRule(_reshape_back, check=_dropout_check)
-DROPOUT.capture_check = _random_op_reason(("input", "p", "training", "inplace"), True, 0.5)
-register_module(nn.Dropout, nn.Dropout1d, nn.Dropout2d)(DROPOUT)
-register_function(F.dropout, F.dropout1d, F.dropout2d)(DROPOUT)
 register_method("to", "float", "double", "half", "bfloat16", "type_as")(CastRule())
 register_function(torch.chunk, torch.split)(SplitRule(dim_pos=2))
 register_method("chunk", "split")(SplitRule(dim_pos=2))
@@ -245,12 +209,3 @@ register_function(torch.sum)(LinearOpRule(_sum_back))
 register_method("sum")(LinearOpRule(_sum_back))
 register_function(torch.mean)(LinearOpRule(_mean_back))
 register_method("mean")(LinearOpRule(_mean_back))
-
-try:  # torchvision's stochastic depth (EfficientNet, ConvNeXt): the identity when inactive
-    from torchvision.ops import stochastic_depth as _stochastic_depth
-except Exception:  # torchvision is optional
-    _stochastic_depth = None
-if _stochastic_depth is not None:
-    _SD = LinearOpRule(_reshape_back, check=_stochastic_depth_check)
-    _SD.capture_check = _random_op_reason(("input", "p", "mode", "training"), True, 0.0)
-    register_function(_stochastic_depth)(_SD)
