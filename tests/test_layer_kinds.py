@@ -15,7 +15,16 @@ from oba_ext.layers import KINDS, kind_of
 from oba_ext.report import channels_per_layer
 from tolerances import assert_close_rel
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    """This file's models are built in float64; restore the default for the rest of the suite
+    (a module-level set_default_dtype leaked float64 into every later test)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 class ConvT1d(nn.Module):
