@@ -49,3 +49,22 @@ def kernels():
         if str(device).startswith("cuda") and not _ext.has_cuda_kernels():
             pytest.fail("a GPU is visible but oba_ext._C was built without CUDA kernels")
     return need
+
+
+def pytest_collection_finish(session):
+    """A test module that changes torch's default dtype at import would change every later test."""
+    import torch
+    if torch.get_default_dtype() != torch.float32:
+        raise pytest.UsageError(f"a test module set torch's default dtype to "
+                                f"{torch.get_default_dtype()} at import; use a fixture")
+
+
+@pytest.fixture(autouse=True)
+def _default_dtype_restored():
+    """Each test leaves torch's default dtype as it found it."""
+    import torch
+    before = torch.get_default_dtype()
+    yield
+    after = torch.get_default_dtype()
+    torch.set_default_dtype(before)
+    assert after == before, f"the test changed torch's default dtype to {after} and left it"
