@@ -21,11 +21,12 @@ def build_scorer(model, layers, loss_fn, example=None) -> EngineScorer:
 
     layers: ``{name: LayerSpec}`` from :func:`oba_ext.targets.find_layers`.
     loss_fn: ``loss_fn(outputs, targets) -> scalar`` (mean over the batch).
-    example: ``(inputs, targets)`` of the first batch (unused by fx capture, which needs no
-        example; accepted for the protocol).
+    example: ``(inputs, targets)`` of the first batch, or None: fx capture needs no example
+        values; it only reads which ``forward`` arguments the batches pass (defaulted ones they
+        do not pass are traced as constants).
     Raises :class:`CaptureError` when the model cannot be captured (the reason is in the message).
     """
-    return EngineScorer(model, layers, loss_fn, capture(model, layers))
+    return EngineScorer(model, layers, loss_fn, capture(model, layers, example))
 
 
 __all__ = ["build_scorer", "CaptureError", "EngineScorer"]
