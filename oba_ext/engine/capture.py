@@ -33,6 +33,7 @@ from torch.utils import _pytree as pytree
 from . import rules as R
 from .rules.function import FUNCTION_RULE, FunctionApply
 from .rules.generic import GENERIC
+from ..reference.functions import is_transparent
 
 _INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
                       torch.relu_, torch.nn.functional.relu_}
@@ -61,7 +62,8 @@ class _Tracer(fx.Tracer):
         tracer = self
 
         def apply(cls, *args, **kwargs):
-            if any(isinstance(a, fx.Proxy) for a in pytree.tree_leaves((args, kwargs))):
+            if (not is_transparent(cls)
+                    and any(isinstance(a, fx.Proxy) for a in pytree.tree_leaves((args, kwargs)))):
                 return tracer.create_proxy("call_function", FunctionApply.of(cls), args, kwargs)
             return orig.__get__(None, cls)(*args, **kwargs)
 

@@ -26,6 +26,15 @@ import torch
 from torch.autograd.function import BackwardCFunction, Function, once_differentiable
 
 
+#: torch's own Functions that only restructure autograd (derivative-transparent): traced into,
+#: as before, and not opaque to the Φ-oracle's recorder
+TRANSPARENT = {"torch.utils.checkpoint.CheckpointFunction"}
+
+
+def is_transparent(cls) -> bool:
+    return function_name(cls) in TRANSPARENT
+
+
 class UnsupportedFunctionError(NotImplementedError):
     """A custom autograd.Function lacks what the requested score kind needs (the message names
     the Function and what it lacks)."""
@@ -131,6 +140,8 @@ def opaque_functions(recorder):
     orig = Function.__dict__["apply"]
 
     def apply(cls, *args, **kwargs):
+        if is_transparent(cls):
+            return orig.__get__(None, cls)(*args, **kwargs)
         recorder.opaque += 1
         try:
             return orig.__get__(None, cls)(*args, **kwargs)
