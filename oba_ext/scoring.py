@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from . import criteria as _criteria
+from . import model_prep as _prep
 from .results import GRANULARITIES, LayerScores, ScoreResult
 from .targets import LayerSpec, find_layers
 
@@ -141,14 +142,9 @@ class _Accumulator:
 
     def add(self, values: Dict[str, Dict[str, torch.Tensor]], batch_index: int,
             weight: float = 1.0):
+        _check_finite(values, batch_index)
         for layer, d in values.items():
             for key, v in d.items():
-                if not torch.isfinite(v).all():
-                    bad = "NaN" if torch.isnan(v).any() else "Inf"
-                    raise FloatingPointError(
-                        f"score: {bad} in the {key!r} score of layer {layer!r} at batch "
-                        f"{batch_index}; check the inputs, the loss and the model for overflow "
-                        f"(scoring in float64 with dtype=torch.float64 may help)")
                 acc = self.sums.setdefault(layer, {})
                 v64 = v.detach().to(torch.float64)
                 if weight != 1.0:
@@ -170,6 +166,29 @@ class _Accumulator:
         self.per_batch = st["per_batch"]
         self.num_batches = st["num_batches"]
         self.total_weight = st["total_weight"]
+
+
+def _check_finite(values: Dict[str, Dict[str, torch.Tensor]], batch_index: int) -> None:
+    """Raise ``FloatingPointError`` naming the layer, key and batch of the first NaN/Inf score.
+    One host sync per batch: the per-tensor flags are reduced on the device and read once; only
+    when one is bad are the tensors searched (the error path)."""
+    items = [(layer, key, v) for layer, d in values.items() for key, v in d.items()]
+    if not items:
+        return
+    by_dev: Dict[torch.device, list] = {}
+    for _, _, v in items:
+        by_dev.setdefault(v.device, []).append(torch.isfinite(v).all())
+    flags = [torch.stack(f).all() for f in by_dev.values()]
+    ok = flags[0] if len(flags) == 1 else torch.stack([f.cpu() for f in flags]).all()
+    if bool(ok):  # the one sync
+        return
+    for layer, key, v in items:
+        if not torch.isfinite(v).all():
+            bad = "NaN" if torch.isnan(v).any() else "Inf"
+            raise FloatingPointError(
+                f"score: {bad} in the {key!r} score of layer {layer!r} at batch "
+                f"{batch_index}; check the inputs, the loss and the model for overflow "
+                f"(scoring in float64 with dtype=torch.float64 may help)")
 
 
 def _save_atomic(obj, path: str):
@@ -194,8 +213,15 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
             eval-mode BatchNorm; in train mode BN is scale-invariant per channel, so conv
             output-channel ``oba`` scores before a train-mode BN vanish, SPEC §7.3). The model
             is not modified: parameters and buffers (BN running stats) are as before.
+            Wrappers are unwrapped and the module inside is scored (``torch.compile``'d modules
+            via ``_orig_mod``, ``nn.DataParallel`` / ``DistributedDataParallel`` via
+            ``.module``): result names are the inner module's (``"0"``, not ``"module.0"``);
+            ``targets``/``ignore`` accept either form. Masked layers (``torch.nn.utils.prune``:
+            ``weight = weight_orig ⊙ weight_mask``) are scored at their effective weight θ = the
+            product: masked entries score 0 and are not moved (SPEC §8).
         batches: iterable of ``(inputs, targets)``; ``inputs`` a tensor or a tuple of tensors
-            passed as ``model(*inputs)``.
+            passed as ``model(*inputs)``. A batch with 0 samples raises ``ValueError`` naming
+            its index.
         loss_fn: ``loss_fn(outputs, targets) -> scalar``; default mean cross-entropy.
         kind: a criterion of :mod:`oba_ext.criteria` ("oba", "exact", "taylor", ...).
         granularity: any of "out", "in", "weight", "head".
@@ -212,13 +238,20 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
             (the first ``num_batches`` items of ``batches`` are skipped), with identical results.
         distributed: all-reduce the accumulated sums over ``torch.distributed`` (default: when
             a process group is initialized with more than one rank). Each rank passes its own
-            shard of batches; the result is the average over all ranks' batches.
+            shard of batches; the result is the average over all ranks' batches. Under NCCL
+            each rank scores on ``cuda:LOCAL_RANK`` (``device="cuda"`` or a model on another
+            GPU; an explicit ``cuda:i`` is kept). Before the sums are all-reduced the ranks
+            agree (one all-reduce of a status flag) and, if any rank failed or got no batch,
+            every rank raises (``ValueError`` naming the ranks without batches) instead of
+            leaving the others waiting.
 
     Returns: a :class:`ScoreResult` mapping layer names to :class:`LayerScores`, averaged over
         batches (per-batch sums of SPEC §2/§5, signed).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    model, wrappers = _prep.unwrap(model)  # compile / DataParallel / DDP: score the inner module
+    targets, ignore = _prep.strip_prefix(targets, wrappers), _prep.strip_prefix(ignore, wrappers)
     crit = _criteria.get(kind)
     gran = _normalize_granularity(granularity)
     if impl not in _IMPLS:
@@ -235,20 +268,24 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
 
+    if distributed is None:
+        distributed = (torch.distributed.is_available() and torch.distributed.is_initialized()
+                       and torch.distributed.get_world_size(process_group) > 1)
     model_device = _check_devices(model)
-    if device is not None or dtype is not None:
-        dev = torch.device(device) if device is not None else model_device
+    backend = torch.distributed.get_backend(process_group) if distributed else None
+    dev = _prep.rank_device(device, model_device,
+                            backend, _prep.local_rank(process_group) if distributed else None)
+    if dev is not None and dev.type == "cuda" and backend == "nccl":
+        torch.cuda.set_device(dev)  # NCCL collectives run on the current device
+    if dev != model_device or dtype is not None:
         cur_dtype = next(model.parameters()).dtype if any(True for _ in model.parameters()) else None
         if dev != model_device or (dtype is not None and dtype != cur_dtype):
-            model = copy.deepcopy(model).to(device=dev, dtype=dtype)
+            with _prep.detached_masked(model):  # deepcopy refuses the prune hook's non-leaf weight
+                model = _prep.refresh_masked(copy.deepcopy(model).to(device=dev, dtype=dtype))
         model_device = dev
     layers = find_layers(model, targets, ignore, include_norm=crit.norm_layers)
     loss = checked_loss(loss_fn)
     keys = _keys_for(gran)
-
-    if distributed is None:
-        distributed = (torch.distributed.is_available() and torch.distributed.is_initialized()
-                       and torch.distributed.get_world_size(process_group) > 1)
 
     acc = _Accumulator(keep_per_batch)
     meta = {"version": _CKPT_VERSION, "kind": crit.name, "granularity": gran,
@@ -274,6 +311,9 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
         bar = tqdm(total=total, desc=f"oba_ext.score[{crit.name}]", unit="batch",
                    initial=skip, dynamic_ncols=True)
     seen = 0
+    failure = None
+    masks = _prep.effective_weights(model)  # θ of a masked layer = weight_orig ⊙ weight_mask
+    masks.__enter__()
     try:
         for index, batch in enumerate(it):
             if max_batches is not None and index >= max_batches:
@@ -282,6 +322,7 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
             if index < skip:
                 continue
             inputs, tgt = _split_batch(batch, index)
+            _check_not_empty(inputs, tgt, index)
             inputs = _to(inputs, model_device, dtype)
             tgt = _to(tgt, model_device, dtype)
             if scorer is None:
@@ -295,10 +336,17 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
                 bar.update(1)
             if checkpoint is not None and acc.num_batches % checkpoint_every == 0:
                 _save_atomic({"meta": meta, "acc": acc.state_dict()}, checkpoint)
+    except Exception as e:
+        if not distributed:
+            raise
+        failure = e  # the other ranks must hear of it before anyone raises (no hang)
     finally:
         _restore_buffers(model, state)
         if bar is not None:
             bar.close()
+        masks.__exit__(None, None, None)
+    if distributed:
+        _agree(failure, seen, process_group, model_device)
     if seen == 0:
         raise ValueError("batches: the iterable yielded no batch (nothing to score)")
     if checkpoint is not None:
@@ -309,6 +357,39 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
         num, total = _all_reduce(acc, process_group, model_device, layers)
     impl_ran = getattr(scorer, "impl", "reference") if scorer is not None else "reference"
     return _finish(acc, num, total, layers, crit, gran, impl_ran, model)
+
+
+def _check_not_empty(inputs, tgt, index: int) -> None:
+    """An empty batch (0 samples) would count as a batch and shift every average (SPEC §8)."""
+    from torch.utils import _pytree as pytree
+    first = next((t for t in pytree.tree_leaves(inputs)
+                  if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+    for what, t in (("inputs", first), ("targets", tgt)):
+        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 0:
+            raise ValueError(f"batches: batch {index} is empty ({what} of shape {tuple(t.shape)}, "
+                             f"0 samples); drop empty batches before scoring")
+
+
+def _agree(failure: Optional[BaseException], seen: int, group, device) -> None:
+    """All ranks learn which ranks failed or had no batch (one all-reduce), then all raise
+    together: a rank that raised alone would leave the others waiting in the sums' all-reduce."""
+    import torch.distributed as dist
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    status = torch.zeros(world, 2, dtype=torch.float64, device=device)
+    status[rank, 0] = float(failure is not None)
+    status[rank, 1] = float(seen == 0 and failure is None)
+    dist.all_reduce(status, op=dist.ReduceOp.SUM, group=group)
+    failed = [r for r in range(world) if status[r, 0].item() > 0]
+    empty = [r for r in range(world) if status[r, 1].item() > 0]
+    if failure is not None:
+        raise failure
+    if failed:
+        raise RuntimeError(f"score: rank(s) {failed} of {world} failed while scoring (their own "
+                           f"error says why); no scores were all-reduced")
+    if empty:
+        raise ValueError(f"batches: rank(s) {empty} of {world} got no batch; under "
+                         f"torch.distributed every rank needs at least one batch (e.g. "
+                         f"batches[rank::world_size] with at least world_size batches)")
 
 
 def _batch_size(inputs) -> float:

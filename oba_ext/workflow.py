@@ -122,6 +122,9 @@ def run_score(args) -> dict:
         if "RANK" not in os.environ:
             raise UsageError("--distributed: launch with torchrun (RANK/WORLD_SIZE are not set)")
         backend = "nccl" if torch.device(args.device).type == "cuda" else "gloo"
+        if backend == "nccl" and torch.device(args.device).index is None:
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"  # one GPU per rank
+            torch.cuda.set_device(torch.device(args.device))
         dist.init_process_group(backend)
         rank, world = dist.get_rank(), dist.get_world_size()
     try:

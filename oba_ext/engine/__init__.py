@@ -21,8 +21,9 @@ def build_scorer(model, layers, loss_fn, example=None, quantities=None) -> Engin
 
     layers: ``{name: LayerSpec}`` from :func:`oba_ext.targets.find_layers`.
     loss_fn: ``loss_fn(outputs, targets) -> scalar`` (mean over the batch).
-    example: ``(inputs, targets)`` of the first batch (unused by fx capture, which needs no
-        example; accepted for the protocol).
+    example: ``(inputs, targets)`` of the first batch, or None: fx capture needs no example
+        values; it only reads which ``forward`` arguments the batches pass (defaulted ones they
+        do not pass are traced as constants).
     quantities: the base quantities the scorer will be asked for (``"taylor"``, ``"oba"``,
         ``"exact"``), or ``None`` (unknown: ops the generic rule cannot do in ``oba`` mode are
         then refused only when an ``oba`` batch reaches them).
@@ -31,7 +32,7 @@ def build_scorer(model, layers, loss_fn, example=None, quantities=None) -> Engin
     random numbers; for ``oba``, one not known to be free of products of two θ-dependent
     values, SPEC §8) — the message names the node and the op.
     """
-    program = capture(model, layers)
+    program = capture(model, layers, example)
     from .rules.generic import program_refusal
     reason = program_refusal(program, dict(model.named_modules()), tuple(quantities or ()))
     if reason is not None:

@@ -17,15 +17,23 @@ and needs cotangents) and which earlier values can be freed after it.
 """
 from __future__ import annotations
 
+import inspect
 import operator
+import os
+import re
+import traceback
 from typing import Dict, List, Optional
+
+import itertools
 
 import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from . import rules as R
+from .rules.function import FUNCTION_RULE, FunctionApply
 from .rules.generic import GENERIC
+from ..reference.functions import is_transparent
 
 _INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
                       torch.relu_, torch.nn.functional.relu_}
@@ -38,7 +46,45 @@ class CaptureError(Exception):
 class _Tracer(fx.Tracer):
     """Leaves: modules with a rule or listed as unsupported; other torch.nn modules only when
     they have no submodules (a torch.nn container such as nn.TransformerEncoderLayer is traced
-    through, so the Linear layers inside it appear as target nodes)."""
+    through, so the Linear layers inside it appear as target nodes).
+
+    Research-code shapes handled here: a module created inside ``forward`` (not a submodule of
+    the model, e.g. ``nn.AvgPool2d(2)(x)``) is traced through when it has no parameters or
+    buffers of its own; a custom ``torch.autograd.Function`` call ``Fn.apply(...)`` on traced
+    values becomes one node (target :class:`~.rules.function.FunctionApply`) instead of being
+    traced into, so its own backward/jvp are used."""
+
+    record_stack_traces = True  # node.meta["stack_trace"]: where a refused node is in the model
+
+    def trace(self, root, concrete_args=None):
+        from torch.autograd.function import Function
+        orig = Function.__dict__["apply"]
+        tracer = self
+
+        def apply(cls, *args, **kwargs):
+            if (not is_transparent(cls)
+                    and any(isinstance(a, fx.Proxy) for a in pytree.tree_leaves((args, kwargs)))):
+                return tracer.create_proxy("call_function", FunctionApply.of(cls), args, kwargs)
+            return orig.__get__(None, cls)(*args, **kwargs)
+
+        Function.apply = classmethod(apply)
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            Function.apply = orig
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            self.path_of_module(m)
+        except NameError:  # created inside forward: not a submodule of the model
+            own = [n for n, _ in itertools.chain(m.named_parameters(), m.named_buffers())]
+            if own:
+                raise CaptureError(
+                    f"a {type(m).__name__} module created inside forward (not a submodule of "
+                    f"the model) has its own parameters/buffers {own[:3]}; make it a submodule "
+                    f"(assign it in __init__)") from None
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if R.module_rule(m) is not None or any(c in R.UNSUPPORTED for c in type(m).__mro__):
@@ -96,14 +142,96 @@ def _is_inplace(node, modules) -> bool:
     return False
 
 
-def capture(model: nn.Module, layers: Dict[str, "LayerSpec"]) -> Program:  # noqa: F821
-    """Trace ``model`` and compile its graph into :class:`Step` s; ``CaptureError`` if not possible."""
-    R._load()
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+_OBA_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_OBA_MODELS = os.path.join(_OBA_DIR, "models")
+
+
+def _user_frame(filename: str) -> bool:
+    f = os.path.abspath(filename)
+    if f.startswith(_OBA_MODELS + os.sep):
+        return True
+    return not (f.startswith(_TORCH_DIR + os.sep) or f.startswith(_OBA_DIR + os.sep)
+                or f.startswith("<"))
+
+
+def user_location(exc: BaseException) -> Optional[str]:
+    """``file:line in func: code`` of the innermost frame of ``exc``'s traceback that is in the
+    user's code (not torch, not oba_ext's machinery), or None."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if _user_frame(f.filename)]
+    if not frames:
+        return None
+    f = frames[-1]
+    code = f" `{f.line.strip()}`" if f.line else ""
+    return f"{f.filename}:{f.lineno} in {f.name}{code}"
+
+
+def _node_location(node) -> Optional[str]:
+    """Where ``node`` came from in the user's model (fx's recorded stack trace)."""
+    st = node.meta.get("stack_trace") if node is not None else None
+    if not st:
+        return None
+    hits = [m for m in re.finditer(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', st)
+            if _user_frame(m.group(1))]
+    if not hits:
+        return None
+    m = hits[-1]
+    return f"{m.group(1)}:{m.group(2)} in {m.group(3)} `{m.group(4).strip()}`"
+
+
+def concrete_defaults(model: nn.Module, inputs) -> Dict[str, object]:
+    """``forward`` parameters with a plain default (None, bool, int, float, str) that the batch
+    ``inputs`` (a tensor, a tuple of positional tensors, or a dict of keyword tensors) does not
+    pass: traced as the constant default (fx ``concrete_args``), so research code that branches
+    on them (``if return_features:``) can be captured."""
     try:
-        graph = _Tracer().trace(model)
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return {}
+    if isinstance(inputs, dict):
+        n_pos, names = 0, set(inputs)
+    elif isinstance(inputs, (tuple, list)):
+        n_pos, names = len(inputs), set()
+    else:
+        n_pos, names = 1, set()
+    out = {}
+    for j, p in enumerate(sig.parameters.values()):
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            break
+        passed = (j < n_pos and p.kind != p.KEYWORD_ONLY) or p.name in names
+        if passed or p.default is p.empty:
+            continue
+        if p.default is None or type(p.default) in (bool, int, float, str):
+            out[p.name] = p.default
+    return out
+
+
+def capture(model: nn.Module, layers: Dict[str, "LayerSpec"], example=None) -> Program:  # noqa: F821
+    """Trace ``model`` and compile its graph into :class:`Step` s; ``CaptureError`` if not possible.
+
+    example: ``(inputs, targets)`` of a batch, or None: ``forward`` parameters with a constant
+        default that ``inputs`` does not pass are traced as constants (:func:`concrete_defaults`).
+    A ``CaptureError`` names, where it can, the line of the user's model that stopped capture.
+    """
+    R._load()
+    concrete = concrete_defaults(model, example[0]) if example is not None else {}
+    try:
+        graph = _Tracer().trace(model, concrete_args=concrete or None)
     except Exception as e:  # fx raises many types (TraceError, TypeError, …) for untraceable code
-        raise CaptureError(f"torch.fx symbolic tracing of {type(model).__name__} failed: "
-                           f"{type(e).__name__}: {e}") from e
+        loc = user_location(e)
+        raise CaptureError(f"torch.fx symbolic tracing of {type(model).__name__} failed"
+                           + (f" at {loc}" if loc else "") + f": {type(e).__name__}: {e}") from e
+    try:
+        return _compile(model, layers, graph)
+    except CaptureError as e:
+        node = getattr(e, "node", None)
+        loc = _node_location(node)
+        if loc and loc not in str(e):
+            raise CaptureError(f"{e} (at {loc})") from e
+        raise
+
+
+def _compile(model, layers, graph) -> Program:
     modules = dict(model.named_modules())
     target_params = {id(s.param(p)): s.qualified(p) for s in layers.values()
                      if s.kind != "norm" for p in s.params}
@@ -118,93 +246,100 @@ def capture(model: nn.Module, layers: Dict[str, "LayerSpec"]) -> Program:  # noq
     placeholders, defaults, output = [], [], None
     live: Dict[fx.Node, bool] = {}
     called_layers = set()
-    for node in nodes:
-        st = Step(node)
-        if node.op == "placeholder":
-            placeholders.append(node)
-            defaults.append(node.args[0] if node.args else inspect_empty)
-            live[node] = False
-        elif node.op == "get_attr":
-            val = _fetch_attr(model, node.target)
-            if id(val) in target_params:
-                raise CaptureError(f"target parameter {target_params[id(val)]!r} is used outside "
-                                   f"its module's forward (node {node.name!r}); the engine needs "
-                                   f"target layers called as modules")
-            if id(val) in norm_params:
-                norm_attr[node] = norm_params[id(val)]
-            live[node] = False
-        elif node.op == "output":
-            output = node.args[0]
-            if not isinstance(output, fx.Node):
-                raise CaptureError(f"{type(model).__name__} returns {type(output).__name__}; the "
-                                   f"engine needs a model that returns a single tensor")
-            continue
-        else:
-            reason = R.unsupported_reason(node, modules)
-            if reason is not None:
-                raise CaptureError(f"node {node.name!r}: {reason}")
-            if node.op == "call_module":
-                st.module = modules[node.target]
-                st.fn = st.module
-                if node.target in layers:
-                    st.layer = node.target
-                    called_layers.add(node.target)
-                    if layers[node.target].kind != "norm":
-                        pm = getattr(st.module, "padding_mode", "zeros")
-                        if pm != "zeros":
-                            raise CaptureError(f"{node.target}: padding_mode={pm!r} is not "
-                                               f"supported by the engine (only 'zeros')")
-            elif node.op == "call_function":
-                st.fn = node.target
+    node = None
+    try:
+        for node in nodes:
+            st = Step(node)
+            if node.op == "placeholder":
+                placeholders.append(node)
+                defaults.append(node.args[0] if node.args else inspect_empty)
+                live[node] = False
+            elif node.op == "get_attr":
+                val = _fetch_attr(model, node.target)
+                if id(val) in target_params:
+                    raise CaptureError(f"target parameter {target_params[id(val)]!r} is used outside "
+                                       f"its module's forward (node {node.name!r}); the engine needs "
+                                       f"target layers called as modules")
+                if id(val) in norm_params:
+                    norm_attr[node] = norm_params[id(val)]
+                live[node] = False
+            elif node.op == "output":
+                output = node.args[0]
+                if not isinstance(output, fx.Node):
+                    raise CaptureError(f"{type(model).__name__} returns {type(output).__name__}; the "
+                                       f"engine needs a model that returns a single tensor")
+                continue
             else:
-                st.fn = getattr(torch.Tensor, node.target, None)
-                if st.fn is None:
-                    raise CaptureError(f"node {node.name!r}: unknown tensor method "
-                                       f".{node.target}()")
-            st.rule = R.lookup(node, modules)
-            check = getattr(st.rule, "capture_check", None)
-            reason = check(node, st.module) if check is not None else None
-            if reason is not None:
-                raise CaptureError(reason)
-            if node.op == "call_module" and st.layer is None:
-                for pname, prm in st.module.named_parameters():
-                    if id(prm) in norm_params:
+                reason = R.unsupported_reason(node, modules)
+                if reason is not None:
+                    raise CaptureError(f"node {node.name!r}: {reason}")
+                if node.op == "call_module":
+                    st.module = modules[node.target]
+                    st.fn = st.module
+                    if node.target in layers:
+                        st.layer = node.target
+                        called_layers.add(node.target)
+                        if layers[node.target].kind != "norm":
+                            pm = getattr(st.module, "padding_mode", "zeros")
+                            if pm != "zeros":
+                                raise CaptureError(f"{node.target}: padding_mode={pm!r} is not "
+                                                   f"supported by the engine (only 'zeros')")
+                elif node.op == "call_function":
+                    st.fn = node.target
+                else:
+                    st.fn = getattr(torch.Tensor, node.target, None)
+                    if st.fn is None:
+                        raise CaptureError(f"node {node.name!r}: unknown tensor method "
+                                           f".{node.target}()")
+                st.rule = R.lookup(node, modules)
+                check = getattr(st.rule, "capture_check", None)
+                reason = check(node, st.module) if check is not None else None
+                if reason is not None:
+                    raise CaptureError(reason)
+                if node.op == "call_module" and st.layer is None:
+                    for pname, prm in st.module.named_parameters():
+                        if id(prm) in norm_params:
+                            raise CaptureError(
+                                f"module {node.target!r} ({type(st.module).__name__}) uses the "
+                                f"parameters of scored norm layer {norm_params[id(prm)]!r}; the engine "
+                                f"cannot record that layer's channel scores")
+                        if id(prm) in target_params:
+                            raise CaptureError(
+                                f"module {node.target!r} ({type(st.module).__name__}) uses target "
+                                f"parameter {target_params[id(prm)]!r} (as {pname!r}) outside the "
+                                f"target layer's own call (shared/tied weights or a target inside "
+                                f"a leaf module without a rule)")
+                st.flat, st.spec = pytree.tree_flatten((tuple(node.args), dict(node.kwargs)))
+                st.node_pos = [i for i, a in enumerate(st.flat) if isinstance(a, fx.Node)]
+                norms = {norm_attr[st.flat[i]] for i in st.node_pos if st.flat[i] in norm_attr}
+                if norms:
+                    name = next(iter(norms))
+                    if len(norms) > 1 or not getattr(st.rule, "records_norm", False) or name in called_layers:
                         raise CaptureError(
-                            f"module {node.target!r} ({type(st.module).__name__}) uses the "
-                            f"parameters of scored norm layer {norm_params[id(prm)]!r}; the engine "
-                            f"cannot record that layer's channel scores")
-                    if id(prm) in target_params:
-                        raise CaptureError(
-                            f"module {node.target!r} ({type(st.module).__name__}) uses target "
-                            f"parameter {target_params[id(prm)]!r} (as {pname!r}) outside the "
-                            f"target layer's own call (shared/tied weights or a target inside "
-                            f"a leaf module without a rule)")
-            st.flat, st.spec = pytree.tree_flatten((tuple(node.args), dict(node.kwargs)))
-            st.node_pos = [i for i, a in enumerate(st.flat) if isinstance(a, fx.Node)]
-            norms = {norm_attr[st.flat[i]] for i in st.node_pos if st.flat[i] in norm_attr}
-            if norms:
-                name = next(iter(norms))
-                if len(norms) > 1 or not getattr(st.rule, "records_norm", False) or name in called_layers:
-                    raise CaptureError(
-                        f"node {node.name!r} ({getattr(st.fn, '__name__', st.fn)}) uses the "
-                        f"parameters of scored norm layer(s) {sorted(norms)} in a way the engine "
-                        f"cannot record as that layer's channel scores")
-                st.layer = name
-                called_layers.add(name)
-            st.tuple_getitem = (node.op == "call_function" and node.target is operator.getitem)
-            inputs_live = any(live.get(st.flat[i], False) for i in st.node_pos)
-            st.live = inputs_live or st.layer is not None
-            live[node] = st.live
-            if st.live and _is_inplace(node, modules) and st.node_pos:
-                mutated = st.flat[st.node_pos[0]]
-                later = [u for u in mutated.users if order[u] > order[node]]
-                if later:
-                    raise CaptureError(f"node {node.name!r} mutates {mutated.name!r} in place, "
-                                       f"which {later[0].name!r} reads afterwards; the engine "
-                                       f"computes out of place (rewrite without in-place ops)")
-            if st.live and st.rule is None:
-                st.rule = GENERIC
-        steps.append(st)
+                            f"node {node.name!r} ({getattr(st.fn, '__name__', st.fn)}) uses the "
+                            f"parameters of scored norm layer(s) {sorted(norms)} in a way the engine "
+                            f"cannot record as that layer's channel scores")
+                    st.layer = name
+                    called_layers.add(name)
+                st.tuple_getitem = (node.op == "call_function" and node.target is operator.getitem)
+                inputs_live = any(live.get(st.flat[i], False) for i in st.node_pos)
+                st.live = inputs_live or st.layer is not None
+                live[node] = st.live
+                if st.live and _is_inplace(node, modules) and st.node_pos:
+                    mutated = st.flat[st.node_pos[0]]
+                    later = [u for u in mutated.users if order[u] > order[node]]
+                    if later:
+                        raise CaptureError(f"node {node.name!r} mutates {mutated.name!r} in place, "
+                                           f"which {later[0].name!r} reads afterwards; the engine "
+                                           f"computes out of place (rewrite without in-place ops)")
+                if st.live and isinstance(st.fn, FunctionApply) and st.rule is None:
+                    st.rule = FUNCTION_RULE  # the Function's own backward/jvp (SPEC §8)
+                if st.live and st.rule is None:
+                    st.rule = GENERIC
+            steps.append(st)
+    except CaptureError as e:
+        e.node = node  # for the location of the refusal in the user's model
+        raise
     if output is None:
         raise CaptureError("the traced graph has no output")
     if not live.get(output, False):

@@ -28,13 +28,24 @@ def _weight_param(module: nn.Module) -> str:
     raise ValueError(f"{type(module).__name__} has no weight to mask")
 
 
-def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask (flat) of the k entries with the smallest |score|, stable in index order."""
+def _lowest(scores: torch.Tensor, k: int, masked: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Boolean mask (flat) of the k entries with the smallest |score|, stable in index order;
+    entries already ``masked`` (flat bool) come first, so a later round never keeps them."""
     flat = scores.detach().abs().flatten().double()
+    if masked is not None:
+        flat = torch.where(masked.flatten().to(flat.device), torch.full_like(flat, -1.0), flat)
     order = torch.sort(flat, stable=True).indices
     pruned = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     pruned[order[:k]] = True
     return pruned
+
+
+def _masked_entries(module: nn.Module, s: torch.Tensor) -> torch.Tensor:
+    """Bool tensor like ``s``: entries an earlier round masked (``<weight>_mask == 0``)."""
+    mask = getattr(module, _weight_param(module) + "_mask", None)
+    if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(s.shape):
+        return (mask == 0).to(s.device)
+    return torch.zeros(s.shape, dtype=torch.bool, device=s.device)
 
 
 def unstructured_masks(result, model: nn.Module, sparsity: float, scope: str = "global",
@@ -47,6 +58,10 @@ def unstructured_masks(result, model: nn.Module, sparsity: float, scope: str = "
     scope: "global" (one ranking over all layers) or "layer" (each layer at ``sparsity``).
     layers: restrict to these layer names (default: every scored layer).
     Returns ``{layer name: mask}`` with masks shaped (and on the device) like the weights.
+    Iterative pruning: weights an earlier round masked (``weight_mask == 0``, from
+    ``apply_masks(..., permanent=False)``) are counted first among the zeros, so a later round at
+    a higher sparsity keeps them masked and removes the lowest-|score| survivors (a masked
+    model's scores are those of its effective weights: masked entries score 0).
     """
     if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity: expected a fraction of zeros in [0, 1), got {sparsity!r}")
@@ -79,14 +94,16 @@ def unstructured_masks(result, model: nn.Module, sparsity: float, scope: str = "
             raise ValueError(f"result: the score of {name!r} has shape {tuple(s.shape)}, the "
                              f"weight {tuple(w.shape)} (was the model pruned since scoring?)")
     masks = {}
+    masked = {n: _masked_entries(modules[n], s) for n, s in scores.items()}
     if scope == "layer":
         for name, s in scores.items():
-            pruned = _lowest(s, int(round(sparsity * s.numel())))
+            pruned = _lowest(s, int(round(sparsity * s.numel())), masked[name])
             masks[name] = (~pruned).view(s.shape)
     else:
         names = list(scores)
         flat = torch.cat([scores[n].detach().flatten().double().cpu() for n in names])
-        pruned = _lowest(flat, int(round(sparsity * flat.numel())))
+        flat_masked = torch.cat([masked[n].flatten().cpu() for n in names])
+        pruned = _lowest(flat, int(round(sparsity * flat.numel())), flat_masked)
         off = 0
         for n in names:
             k = scores[n].numel()

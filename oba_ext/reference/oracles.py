@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 from .bilinear import BILINEAR, INPLACE_PRODUCTS
 from .decompose import DECOMPOSITIONS, RANDOM_MASKS
+from .functions import checked_double_backward, diagnose_forward_ad, opaque_functions
 
 
 class _Node:
@@ -45,9 +46,12 @@ class BilinearRecorder(TorchFunctionMode):
         self.record = record
         self.tangents = tangents
         self.nodes: List[_Node] = []
+        self.opaque = 0  # > 0 inside a custom autograd.Function (one elementary op, SPEC §8)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.opaque:
+            return func(*args, **kwargs)
         mask = RANDOM_MASKS.get(func)
         if mask is not None:
             # dropout: the mask is drawn on a plain tensor (forward-mode AD dual inputs make
@@ -123,7 +127,8 @@ class FunctionalModel:
     def loss(self, values: Dict[str, Tensor], mode: Optional[TorchFunctionMode] = None) -> Tensor:
         """Loss with ``values`` substituted for the named parameters."""
         bufs = {n: b.clone() for n, b in self.buffers.items()}
-        with self._rng(), (mode if mode is not None else BilinearRecorder(record=False)):
+        mode = mode if mode is not None else BilinearRecorder(record=False)
+        with self._rng(), mode, opaque_functions(mode):
             out = _call(self.model, {**bufs, **values}, self.inputs)
             return self.loss_fn(out, self.targets)
 
@@ -148,7 +153,8 @@ def exact_hvp(fm: FunctionalModel, params: Dict[str, Tensor],
     lv = leaves(params)
     direction = {n: p.detach() for n, p in params.items()} if direction is None else direction
     loss = fm.loss(lv)
-    gs = torch.autograd.grad(loss, list(lv.values()), create_graph=True, allow_unused=True)
+    with checked_double_backward(loss):  # custom Functions must have a differentiable backward
+        gs = torch.autograd.grad(loss, list(lv.values()), create_graph=True, allow_unused=True)
     dot = sum((g * direction[n]).sum() for n, g in zip(lv, gs) if g is not None)
     if not isinstance(dot, Tensor) or not dot.requires_grad:
         return {n: torch.zeros_like(p) for n, p in params.items()}
@@ -163,9 +169,14 @@ def oba_hvp(fm: FunctionalModel, params: Dict[str, Tensor],
     direction = {n: p.detach() for n, p in params.items()} if direction is None else direction
     # pass 1: operand tangents along δθ (forward-mode AD)
     tan = BilinearRecorder(record=True, tangents=True)
-    with torch.no_grad(), fwAD.dual_level():
-        duals = {n: fwAD.make_dual(p.detach(), direction[n].to(p.dtype)) for n, p in params.items()}
-        fm.loss(duals, mode=tan)
+    try:
+        with torch.no_grad(), fwAD.dual_level():
+            duals = {n: fwAD.make_dual(p.detach(), direction[n].to(p.dtype))
+                     for n, p in params.items()}
+            fm.loss(duals, mode=tan)
+    except NotImplementedError:  # a custom autograd.Function without jvp: name it
+        diagnose_forward_ad(lambda: fm.loss(leaves(params)))
+        raise
     # pass 2: the graph, the operands and g_b = ∂L/∂O_b
     rec = BilinearRecorder(record=True)
     lv = leaves(params)

@@ -1,0 +1,168 @@
+"""What :func:`oba_ext.score` does to a user's model before scoring it (SPEC §8).
+
+- **Wrappers** (:func:`unwrap`): ``torch.compile``'d modules (``OptimizedModule``, whose
+  original is ``_orig_mod``), ``nn.DataParallel`` and ``DistributedDataParallel`` (``.module``)
+  are unwrapped, and the module inside is scored. Result names are the inner module's names
+  (``"0"``, ``"features.3"``; not ``"module.0"`` or ``"_orig_mod.0"``); names passed in
+  ``targets``/``ignore`` may use either form (:func:`strip_prefix`).
+- **Masked weights** (:func:`effective_weights`): a ``torch.nn.utils.prune`` reparametrization
+  (``weight = weight_orig ⊙ weight_mask``, recomputed by a forward pre-hook) is scored as the
+  plain model whose weight is the effective weight: θ is ``weight_orig ⊙ weight_mask``, so masked
+  entries score 0 and move by 0. While scoring, the pruning pre-hooks are lifted and ``weight`` is
+  set to that product (detached), so the hook cannot overwrite a substituted weight (the
+  reference path) or leave a stale one (the engine reads ``module.weight``); both are restored
+  afterwards.
+- **Devices under torch.distributed** (:func:`rank_device`): with NCCL each rank scores on
+  ``cuda:LOCAL_RANK``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterable, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+
+def _wrapped(model: nn.Module) -> Optional[Tuple[nn.Module, str]]:
+    """(inner module, attribute name) if ``model`` is a wrapper we unwrap, else None."""
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except Exception:  # pragma: no cover - torch without dynamo
+        OptimizedModule = ()
+    if OptimizedModule and isinstance(model, OptimizedModule):
+        return model._orig_mod, "_orig_mod"
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return model.module, "module"
+    return None
+
+
+def unwrap(model: nn.Module) -> Tuple[nn.Module, List[str]]:
+    """The module inside any nesting of ``torch.compile`` / ``nn.DataParallel`` /
+    ``DistributedDataParallel`` wrappers, and the attribute names walked (outermost first)."""
+    path = []
+    while True:
+        w = _wrapped(model)
+        if w is None:
+            return model, path
+        model, attr = w
+        path.append(attr)
+
+
+def strip_prefix(names, path: List[str]):
+    """``targets``/``ignore`` entries named through the wrappers (``"module.0"``) -> inner names
+    (``"0"``); other entries (inner names, module objects) are returned unchanged."""
+    if names is None or not path:
+        return names
+    if isinstance(names, str):
+        names = [names]
+    prefix = ".".join(path)
+    out = []
+    for n in names:
+        if isinstance(n, str) and n == prefix:
+            n = ""
+        elif isinstance(n, str) and n.startswith(prefix + "."):
+            n = n[len(prefix) + 1:]
+        out.append(n)
+    return out
+
+
+def _prune_hooks(model: nn.Module):
+    """``(module, hook id, hook)`` for every ``torch.nn.utils.prune`` forward pre-hook."""
+    out = []
+    for mod in model.modules():
+        for hid, hook in mod._forward_pre_hooks.items():
+            if isinstance(hook, prune.BasePruningMethod):
+                out.append((mod, hid, hook))
+    return out
+
+
+def has_masks(model: nn.Module) -> bool:
+    return bool(_prune_hooks(model))
+
+
+@contextlib.contextmanager
+def detached_masked(model: nn.Module):
+    """Masked weights set to detached ``weight_orig ⊙ weight_mask`` (so ``copy.deepcopy``
+    works: it refuses the non-leaf tensor the pre-hook leaves), restored on exit. The hooks
+    stay, so a copy made inside keeps its masks."""
+    saved = []
+    with torch.no_grad():
+        for mod, _, hook in _prune_hooks(model):
+            name = hook._tensor_name
+            saved.append((mod, name, getattr(mod, name, None)))
+            setattr(mod, name, hook.apply_mask(mod).detach())
+    try:
+        yield model
+    finally:
+        for mod, name, old in saved:
+            setattr(mod, name, old)
+
+
+def refresh_masked(model: nn.Module) -> nn.Module:
+    """Set every masked tensor to detached ``orig ⊙ mask`` for good (for a private copy, after
+    ``.to(dtype)`` converted ``weight_orig`` but not the plain ``weight`` attribute)."""
+    with torch.no_grad():
+        for mod, _, hook in _prune_hooks(model):
+            setattr(mod, hook._tensor_name, hook.apply_mask(mod).detach())
+    return model
+
+
+@contextlib.contextmanager
+def effective_weights(model: nn.Module):
+    """Lift the pruning pre-hooks of ``model`` and set each masked tensor to its effective value
+    ``orig ⊙ mask`` (detached); everything is restored on exit (hook order included)."""
+    found = _prune_hooks(model)
+    if not found:
+        yield model
+        return
+    saved_hooks = {}
+    saved_attrs = []
+    with torch.no_grad():
+        for mod, hid, hook in found:
+            if id(mod) not in saved_hooks:
+                saved_hooks[id(mod)] = (mod, dict(mod._forward_pre_hooks))
+            name = hook._tensor_name
+            saved_attrs.append((mod, name, getattr(mod, name, None)))
+            setattr(mod, name, hook.apply_mask(mod).detach())
+        for mod, hid, _ in found:
+            del mod._forward_pre_hooks[hid]
+    try:
+        yield model
+    finally:
+        for mod, name, old in saved_attrs:
+            setattr(mod, name, old)
+        for mod, hooks in saved_hooks.values():
+            mod._forward_pre_hooks.clear()
+            mod._forward_pre_hooks.update(hooks)
+
+
+def rank_device(device, model_device: Optional[torch.device], backend: Optional[str],
+                local_rank: Optional[int]) -> Optional[torch.device]:
+    """The device a rank scores on. Under NCCL (one GPU per rank) a CUDA device without an index
+    (``device="cuda"``), or a model on another GPU with ``device=None``, becomes
+    ``cuda:LOCAL_RANK``; an explicit index is kept. Otherwise ``device`` (or the model's)."""
+    dev = torch.device(device) if device is not None else model_device
+    if backend != "nccl" or local_rank is None or dev is None or dev.type != "cuda":
+        return dev
+    if device is not None and torch.device(device).index is not None:
+        return dev
+    return torch.device("cuda", local_rank)
+
+
+def local_rank(group=None) -> Optional[int]:
+    """``LOCAL_RANK`` from the environment (torchrun sets it), else the global rank modulo the
+    number of visible GPUs, else None."""
+    v = os.environ.get("LOCAL_RANK")
+    if v is not None:
+        return int(v)
+    import torch.distributed as dist
+    if dist.is_initialized() and torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return dist.get_rank(group) % torch.cuda.device_count()
+    return None
+
+
+__all__ = ["unwrap", "strip_prefix", "effective_weights", "detached_masked", "has_masks",
+           "rank_device", "local_rank"]
