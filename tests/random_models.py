@@ -123,6 +123,13 @@ def _op_act(r, s):
 
 @op("norm", kinds=("img", "seq", "vec"))
 def _op_norm(r, s):
+    """BatchNorm2d / GroupNorm on images, LayerNorm on ≥ 3 features: LayerNorm over 2 features
+    is a smoothed sign function (x̂ = ±d/√(d² + 4ε)) whose gradients below it are ~1e-7 of the
+    rest and come from cancellation, so float64 rounding alone (~1e-10 relative, seen between
+    brute force and both paths on seed 191) exceeds the test bound; over 1 feature it is a
+    constant."""
+    if s.kind != "img" and s.C < 3:
+        return None
     if s.kind == "img":
         if r.random() < 0.6:
             m, d = nn.BatchNorm2d(s.C), f"BatchNorm2d({s.C})"

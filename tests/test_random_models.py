@@ -12,8 +12,11 @@ The engine must capture every generated model (the grammar holds only ops it sup
 the seed and the architecture; reproduce with ``random_models.generate(seed).describe()``.
 
 Tolerance: FLOAT64_RTOL per tensor (SPEC §7), relative to the tensor's own norm; a tensor whose
-brute-force value is below 1e-9 of the model's total score norm (mathematically zero: a bias
-before a train-mode BatchNorm, a key bias under softmax) is held to FLOAT64_RTOL of that total.
+right value is below 1e-9 of the model's score scale (the largest total norm of its exact,
+oba and taylor scores) is mathematically zero up to rounding — a bias before a train-mode
+BatchNorm, a key bias under softmax, every oba score of a model whose output does not depend
+on its input (GroupNorm over one channel, then global pooling) — and is held to FLOAT64_RTOL of
+that scale instead.
 """
 from __future__ import annotations
 
@@ -27,8 +30,10 @@ from brute import hessian_and_ggn_scores
 from random_models import generate
 from tolerances import FLOAT64_RTOL, rel_err
 
-#: seeds run by ``make test`` (chosen once to cover every op, start and loss; not tuned to pass)
-FIXED_SEEDS = list(range(16)) + [43, 70, 89, 149]  # the last four: train-mode BatchNorm
+#: seeds run by ``make test``: 0-15, plus 18 (the output does not depend on the input, so every
+#: oba score is rounding noise) and 43, 70, 89, 149 (train-mode BatchNorm); chosen to cover every
+#: op, start and loss, not tuned to pass
+FIXED_SEEDS = list(range(16)) + [18, 43, 70, 89, 149]
 #: seeds that expose known bugs: seed -> reason (xfail, strict)
 KNOWN_BAD: dict = {}
 
@@ -90,11 +95,11 @@ def test_random_model(seed):
     ta_ref = oba_ext.score(model, [(x, y)], kind="taylor", impl="reference", **kw)
     brute, _ = hessian_and_ggn_scores(model, x, y, loss=arch.loss, with_ggn=False)
 
-    _check(_per_param(ex, layers), brute, _scale(brute), "exact (engine vs full Hessian)", arch)
-    want = _per_param(ob_ref, layers)
-    _check(_per_param(ob, layers), want, _scale(want), "oba (engine vs Φ-oracle)", arch)
-    want = _per_param(ta_ref, layers)
-    _check(_per_param(ta, layers), want, _scale(want), "taylor (engine vs reference)", arch)
+    ob_want, ta_want = _per_param(ob_ref, layers), _per_param(ta_ref, layers)
+    scale = max(_scale(brute), _scale(ob_want), _scale(ta_want))
+    _check(_per_param(ex, layers), brute, scale, "exact (engine vs full Hessian)", arch)
+    _check(_per_param(ob, layers), ob_want, scale, "oba (engine vs Φ-oracle)", arch)
+    _check(_per_param(ta, layers), ta_want, scale, "taylor (engine vs reference)", arch)
 
 
 def test_generator_covers_the_grammar():
