@@ -22,6 +22,7 @@ import copy
 import itertools
 import os
 import warnings
+from collections.abc import Mapping
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -29,6 +30,7 @@ from torch import nn
 
 from . import criteria as _criteria
 from . import model_prep as _prep
+from . import inputs as _inputs
 from .results import GRANULARITIES, LayerScores, ScoreResult
 from .targets import LayerSpec, find_layers
 
@@ -61,8 +63,16 @@ def _check_devices(model: nn.Module) -> Optional[torch.device]:
     return next(iter(devs)) if devs else None
 
 
-def default_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy, the default ``loss_fn``."""
+def default_loss(outputs, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy, the default ``loss_fn``: ``outputs`` a ``(B, K)`` tensor of logits,
+    or an object with a ``logits`` tensor field (a Hugging Face ``ModelOutput``)."""
+    if not isinstance(outputs, torch.Tensor) and isinstance(getattr(outputs, "logits", None),
+                                                            torch.Tensor):
+        outputs = outputs.logits
+    if not isinstance(outputs, torch.Tensor):
+        raise TypeError(f"loss_fn: the default cross-entropy needs the model to return a tensor "
+                        f"of logits (or an object with a .logits tensor), got "
+                        f"{type(outputs).__name__}; pass loss_fn=...")
     return nn.functional.cross_entropy(outputs, targets)
 
 
@@ -80,13 +90,18 @@ def checked_loss(loss_fn: Callable) -> Callable:
 
 
 def _to(x, device, dtype):
+    """Move the tensors of a batch (a tensor, tuple/list, or dict/Mapping of keyword inputs,
+    nested) to ``device``; floating tensors also to ``dtype``. A Mapping (e.g. Hugging Face's
+    ``BatchEncoding``) becomes a plain dict."""
     if isinstance(x, torch.Tensor):
         if dtype is not None and x.is_floating_point():
             return x.to(device=device, dtype=dtype)
         return x.to(device=device)
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # namedtuple
+        return type(x)(*(_to(v, device, dtype) for v in x))
     if isinstance(x, (list, tuple)):
         return type(x)(_to(v, device, dtype) for v in x)
-    if isinstance(x, dict):
+    if isinstance(x, Mapping):
         return {k: _to(v, device, dtype) for k, v in x.items()}
     return x
 
@@ -219,10 +234,18 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
             ``targets``/``ignore`` accept either form. Masked layers (``torch.nn.utils.prune``:
             ``weight = weight_orig ⊙ weight_mask``) are scored at their effective weight θ = the
             product: masked entries score 0 and are not moved (SPEC §8).
-        batches: iterable of ``(inputs, targets)``; ``inputs`` a tensor or a tuple of tensors
-            passed as ``model(*inputs)``. A batch with 0 samples raises ``ValueError`` naming
-            its index.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar``; default mean cross-entropy.
+        batches: iterable of ``(inputs, targets)``; ``inputs`` is a tensor (``model(x)``), a
+            tuple/list of positional inputs (``model(*inputs)``) or a dict of keyword inputs
+            (``model(**inputs)``, e.g. ``{"input_ids": ids, "attention_mask": mask}`` for a
+            Hugging Face model; see :mod:`oba_ext.inputs`). Tensors are moved to the model's
+            device (floating ones to ``dtype``). Per-sample-mean criteria take the batch size
+            from dim 0 of the first tensor. A batch with 0 samples raises
+            ``ValueError`` naming its index.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``; default mean cross-entropy (on
+            ``outputs.logits`` when the model returns an object with a ``logits`` field, such
+            as a Hugging Face ``ModelOutput``; a language model's ``(B, N, V)`` logits need
+            their own ``loss_fn``, e.g. ``lambda o, y: F.cross_entropy(o.logits.flatten(0, 1),
+            y.flatten())``).
         kind: a criterion of :mod:`oba_ext.criteria` ("oba", "exact", "taylor", ...).
         granularity: any of "out", "in", "weight", "head".
         targets / ignore: qualified module names to score / to leave out.
@@ -393,10 +416,8 @@ def _agree(failure: Optional[BaseException], seen: int, group, device) -> None:
 
 
 def _batch_size(inputs) -> float:
-    first = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
-    if not isinstance(first, torch.Tensor) or first.dim() == 0:
-        raise ValueError("batches: a per-sample-mean criterion needs inputs with a batch dimension")
-    return float(first.shape[0])
+    """Samples in a batch: dim 0 of the first tensor of ``inputs`` (see :mod:`oba_ext.inputs`)."""
+    return float(_inputs.batch_size(inputs))
 
 
 def _keys_for(gran: Tuple[str, ...]) -> Tuple[str, ...]:

@@ -24,6 +24,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from ..inputs import call_args, describe
 from ..layers import KINDS
 from .capture import Program, inspect_empty
 from .loss import loss_streams, resolve_loss_rule
@@ -78,20 +79,31 @@ class EngineScorer:
                 raise ValueError(f"keys: unknown key {k!r}; expected a subset of {list(KEYS)}")
 
     def _inputs(self, inputs):
-        if isinstance(inputs, torch.Tensor):
-            inputs = (inputs,)
-        inputs = tuple(inputs)
+        """{placeholder: value} from a batch's inputs: a tensor, a tuple of positional inputs
+        or a dict of keyword inputs matched to the forward's parameter names
+        (:mod:`oba_ext.inputs`); parameters not given take their defaults."""
+        args, kwargs = call_args(inputs)
         ph = self.program.placeholders
-        if len(inputs) > len(ph):
-            raise ValueError(f"inputs: {len(inputs)} tensors for a model with {len(ph)} inputs")
+        names = [str(node.target).lstrip("*") for node in ph]
+        if len(args) > len(ph):
+            raise ValueError(f"inputs: {len(args)} positional inputs for a model whose forward "
+                             f"takes {len(ph)} ({names})")
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            raise ValueError(f"inputs: keyword input {unknown[0]!r} is not a parameter of the "
+                             f"model's forward (captured parameters: {names})")
         vals = {}
-        for i, node in enumerate(ph):
-            if i < len(inputs):
-                vals[node] = inputs[i]
+        for i, (node, name) in enumerate(zip(ph, names)):
+            if i < len(args):
+                if name in kwargs:
+                    raise ValueError(f"inputs: {name!r} given both by position and by keyword")
+                vals[node] = args[i]
+            elif name in kwargs:
+                vals[node] = kwargs[name]
             elif self.program.defaults[i] is not inspect_empty:
                 vals[node] = self.program.defaults[i]
             else:
-                raise ValueError(f"inputs: missing input {node.name!r} (got {len(inputs)})")
+                raise ValueError(f"inputs: missing input {name!r} (got {describe(inputs)})")
         return vals
 
     # ------------------------------------------------------------------ the sweeps

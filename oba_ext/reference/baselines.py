@@ -23,11 +23,12 @@ criterion has ``norm_layers=True``; ``g = ∇L`` of the batch's mean loss):
 from __future__ import annotations
 
 import zlib
-from typing import Dict, Tuple
+from typing import Dict
 
 import torch
 from torch import Tensor, nn
 
+from ..inputs import batch_size, call_args
 from .quantities import register_quantity
 
 #: samples per vmap chunk in the Fisher pass: memory is chunk × |θ| per-sample gradients
@@ -75,42 +76,41 @@ def taylor_abs(ctx) -> Dict[str, Tensor]:
     return {n: (p.detach() * grads[n]).abs() for n, p in _scored_params(ctx).items()}
 
 
-def _as_tuple(x) -> Tuple:
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-
-
 def per_sample_grad_squares(model: nn.Module, params: Dict[str, Tensor], inputs, targets,
                             loss_fn, chunk: int = FISHER_CHUNK) -> Dict[str, Tensor]:
     """``Σ_n (∇_p ℓ_n)²`` over the samples of one batch, per parameter in ``params``.
 
-    inputs: a tensor ``(N, ...)`` or a tuple of such tensors (``model(*inputs)``);
-    targets: ``(N, ...)``; ``ℓ_n = loss_fn(model(x_n[None]), t_n[None])``.
+    inputs: a tensor ``(N, ...)``, a tuple of such tensors (``model(*inputs)``) or a dict of
+    them (``model(**inputs)``); targets: ``(N, ...)``; ``ℓ_n = loss_fn(model(x_n[None]), t_n[None])``.
     One ``vmap(grad)`` per chunk of ``chunk`` samples; buffers and non-listed parameters are
     held at their current values. Raises ``ValueError`` when a BatchNorm layer is in train
-    mode (a sample's gradient through batch statistics is not a per-sample quantity).
+    mode (a sample's gradient through batch statistics is not a per-sample quantity) or an
+    input is not a tensor with the batch dimension.
     """
     from torch.func import functional_call, grad, vmap
     for name, mod in model.named_modules():
         if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
             raise ValueError(f"model: BatchNorm {name!r} is in train mode; the 'fisher' criterion "
                              f"needs per-sample gradients, call model.eval() first")
-    inputs = _as_tuple(inputs)
-    n = inputs[0].shape[0]
-    for i, x in enumerate(inputs):
+    args, kwargs = call_args(inputs)
+    n = batch_size(inputs)
+    for i, x in list(enumerate(args)) + list(kwargs.items()):
         if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] != n:
-            raise ValueError(f"inputs: item {i} must be a tensor with batch dimension {n}")
+            raise ValueError(f"inputs: item {i!r} must be a tensor with batch dimension {n}")
     if not isinstance(targets, Tensor) or targets.dim() == 0 or targets.shape[0] != n:
         raise ValueError(f"targets: expected a tensor with batch dimension {n}")
     detached = {k: v.detach() for k, v in params.items()}
 
-    def sample_loss(p, xs, t):
-        out = functional_call(model, p, tuple(x.unsqueeze(0) for x in xs))
+    def sample_loss(p, xs, kw, t):
+        out = functional_call(model, p, tuple(x.unsqueeze(0) for x in xs),
+                              {k: x.unsqueeze(0) for k, x in kw.items()})
         return loss_fn(out, t.unsqueeze(0))
 
-    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0), randomness="different")
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0, 0), randomness="different")
     acc = {k: torch.zeros_like(v) for k, v in detached.items()}
     for s in range(0, n, chunk):
-        g = per_sample(detached, tuple(x[s:s + chunk] for x in inputs), targets[s:s + chunk])
+        g = per_sample(detached, tuple(x[s:s + chunk] for x in args),
+                       {k: x[s:s + chunk] for k, x in kwargs.items()}, targets[s:s + chunk])
         for k in acc:
             acc[k] += g[k].square().sum(0)
     return acc
@@ -121,7 +121,7 @@ def fisher(ctx) -> Dict[str, Tensor]:
     Fisher OBD saliency, no ½)."""
     params = _scored_params(ctx)
     sq = per_sample_grad_squares(ctx.model, params, ctx.inputs, ctx.targets, ctx.loss_fn)
-    n = _as_tuple(ctx.inputs)[0].shape[0]
+    n = batch_size(ctx.inputs)
     return {k: p.detach().square() * sq[k] / n for k, p in params.items()}
 
 

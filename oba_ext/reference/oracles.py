@@ -24,6 +24,7 @@ from torch.autograd import forward_ad as fwAD
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
+from ..inputs import call_args
 from .bilinear import BILINEAR, INPLACE_PRODUCTS
 from .decompose import DECOMPOSITIONS, RANDOM_MASKS
 from .functions import checked_double_backward, diagnose_forward_ad, opaque_functions
@@ -97,8 +98,10 @@ def _frozen(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _call(model, values: Dict[str, Tensor], inputs):
-    args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
-    return functional_call(model, values, tuple(args), strict=False, tie_weights=True)
+    """``model(*args, **kwargs)`` with ``values`` substituted; ``inputs`` a tensor, a tuple of
+    positional inputs or a dict of keyword inputs (:mod:`oba_ext.inputs`)."""
+    args, kwargs = call_args(inputs)
+    return functional_call(model, values, args, kwargs, strict=False, tie_weights=True)
 
 
 class FunctionalModel:
