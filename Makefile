@@ -14,7 +14,8 @@ $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PIP) install torch torchvision
-	$(PIP) install numpy ninja pybind11 pytest tqdm matplotlib scikit-learn torch-pruning scipy timm transformers
+	$(PIP) install numpy ninja pybind11 pytest tqdm matplotlib scikit-learn torch-pruning scipy timm transformers \
+		curvlinops-for-pytorch backpack-for-pytorch
 	# Registers the package only; `make build` compiles the extension once, in place.
 	OBA_SKIP_EXT=1 $(PIP) install --no-build-isolation --no-deps -e .
 	touch $(STAMP)

@@ -14,5 +14,16 @@ from .targets import LAYER_KINDS, find_layers
 
 __version__ = "0.1.0"
 
+#: curvature products (oba_ext/curvature.py), imported on first use (scipy stays unloaded)
+_LAZY = {"hvp", "curvature_operator", "CurvatureOperator", "hutchinson_trace"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        from . import curvature
+        return getattr(curvature, name)
+    raise AttributeError(f"module 'oba_ext' has no attribute {name!r}")
+
+
 __all__ = ["score", "ScoreResult", "LayerScores", "CRITERIA", "LAYER_KINDS", "find_layers",
-           "__version__"]
+           "hvp", "curvature_operator", "CurvatureOperator", "hutchinson_trace", "__version__"]

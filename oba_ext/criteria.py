@@ -19,7 +19,7 @@ Criterion squares the per-batch channel sum, SPEC §6).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from torch import Tensor
 
@@ -42,6 +42,16 @@ class Criterion:
     #: the per-batch value is a mean over the batch's samples and the score a mean over all
     #: samples: batches are averaged weighted by their size (else each batch counts once)
     per_sample_mean: bool = False
+    #: accepts ``direction=`` in :func:`oba_ext.score` (second-order quantities along ``v``)
+    directional: bool = False
+    #: criterion parameters with their defaults, set by ``score(criterion_options={...})``
+    options: Tuple[Tuple[str, Any], ...] = ()
+    #: validates the complete options dict (defaults filled in) and returns it
+    check_options: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None
+    #: computes one batch's quantities itself instead of ``scorer(inputs, targets,
+    #: quantities, keys)``: ``batch(scorer, inputs, targets, keys, options, batch_index)``
+    #: -> ``{layer: {quantity: {key: Tensor}}}`` (the scorer has the direction protocol)
+    batch: Optional[Callable] = None
 
 
 CRITERIA: Dict[str, Criterion] = {}
@@ -57,9 +67,11 @@ def register(c: Criterion) -> Criterion:
 register(Criterion("taylor", ("taylor",), lambda q: q["taylor"],
                    "first-order Taylor θ⊙∇L"))
 register(Criterion("oba", ("oba",), lambda q: q["oba"],
-                   "Optimal Brain Apoptosis θ⊙Ĥθ (default)"))
+                   "Optimal Brain Apoptosis θ⊙Ĥθ (default; v⊙Ĥv with direction=v)",
+                   directional=True))
 register(Criterion("exact", ("exact",), lambda q: q["exact"],
-                   "exact Hessian θ⊙Hθ (= FastOBA at order 2)"))
+                   "exact Hessian θ⊙Hθ (= FastOBA at order 2; v⊙Hv with direction=v)",
+                   directional=True))
 register(Criterion("delta_exact", ("taylor", "exact"), lambda q: -q["taylor"] + 0.5 * q["exact"],
                    "second-order removal estimate ΔL ≈ −θ⊙g + ½ θ⊙Hθ"))
 # Caveat, measured (benchmarks/results/fidelity_*.md): in a positively homogeneous ReLU network
@@ -69,6 +81,21 @@ register(Criterion("delta_exact", ("taylor", "exact"), lambda q: -q["taylor"] + 
 register(Criterion("delta_oba", ("taylor", "oba"), lambda q: -q["taylor"] + 0.5 * q["oba"],
                    "second-order removal estimate with OBA's Hessian, −θ⊙g + ½ θ⊙Ĥθ (ranks "
                    "backwards on ReLU networks, where θ⊙Ĥθ ∝ θ⊙g; see the README)"))
+
+
+def resolve_options(crit: Criterion, given: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The criterion's options: its defaults updated by ``given`` (``score(criterion_options=)``),
+    validated. ``ValueError`` naming an option the criterion does not have."""
+    opts = dict(crit.options)
+    if given:
+        if not isinstance(given, Mapping):
+            raise TypeError(f"criterion_options: expected a dict, got {type(given).__name__}")
+        for k, v in given.items():
+            if k not in opts:
+                raise ValueError(f"criterion_options: criterion {crit.name!r} has no option "
+                                 f"{k!r}; its options: {sorted(opts) or 'none'}")
+            opts[k] = v
+    return crit.check_options(opts) if crit.check_options is not None else opts
 
 
 def get(kind: str) -> Criterion:
@@ -109,3 +136,24 @@ register(Criterion("fastoba2", ("fastoba2",), lambda q: q["fastoba2"],
 register(Criterion("fastoba3", ("fastoba3",), lambda q: q["fastoba3"],
                    "FastOBA 3rd-order term θ⊙∂(D²L[θ,θ]) by nested autograd",
                    impls=("reference",)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Curvature-product criteria (oba_ext/curvature.py; README "Curvature products").
+# ---------------------------------------------------------------------------------------------
+def _hutchinson_batch(*args):
+    from .curvature import hutchinson_batch
+    return hutchinson_batch(*args)
+
+
+def _check_trace_options(opts):
+    from .curvature import check_trace_options
+    return check_trace_options(opts)
+
+
+register(Criterion("hessian_trace", ("hessian_trace",), lambda q: q["hessian_trace"],
+                   "Hutchinson estimate of each channel's Hessian diagonal-block trace tr(H_cc) "
+                   "(Hessian-aware pruning); criterion_options num_samples (16), seed (0), "
+                   "weighted (False: × ‖θ_c‖²/n_c when True)",
+                   options=(("num_samples", 16), ("seed", 0), ("weighted", False)),
+                   check_options=_check_trace_options, batch=_hutchinson_batch))

@@ -220,7 +220,7 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
           device=None, dtype: Optional[torch.dtype] = None, progress: bool = True,
           keep_per_batch: bool = False, checkpoint: Optional[str] = None,
           checkpoint_every: int = 10, distributed: Optional[bool] = None,
-          process_group=None) -> ScoreResult:
+          process_group=None, direction=None, criterion_options=None) -> ScoreResult:
     """Score the target layers of ``model`` over ``batches``.
 
     Args:
@@ -267,6 +267,12 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
             agree (one all-reduce of a status flag) and, if any rank failed or got no batch,
             every rank raises (``ValueError`` naming the ranks without batches) instead of
             leaving the others waiting.
+        direction: ``{target parameter name: tensor}`` (missing names = 0): score
+            ``v ⊙ Hv`` / ``v ⊙ Ĥv`` along ``v`` instead of ``θ ⊙ Hθ`` (kinds "exact"/"oba";
+            README "Curvature products").
+        criterion_options: the criterion's own parameters, e.g. ``{"num_samples": 32,
+            "seed": 1, "weighted": True}`` for "hessian_trace" (``CRITERIA[kind].options``
+            lists them with their defaults; ``ValueError`` for an unknown one).
 
     Returns: a :class:`ScoreResult` mapping layer names to :class:`LayerScores`, averaged over
         batches (per-batch sums of SPEC §2/§5, signed).
@@ -276,6 +282,10 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
     model, wrappers = _prep.unwrap(model)  # compile / DataParallel / DDP: score the inner module
     targets, ignore = _prep.strip_prefix(targets, wrappers), _prep.strip_prefix(ignore, wrappers)
     crit = _criteria.get(kind)
+    opts = _criteria.resolve_options(crit, criterion_options)
+    if direction is not None and not crit.directional:
+        raise ValueError(f"direction: kind {crit.name!r} does not move along a direction; "
+                         f"use one of {sorted(n for n, c in _criteria.CRITERIA.items() if c.directional)}")
     gran = _normalize_granularity(granularity)
     if impl not in _IMPLS:
         raise ValueError(f"impl: expected one of {list(_IMPLS)}, got {impl!r}")
@@ -309,10 +319,19 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
     layers = find_layers(model, targets, ignore, include_norm=crit.norm_layers)
     loss = checked_loss(loss_fn)
     keys = _keys_for(gran)
+    curvature = direction is not None or crit.batch is not None
+    if direction is not None:
+        from .curvature import check_direction
+        from .targets import target_parameters
+        direction = check_direction(target_parameters(layers), direction, "direction")
 
     acc = _Accumulator(keep_per_batch)
     meta = {"version": _CKPT_VERSION, "kind": crit.name, "granularity": gran,
             "layers": sorted(layers)}
+    if opts:
+        meta["options"] = opts
+    if direction is not None:  # a fingerprint: names and sums of squares
+        meta["direction"] = {n: float(t.double().square().sum()) for n, t in direction.items()}
     skip = 0
     if checkpoint is not None and os.path.exists(checkpoint):
         st = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -349,9 +368,18 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
             inputs = _to(inputs, model_device, dtype)
             tgt = _to(tgt, model_device, dtype)
             if scorer is None:
-                scorer = _make_scorer(model, layers, loss, impl, crit, (inputs, tgt))
+                if curvature:  # the direction protocol (oba_ext/curvature.py)
+                    from .curvature import make_curvature_scorer
+                    scorer = make_curvature_scorer(model, layers, loss, impl, (inputs, tgt), crit)
+                else:
+                    scorer = _make_scorer(model, layers, loss, impl, crit, (inputs, tgt))
             with torch.enable_grad():  # callers may hold no_grad (Torch-Pruning's pruners do)
-                q = scorer(inputs, tgt, crit.quantities, keys)
+                if crit.batch is not None:
+                    q = crit.batch(scorer, inputs, tgt, keys, opts, index)
+                elif direction is not None:
+                    q = scorer(inputs, tgt, crit.quantities, keys, direction=direction)
+                else:
+                    q = scorer(inputs, tgt, crit.quantities, keys)
             acc.add(_apply_criterion(crit, q), index,
                     weight=_batch_size(inputs) if crit.per_sample_mean else 1.0)
             _restore_buffers(model, state)

@@ -26,7 +26,7 @@ from torch.utils import _pytree as pytree
 
 from ..inputs import call_args, describe
 from ..layers import KINDS
-from .capture import Program, inspect_empty
+from .capture import CaptureError, Program, inspect_empty
 from .loss import loss_streams, resolve_loss_rule
 from .rules import Call
 from .rules.pairs import as_pair, halves
@@ -46,6 +46,10 @@ class _Ctx:
         self.mode = None
         self.exact = False
         self.first = False
+        # curvature products (rules/target.py): (V, v_b) of a target layer, or None for δθ = θ;
+        # product: record (Hv)_W, (Hv)_b under "hvp" instead of scores
+        self.direction = None
+        self.product = False
 
 
 def _add(a, b):
@@ -67,6 +71,8 @@ class EngineScorer:
         self.model, self.layers, self.loss_fn, self.program = model, layers, loss_fn, program
         self.loss_rule = resolve_loss_rule(loss_fn)
         self.live = {st.node: st.live for st in program.steps}
+        self._direction = None  # {layer: (V, v_b)} while a direction sweep runs
+        self._product = False
 
     # ------------------------------------------------------------------ helpers
     def _check(self, quantities, keys):
@@ -106,10 +112,91 @@ class EngineScorer:
                 raise ValueError(f"inputs: missing input {name!r} (got {describe(inputs)})")
         return vals
 
+    # ------------------------------------------------------------------ any direction
+    def direction_unsupported(self):
+        """Why this model's curvature products along a general direction cannot run on the
+        engine (a reason string), or None. nn.MultiheadAttention runs its projections inside
+        its own rule, which moves them along δθ = θ only."""
+        mha = [n for n, s in self.layers.items() if s.kind == "mha"]
+        if mha:
+            return (f"nn.MultiheadAttention target {mha[0]!r}: the engine moves its projections "
+                    f"along δθ = θ only")
+        return None
+
+    def _layer_directions(self, direction):
+        """{qualified parameter name: tensor} -> {layer: (V or None, v_b or None)}."""
+        reason = self.direction_unsupported()
+        if reason is not None:
+            raise CaptureError(reason)
+        out = {}
+        for name, spec in self.layers.items():
+            if spec.kind == "norm":
+                continue
+            out[name] = (direction.get(spec.qualified("weight")),
+                         direction.get(spec.qualified("bias")) if "bias" in spec.params else None)
+        return out
+
+    def hvp(self, inputs, targets, kind: str, direction) -> Dict[str, Dict[str, torch.Tensor]]:
+        """One batch's curvature product along ``direction`` ({qualified parameter name:
+        tensor}, missing names = 0): ``{qualified parameter name: (Mv)_param}`` with
+        ``M`` = ``H`` (``kind="exact"``), ``Ĥ`` (``"oba"``) or the generalized Gauss-Newton
+        matrix ``J_zᵀ H_loss J_z`` (``"ggn"``), float64 for float64 models, else float32.
+        Parameters the sweep does not reach are absent (their product is 0).
+
+        exact/oba: forward ``(X, T)`` along the direction, one backward ``(G, C)`` in that mode.
+        ggn: the same forward, ``C_z = H_loss T_z`` at the loss, then one single-stream
+        backward of ``C`` (a first-order sweep: no op curvature anywhere, no ``G`` needed).
+        """
+        if kind not in ("exact", "oba", "ggn"):
+            raise ValueError(f"kind: expected 'exact', 'oba' or 'ggn', got {kind!r}")
+        dirs = self._layer_directions(direction)
+        results: Dict[str, Dict[str, torch.Tensor]] = {}
+
+        def recorder(layer):
+            def record(q, key, v):
+                d = results.setdefault(layer, {})
+                d[key] = d[key] + v if key in d else v
+            return record
+
+        with torch.no_grad():
+            self._direction, self._product = dirs, True
+            try:
+                val, tan, ctxs = self._forward(inputs, ("weight", "bias"), True, kind == "exact",
+                                               recorder)
+            finally:
+                self._direction, self._product = None, False
+            z, t_z = val[self.program.output], tan.get(self.program.output)
+            if kind == "ggn":
+                if t_z is None:  # nothing moved: GGN·v = 0
+                    return {}
+                _, c = loss_streams(self.loss_rule, self.loss_fn, z, t_z, targets, exact=True)
+                self._backward(ctxs, c, None, None, False, last=True)
+            else:
+                g, c = loss_streams(self.loss_rule, self.loss_fn, z, t_z, targets,
+                                    exact=(kind == "exact"))
+                self._backward(ctxs, g, c, kind, False, last=True)
+        return {self.layers[layer].qualified(k): v for layer, d in results.items()
+                for k, v in d.items()}
+
     # ------------------------------------------------------------------ the sweeps
-    def __call__(self, inputs, targets, quantities: Sequence[str], keys: Sequence[str]):
+    def __call__(self, inputs, targets, quantities: Sequence[str], keys: Sequence[str],
+                 direction=None):
+        """``direction`` ({qualified parameter name: tensor}, missing = 0): second-order
+        quantities along it (``v ⊙ Hv``, ``v ⊙ Ĥv``) instead of along ``δθ = θ``."""
         quantities, keys = tuple(quantities), tuple(keys)
         self._check(quantities, keys)
+        if direction is not None:
+            if "taylor" in quantities:
+                raise ValueError("direction: only the second-order quantities 'oba'/'exact' "
+                                 "move along a direction; 'taylor' does not")
+            self._direction = self._layer_directions(direction)
+            try:
+                return self._call(inputs, targets, quantities, keys)
+            finally:
+                self._direction = None
+        return self._call(inputs, targets, quantities, keys)
+
+    def _call(self, inputs, targets, quantities, keys):
         modes = [q for q in SECOND_ORDER if q in quantities]
         first = "taylor" in quantities
         tangents = bool(modes)
@@ -166,6 +253,8 @@ class EngineScorer:
                     lkeys = tuple(k for k in keys if k in _LAYER_KEYS.get(self.layers[layer].kind, ()))
                 ctx = _Ctx(node.name, layer, lkeys, want_exact, tangents, needs,
                            recorder(layer) if layer is not None else None)
+                if self._direction is not None and layer in self._direction:
+                    ctx.direction, ctx.product = self._direction[layer], self._product
                 ctx.input_nodes = in_nodes
                 ctx.sublayer = lambda name, _k=keys, _r=recorder: self._sublayer(name, _k, _r)
                 args, kwargs = pytree.tree_unflatten(leaves, st.spec)

@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import kernels
 from . import register_module
+from .pairs import stack_pair
 from .target import TwoStreamLayerRule
 
 
@@ -51,6 +52,17 @@ class ConvRule(TwoStreamLayerRule):
     def weight_score(self, module, w, grads, inputs):
         stride, padding, dilation, groups = self._params(module)
         return kernels.conv_weight_score(w, grads, inputs, stride, padding, dilation, groups)
+
+    def weight_product(self, module, w, grads, inputs):
+        # one weight-gradient convolution over the batch-stacked streams (aten's own wgrad)
+        stride, padding, dilation, groups = self._params(module)
+        g = grads[0] if len(grads) == 1 else torch.cat(grads, 0)
+        x = inputs[0] if len(inputs) == 1 else stack_pair(*inputs) if len(inputs) == 2 else \
+            torch.cat(inputs, 0)
+        _, gw, _ = torch.ops.aten.convolution_backward(
+            g, x, w, None, stride, padding, dilation, False, [0] * (w.dim() - 2), groups,
+            [False, True, False])
+        return gw
 
     def channel_dims(self, y):
         return 1, 1

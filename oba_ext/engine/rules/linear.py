@@ -24,6 +24,14 @@ class LinearRule(TwoStreamLayerRule):
     def weight_score(self, module, w, grads, inputs):
         return kernels.linear_weight_score(w, grads, inputs)
 
+    def weight_product(self, module, w, grads, inputs):
+        # Σ_k G_kᵀ X_k as accumulating GEMMs over the flattened leading dims (no stacking copy)
+        out = None
+        for g, x in zip(grads, inputs):
+            g2, x2 = g.reshape(-1, w.shape[0]), x.reshape(-1, w.shape[1])
+            out = g2.t() @ x2 if out is None else out.addmm_(g2.t(), x2)
+        return out
+
     def channel_dims(self, y):
         return y.dim() - 1, y.dim() - 1
 
