@@ -9,6 +9,7 @@ criteria that ask for them (the Jacobian Criterion scores BN/LN channels, SPEC Â
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Dict, Iterable, Optional, Tuple
 
@@ -118,11 +119,41 @@ def find_layers(model: nn.Module, targets: Optional[Iterable[str]] = None,
             spec = _spec(name, mod, kind)
             if spec is not None:
                 out[name] = spec
+    out = _drop_tied(out, explicit=targets is not None)
     if not any(s.kind != "norm" for s in out.values()):
         raise ValueError(f"model: {type(model).__name__} has no target layers to score "
                          f"({'/'.join(c.__name__ for c in LAYER_KINDS)}), after targets={targets!r} "
                          f"and ignore={ignore!r}")
     return out
+
+
+def _drop_tied(out: Dict[str, LayerSpec], explicit: bool) -> Dict[str, LayerSpec]:
+    """Tied weights (an LM head sharing its embedding's matrix): a parameter is moved once, so it
+    is scored once, under the first layer (module order) that owns it. A later layer sharing a
+    target parameter is left out with a warning naming both â€” the engine then refuses the model
+    (the shared weight is used outside its scored layer) and ``impl="auto"`` falls back to the
+    reference path, which moves the tied parameter in all its uses. Asking for both layers in
+    ``targets`` raises ``ValueError``."""
+    owner: Dict[int, str] = {}
+    kept: Dict[str, LayerSpec] = {}
+    for name, spec in out.items():
+        if spec.kind == "norm":
+            kept[name] = spec
+            continue
+        tied = [(p, owner[id(spec.param(p))]) for p in spec.params if id(spec.param(p)) in owner]
+        if tied:
+            p, first = tied[0]
+            msg = (f"{name}.{p} is tied to a parameter of target layer {first!r} (shared "
+                   f"weights are one parameter, moved and scored once)")
+            if explicit:
+                raise ValueError(f"targets: {msg}; list only one of {first!r} and {name!r}")
+            warnings.warn(f"oba_ext: {msg}: scoring it under {first!r}, leaving {name!r} out",
+                          stacklevel=3)
+            continue
+        for p in spec.params:
+            owner[id(spec.param(p))] = name
+        kept[name] = spec
+    return kept
 
 
 def target_parameters(layers: Dict[str, LayerSpec]) -> Dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ from oba_ext.reference import ReferenceScorer
 from oba_ext.scoring import checked_loss, default_loss
 from oba_ext.targets import find_layers
 from test_engine import KEYS, QUANTITIES, assert_float32_rule, compare
-from tolerances import assert_matches
+from tolerances import assert_close_rel, assert_matches
 
 D = torch.float64
 
@@ -289,9 +289,27 @@ def test_tied_target_parameter_is_refused():
             return self.head(torch.tanh(self.emb(ids)).mean(1))
 
     m = Tied().double()
-    ids = torch.randint(0, 7, (2, 3))
-    with pytest.raises(CaptureError, match="uses target parameter 'head.weight'"):
-        build_scorer(m, find_layers(m), checked_loss(default_loss), (ids, torch.tensor([1, 2])))
+    ids, y = torch.randint(0, 7, (2, 3)), torch.tensor([1, 2])
+    # the tied weight is one parameter: scored once, under its first owner 'emb'
+    with pytest.warns(UserWarning, match="head.weight is tied to a parameter of target layer 'emb'"):
+        layers = find_layers(m)
+    assert list(layers) == ["emb"]
+    with pytest.raises(ValueError, match="list only one of 'emb' and 'head'"):
+        find_layers(m, targets=["emb", "head"])
+    # the engine cannot move a weight used outside its scored layer: refused by name ...
+    with pytest.raises(CaptureError, match="uses target parameter 'emb.weight'"):
+        build_scorer(m, layers, checked_loss(default_loss), (ids, y))
+    # ... so "auto" runs the reference path, which moves the tied parameter in both uses
+    w = m.emb.weight.detach()
+
+    def loss_of(wv):
+        out = torch.func.functional_call(m, {"emb.weight": wv}, (ids,))  # ties follow
+        return torch.nn.functional.cross_entropy(out, y)
+    hw = torch.func.jvp(torch.func.grad(loss_of), (w,), (w,))[1]
+    with pytest.warns(UserWarning):
+        res = oba_ext.score(m, [(ids, y)], kind="exact", granularity="weight", progress=False)
+    assert res.impl == "reference"
+    assert_close_rel(res["emb"].weight, w * hw, "tied exact θ⊙Hθ")
 
 
 class Misc(nn.Module):
