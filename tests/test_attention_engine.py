@@ -8,7 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import oba_ext
-from tolerances import FLOAT64_RTOL, rel_err
+from tolerances import FLOAT64_RTOL, assert_f64, rel_err
+
+#: result fields holding only the k projection's bias scores (tolerances.ANALYTIC_ZERO)
+K_BIAS_KEYS = ("parts.k.bias",)
+#: names of separate k-projection Linear layers (their "bias" field is the k bias)
+K_LAYERS = ("k", "k_proj")
 
 E, H, T, NCLS = 16, 4, 6, 5
 
@@ -110,13 +115,9 @@ def compare(model, data, kind, gran=("out", "in", "weight")):
         assert set(ta) == set(tb), (name, sorted(ta), sorted(tb))
         scale = max((t.norm().item() for t in tb.values()), default=0.0)
         for key in tb:
-            if tb[key].norm().item() < 1e-9 * scale:
-                # analytically zero (the key bias: softmax is shift invariant): compare on
-                # the layer's scale, the values themselves are rounding noise
-                err = (ta[key] - tb[key]).norm().item() / scale
-            else:
-                err = rel_err(ta[key], tb[key])
-            assert err <= FLOAT64_RTOL, f"{name}.{key}: relative error {err:.3e}"
+            is_k_bias = key in K_BIAS_KEYS or (key == "bias" and name.rsplit(".", 1)[-1] in K_LAYERS)
+            zero = "attn_k_bias" if is_k_bias else None
+            assert_f64(ta[key], tb[key], f"{name}.{key}", zero, scale)
             checked += 1
     assert checked > 0
     return a, b
