@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import oba_ext
+from tolerances import F64_SAME_FORMULA
 
 WORLD = 2
 
@@ -90,7 +91,7 @@ def test_two_gloo_ranks_match_single_process(ranks):
         assert got["num_batches"] == 4
         for name in single:
             for key, t in single[name].tensors().items():
-                torch.testing.assert_close(got["scores"][name][key], t, rtol=1e-12, atol=1e-14)
+                torch.testing.assert_close(got["scores"][name][key], t, rtol=F64_SAME_FORMULA, atol=0)
 
 
 def test_ddp_wrapped_model_scores_the_inner_module(ranks):
@@ -99,7 +100,7 @@ def test_ddp_wrapped_model_scores_the_inner_module(ranks):
         assert got["ddp_names"] == sorted(single)  # "0", "3": not "module.0"
         for name in single:
             for key, t in single[name].tensors().items():
-                torch.testing.assert_close(got["ddp_scores"][name][key], t, rtol=1e-12, atol=1e-14)
+                torch.testing.assert_close(got["ddp_scores"][name][key], t, rtol=F64_SAME_FORMULA, atol=0)
 
 
 def test_rank_without_batches_raises_on_every_rank_without_hanging(ranks):

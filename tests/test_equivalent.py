@@ -16,7 +16,7 @@ from torchvision.models.vision_transformer import MLPBlock
 
 from oba_ext.pruning import equivalent as eq
 
-RTOL32 = 1e-5  # float32 outputs of two algebraically equal networks (brief: ≤ 1e-5 relative)
+from tolerances import F32_EQUAL_NETWORKS as RTOL32, F32_IDENTITY_INSERT, FLOAT64_RTOL
 
 
 def rel(a, b):
@@ -117,7 +117,7 @@ def test_insert_prune_merge_equals_naive_pruning(case):
     work = copy.deepcopy(m)
     chains = eq.insert_compressors(work)
     assert len(eq.compressor_names(work)) == len(chains)
-    assert rel(work(x), ref_out) <= 1e-6, "identity compressors must not change the outputs"
+    assert rel(work(x), ref_out) <= F32_IDENTITY_INSERT, "identity compressors must not change the outputs"
 
     keep = random_keep(work, chains)
     naive = naive_prune(m, x, keep)
@@ -175,7 +175,7 @@ def test_compressor_scores_are_the_producer_filter_scores_at_identity():
     comp = eq.score_compressors(work, [(x, y)], kind="taylor", impl="reference")
     for prod in ("0", "4"):
         a, b = comp[f"{prod}.compressor"].out, orig[prod].out
-        assert rel(a, b) <= 1e-10, f"{prod}: {a} vs {b}"
+        assert rel(a, b) <= FLOAT64_RTOL, f"{prod}: {a} vs {b}"
 
 
 def test_errors_name_the_argument():
