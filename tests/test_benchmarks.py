@@ -23,6 +23,8 @@ from benchmarks import fidelity_oracle as oracle  # noqa: E402
 from benchmarks import fidelity_report as report  # noqa: E402
 from benchmarks import harness  # noqa: E402
 from benchmarks.fidelity_models import CifarResNet, DigitsCNN, Split, evaluate  # noqa: E402
+from tolerances import (DELTA_LOSS_REMAINDER, DELTA_LOSS_RTOL, DELTA_LOSS_SUM_RTOL, F64_SAME_FORMULA, FD_ABS,
+                        FD_RTOL, FD_STEP, assert_f64)
 
 
 # ---------------------------------------------------------------- harness
@@ -111,7 +113,7 @@ def test_channel_mask_equals_zeroing_row_and_bias(make, name):
         mod.weight[~keep] = 0
         if mod.bias is not None:
             mod.bias[~keep] = 0
-    assert masked[0] == pytest.approx(evaluate(model, data)[0], rel=1e-12, abs=0)
+    assert masked[0] == pytest.approx(evaluate(model, data)[0], rel=F64_SAME_FORMULA, abs=0)
 
 
 def test_masks_lowest_global_and_per_layer():
@@ -160,7 +162,7 @@ def test_delta_conventions_match_a_finite_shrink():
     taylor = oba_ext.score(model, batches, kind="taylor", **kw)
     exact = oba_ext.score(model, batches, kind="exact", **kw)
     base, _ = evaluate(model, data)
-    eps = 1e-3
+    eps = FD_STEP
     names = ("conv1", "conv2", "fc1", "fc2")
     for name in names:
         c = taylor[name].out.numel()
@@ -170,13 +172,14 @@ def test_delta_conventions_match_a_finite_shrink():
             with oracle.channel_mask(model, {name: scale}):
                 got = evaluate(model, data)[0] - base
             first = -eps * taylor[name].out[o].item()
-            assert abs(got - first) < 1e-2 * abs(first) + 1e2 * eps ** 2 * abs(exact[name].out).max()
+            assert abs(got - first) < (DELTA_LOSS_RTOL * abs(first)
+                                       + DELTA_LOSS_REMAINDER * eps ** 2 * abs(exact[name].out).max())
     with oracle.channel_mask(model, {n: torch.full((taylor[n].out.numel(),), 1 - eps,
                                                    dtype=torch.float64) for n in names}):
         got_all = evaluate(model, data)[0] - base
     first = -eps * sum(taylor[n].out.sum().item() for n in names)
     second = 0.5 * eps ** 2 * sum(exact[n].out.sum().item() for n in names)
-    assert abs(got_all - first - second) < 2e-2 * abs(second), (got_all, first, second)
+    assert abs(got_all - first - second) < DELTA_LOSS_SUM_RTOL * abs(second), (got_all, first, second)
     assert abs(got_all - first) > 0.5 * abs(second)  # the second-order term is really tested
 
 
@@ -275,13 +278,12 @@ def test_exact_oracles_in_bench_scoring_agree():
     jvp = bs.jvp_grad_case(model, x, y).fn()
     dbl = bs.double_backward_case(model, x, y).fn()
     for (name, a), b in zip(jvp.items(), dbl):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+        assert_f64(a, b, f"jvp vs double backward {name}")
     # and the engine/reference exact scores are the channel sums of the same θ⊙Hθ
     case = bs.score_case(model, x, y, "exact", ("out",), "auto")
     q = case.fn()
     w, b = jvp["conv1.weight"], jvp["conv1.bias"]
-    torch.testing.assert_close(q["conv1"]["exact"]["out"].double(), w.sum((1, 2, 3)) + b,
-                               rtol=1e-9, atol=1e-12)
+    assert_f64(q["conv1"]["exact"]["out"].double(), w.sum((1, 2, 3)) + b, "conv1 exact out")
     assert case.info["impl"] in ("kernel", "reference")
 
 
@@ -315,9 +317,9 @@ def test_channel_taylor2_matches_finite_differences():
     t2 = oracle.channel_taylor2(model, ["conv2", "fc1"], data, progress=False)
     taylor = oba_ext.score(model, data.batches(32), kind="taylor", granularity="out", impl="reference",
                            progress=False, dtype=torch.float64)
-    base, h = evaluate(model, data)[0], 1e-3
+    base, h = evaluate(model, data)[0], FD_STEP
     for name in ("conv2", "fc1"):
-        torch.testing.assert_close(t2[name][0], -taylor[name].out, rtol=1e-9, atol=1e-15)
+        assert_f64(t2[name][0], -taylor[name].out, f"{name} first derivative")
         c = t2[name][1].numel()
         for o in range(c):
             vals = []
@@ -327,4 +329,4 @@ def test_channel_taylor2_matches_finite_differences():
                 with oracle.channel_mask(model, {name: s}):
                     vals.append(evaluate(model, data)[0])
             fd = (vals[0] + vals[1] - 2 * base) / h ** 2
-            assert fd == pytest.approx(t2[name][1][o].item(), rel=1e-4, abs=1e-9)
+            assert fd == pytest.approx(t2[name][1][o].item(), rel=FD_RTOL, abs=FD_ABS)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from oba_ext.reference import channel as ref
-from tolerances import assert_matches
+from tolerances import F32_ACCUMULATE, F64_SAME_FORMULA, assert_close_rel, assert_matches
 
 # (name, shape, channel_dim, memory layout of the inputs)
 CASES = [
@@ -117,8 +117,8 @@ def test_twin_matches_naive_loop():
         s2 = sum(float(a[n, k, i, j] * (b[n, k, i, j] - d[n, k, i, j]) + c[n, k, i, j] * d[n, k, i, j])
                  for n in range(2) for i in range(4) for j in range(5))
         s1 = sum(float(a[n, k, i, j] * d[n, k, i, j]) for n in range(2) for i in range(4) for j in range(5))
-        assert abs(second[k].item() - s2) <= 1e-12 * max(1.0, abs(s2))
-        assert abs(first[k].item() - s1) <= 1e-12 * max(1.0, abs(s1))
+        assert abs(second[k].item() - s2) <= F64_SAME_FORMULA * abs(s2)
+        assert abs(first[k].item() - s1) <= F64_SAME_FORMULA * abs(s1)
 
 
 def test_add_accumulates(kernels, device):
@@ -136,11 +136,11 @@ def test_add_accumulates(kernels, device):
         twin2, twin1 = start2.clone(), start1.clone()
         ref.channel_score_reduce_add_(*args, 1, twin2, twin1)
         ref.channel_score_reduce_add_(*args, 1, twin2, twin1)
-        tol = dict(rtol=1e-12, atol=1e-12) if dtype == acc_dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(acc2, start2 + 2 * s2.to(acc_dtype), **tol)
-        torch.testing.assert_close(acc1, start1 + 2 * s1.to(acc_dtype), **tol)
-        torch.testing.assert_close(acc2, twin2, **tol)
-        torch.testing.assert_close(acc1, twin1, **tol)
+        tol = F64_SAME_FORMULA if dtype == acc_dtype == torch.float64 else F32_ACCUMULATE
+        assert_close_rel(acc2, start2 + 2 * s2.to(acc_dtype), "second acc", rtol=tol)
+        assert_close_rel(acc1, start1 + 2 * s1.to(acc_dtype), "first acc", rtol=tol)
+        assert_close_rel(acc2, twin2, "second acc vs twin", rtol=tol)
+        assert_close_rel(acc1, twin1, "first acc vs twin", rtol=tol)
 
 
 def test_add_strided_accumulator(kernels):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from oba_ext.data import DatasetError, get_dataset, make_loader
+from tolerances import F32_PIXELS
 
 
 def _write_cifar(root, n=6, which="cifar10"):
@@ -38,7 +39,7 @@ def test_cifar_folder(tmp_path, which, ntrain):
     with open(os.path.join(base, "data_batch_1" if which == "cifar10" else "train"), "rb") as f:
         raw = pickle.load(f, encoding="bytes")[b"data"][0]
     red = (x[0] * 0.2470 + 0.4914) * 255
-    assert torch.allclose(red.flatten(), torch.tensor(raw[:1024], dtype=torch.float32), atol=1e-3)
+    assert torch.allclose(red.flatten(), torch.tensor(raw[:1024], dtype=torch.float32), atol=F32_PIXELS)
     assert len(get_dataset(which, str(tmp_path), train=False).dataset) == 6
 
 

@@ -19,6 +19,7 @@ from oba_ext.pruning import (OBAImportance, TargetUnreachableError, build_pruner
                              prune_to_target)
 from oba_ext.results import LayerScores, ScoreResult
 from oba_ext.targets import find_layers
+from tolerances import F32_IMPORTANCE
 
 warnings.filterwarnings("ignore", message=".*unwrapped.*")
 
@@ -72,7 +73,7 @@ def test_group_mapping_matches_torch_pruning_magnitude(make):
         assert (a is None) == (b is None)
         if a is None:
             continue
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+        torch.testing.assert_close(a, b, rtol=F32_IMPORTANCE, atol=0)
         n += 1
     assert n >= 2
     assert ours.num_scorings == 1  # one scoring serves every group of an unchanged model
@@ -90,7 +91,7 @@ def test_depthwise_conv_counted_once():
     w0, w1, w2 = model[0].weight, model[1].weight, model[2].weight
     expected = (w0.abs().flatten(1).sum(1) + w1.abs().flatten(1).sum(1)
                 + w2.abs().transpose(0, 1).flatten(1).sum(1))
-    torch.testing.assert_close(imp(group), expected.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(imp(group), expected.detach(), rtol=F32_IMPORTANCE, atol=0)
 
 
 def test_rescored_at_every_iterative_step_and_cached_for_copies():

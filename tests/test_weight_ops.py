@@ -5,7 +5,7 @@ import torch
 from torch.nn import functional as F
 
 from oba_ext.reference import weight as ref
-from tolerances import assert_matches
+from tolerances import F64_SAME_FORMULA, assert_close_rel, assert_matches
 
 
 def rand(*shape, dtype=torch.float64, device="cpu", seed=0):
@@ -95,7 +95,8 @@ def test_linear_twin_matches_naive():
         for n in range(2):
             for t in range(3):
                 want += torch.outer(g[n, t], x[n, t])
-    torch.testing.assert_close(ref.linear_weight_score(w, grads, inputs), w * want, rtol=1e-13, atol=1e-13)
+    assert_close_rel(ref.linear_weight_score(w, grads, inputs), w * want, "linear twin vs loop",
+                     rtol=F64_SAME_FORMULA)
 
 
 # ---------------------------------------------------------------- conv
@@ -184,7 +185,7 @@ def test_conv_twin_matches_naive(case):
     want = sum(naive_conv2d_wgrad(g, x, tuple(w.shape), stride, padding, dilation, groups)
                for g, x in zip(grads, inputs))
     got = ref.conv_weight_score(w, grads, inputs, stride, padding, dilation, groups)
-    torch.testing.assert_close(got, w * want, rtol=1e-12, atol=1e-12)
+    assert_close_rel(got, w * want, "conv twin vs loop", rtol=F64_SAME_FORMULA)
 
 
 # ---------------------------------------------------------------- shared

@@ -224,11 +224,28 @@ F32_IDENTITY_INSERT = 1e-6 # float32 outputs before/after inserting identity com
 F32_VS_F64_SCORES = 1e-4   # float32 scoring vs float64 scoring of the same tiny model: float32
                            # rounding of a ~10-layer sweep (observed ~1e-6)
 F32_PIXELS = 1e-3          # CIFAR pixels /255 stored as float32 vs the raw bytes (1/255 = 4e-3)
-FD_STEP = 1e-3             # finite-difference step of the benchmark's ΔL checks
-FD_RTOL = 1e-4             # central finite difference vs the analytic value: O(h²) = 1e-6
-DELTA_LOSS_RTOL = 1e-2     # second-order ΔL prediction vs a small (eps) actual removal: O(eps)
-DELTA_LOSS_SUM_RTOL = 2e-2 # ΔL of removing two channels vs the sum of single removals (cross term)
-
+FD_STEP = 1e-3             # step h of the finite differences / channel scalings (benchmarks)
+FD_RTOL = 1e-4             # central second difference vs the analytic value: O(h²) = 1e-6
+FD_ABS = 1e-9              # ... plus its rounding: u·|L| / h² ≈ 1e-10 (float64)
+DELTA_LOSS_RTOL = 1e-2     # ΔL of scaling one channel by (1−ε) vs −ε·taylor: O(ε) relative ...
+DELTA_LOSS_REMAINDER = 1e2 # ... plus the second-order remainder, ≤ this × ε² × max|exact score|
+DELTA_LOSS_SUM_RTOL = 2e-2 # all channels scaled: ΔL − first − second order vs second: O(ε)
+F64_MERGED_ORDER = 1e-15   # the same float64 scores from batches of identical content
+F32_REORDERED = 1e-5       # float32 scores summed in another order (CLI: all-reduce over 2
+                           # ranks vs one process): ~100 roundings of ~u = 6e-8
+F32_ACCUMULATE = 1e-5      # channel_score_reduce_add_ with a float32 accumulator or inputs:
+                           # 2 accumulations of ~100-term float32 sums (observed ~1e-7)
+F32_IMPORTANCE = 1e-6      # OBAImportance (float32 model) vs the same recipe recomputed in
+                           # float32 by the test: a few roundings of a normalized sum
+SPARSITY_ROUNDING = 1e-3   # achieved vs requested unstructured sparsity: whole weights round it
+BN_TRAIN_OUT_MAX = 1e-5    # train-mode BN (default ε): max |out-channel oba| / Σ|per-weight oba|
+                           # (ε/var breaks the scale invariance: observed ~1e-7)
+BN_TINY_EPS = 1e-14        # a BN ε so small that scale invariance is exact to float64 ...
+BN_TINY_EPS_VANISH = 1e-9  # ... and the out-channel scores vanish to ~1e-12 of the eval ones
+BN_DEFAULT_EPS_VANISH = 1e-3  # with ε = 1e-5 they vanish to ~ε/var of the eval-mode scores
+NOT_EQUAL_RTOL = 1e-6      # "these two quantities differ": a difference above rounding
+SURVIVES = 1e-3            # "this score is not (nearly) zero": ≥ this × the reference size
+DEGENERATE = 1e-8          # a brute-force value this small would make the comparison vacuous
 
 def assert_f64(got: torch.Tensor, want: torch.Tensor, what: str,
                analytic_zero: Optional[str] = None, layer_scale: float = 0.0) -> None:
