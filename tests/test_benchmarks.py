@@ -227,8 +227,7 @@ def _results_agree(cases):
     first_name, first = next(iter(outs.items()))
     flat = lambda o: torch.cat([t.double().flatten() for t in (o if isinstance(o, (tuple, list)) else [o])])
     for n, o in outs.items():
-        torch.testing.assert_close(flat(o), flat(first), rtol=1e-9, atol=1e-9,
-                                   msg=lambda m: f"{n} vs {first_name}: {m}")
+        assert_f64(flat(o), flat(first), f"{n} vs {first_name}")
 
 
 def _available(provs):
