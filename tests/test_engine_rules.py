@@ -246,35 +246,73 @@ def test_score_end_to_end_kernel_matches_reference():
 
 def test_kernel_registry_choice():
     """The registry picks the compiled op exactly when the extension has kernels for the device."""
+    import glob
+    import os
+
+    import oba_ext
     from oba_ext import _ext
+    # expectation from the build itself, not from the function under test: a compiled library
+    # next to the package (what `make build` produces) must be picked for every op
+    built = glob.glob(os.path.join(os.path.dirname(oba_ext.__file__), "_C*.so"))
     which = engine_kernels.which("cpu")
-    expect = "oba_ext.ops." if _ext.kernels_available("cpu") else "oba_ext.reference."
-    assert all(v.startswith(expect) for v in which.values()), which
-
-
-def test_target_inside_torch_nn_container_is_traced_or_refused():
-    """A torch.nn container (nn.TransformerEncoderLayer) is traced through, never run as an
-    opaque generic leaf that would hide its Linear layers (and their scores) from the sweep."""
-    torch.manual_seed(9)
-
-    class Enc(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.enc = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0,
-                                                  batch_first=True)
-            self.head = nn.Linear(8, 3)
-
-        def forward(self, x):
-            return self.head(self.enc(x).mean(1))
-
-    m = Enc().double().eval()
-    x, y = _xy(4, 8, classes=3)
+    if built:
+        assert all(v.startswith("oba_ext.ops.") for v in which.values()), (built, which)
+        assert set(_ext.registered_ops()) >= {"linear_weight_score", "conv_weight_score",
+                                              "channel_score_reduce"}
+    # and without kernels for a device, every op resolves to its same-named twin
+    engine_kernels.resolve.cache_clear()
+    real = _ext.kernels_available
     try:
-        scorer = build_scorer(m, find_layers(m), checked_loss(default_loss), (x, y))
-    except CaptureError as e:  # refused with a reason is fine; silently wrong is not
-        assert "enc" in str(e) or "trac" in str(e)
-        return
+        _ext.kernels_available = lambda device="cpu": False
+        for name, fn in engine_kernels.which("cpu").items():
+            assert fn.startswith("oba_ext.reference.") and fn.endswith("." + name), (name, fn)
+    finally:
+        _ext.kernels_available = real
+        engine_kernels.resolve.cache_clear()
+    assert engine_kernels.which("cpu") == which
+
+
+class _Enc(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0,
+                                              batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.enc(x).mean(1))
+
+
+@pytest.mark.xfail(strict=True, raises=CaptureError,
+                   reason="known engine limitation: torch.fx cannot trace the control flow of "
+                          "nn.TransformerEncoderLayer.forward (its fast-path checks), so the "
+                          "engine refuses it although attention rules exist; strict, so a fix "
+                          "turns this into a failure that asks for the xfail to be removed")
+def test_transformer_encoder_layer_is_traced_and_matches_oracles():
+    """A torch.nn container (nn.TransformerEncoderLayer) must be traced through — its Linear
+    layers and its attention scored by their rules — and match the oracles."""
+    torch.manual_seed(9)
+    m = _Enc().double().eval()
+    x, y = _xy(4, 8, classes=3)
     compare(m, x, y)
+    assert {"enc.linear1", "enc.linear2", "head"} <= set(find_layers(m))
+
+
+def test_transformer_encoder_layer_falls_back_to_the_reference_with_a_warning():
+    """Until the engine traces it: impl="kernel" refuses it by name, impl="auto" warns and
+    returns exactly the reference path's numbers (never an opaque leaf with missing scores)."""
+    torch.manual_seed(9)
+    m = _Enc().double().eval()
+    x, y = _xy(4, 8, classes=3)
+    with pytest.raises(CaptureError, match="_Enc"):
+        build_scorer(m, find_layers(m), checked_loss(default_loss), (x, y))
+    with pytest.warns(UserWarning, match="falling back to the reference path"):
+        auto = oba_ext.score(m, [(x, y)], kind="oba", impl="auto", progress=False)
+    ref = oba_ext.score(m, [(x, y)], kind="oba", impl="reference", progress=False)
+    assert auto.impl == "reference" and set(auto) == set(ref) >= {"enc.linear1", "enc.linear2"}
+    for name in ref:
+        for field, r in ref[name].tensors().items():
+            assert torch.equal(auto[name].tensors()[field], r), (name, field)
 
 
 def test_tied_target_parameter_is_refused():
