@@ -156,13 +156,22 @@ def test_add_strided_accumulator(kernels):
 
 
 def test_deterministic(kernels, device):
+    """Bitwise the same result on every call, and (CPU) whatever the thread count: the chunks
+    of the float64 accumulation do not depend on how many threads run them."""
     kernels(device)
     from oba_ext.ops import channel_score_reduce
-    for layout in ("contiguous", "channels_last"):
-        args = inputs((32, 16, 12, 12), layout, torch.float32, device)
-        x2, x1 = channel_score_reduce(*args, 1)
-        y2, y1 = channel_score_reduce(*args, 1)
-        assert torch.equal(x2, y2) and torch.equal(x1, y1), layout
+    old = torch.get_num_threads()
+    try:
+        for layout in ("contiguous", "channels_last"):
+            args = inputs((32, 16, 12, 12), layout, torch.float32, device)
+            torch.set_num_threads(1)
+            x2, x1 = channel_score_reduce(*args, 1)
+            for n in ((1, 2, 3, 4) if device == "cpu" else (1,)):
+                torch.set_num_threads(n)
+                y2, y1 = channel_score_reduce(*args, 1)
+                assert torch.equal(x2, y2) and torch.equal(x1, y1), (layout, n)
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_empty(kernels, device):

@@ -71,6 +71,20 @@ def test_score_and_checkpoint(tmp_path):
     assert "fc" in scores and scores["fc"]["out"].shape == (10,)
     assert json.loads((out / "scores.json").read_text())["criterion"] == "taylor"
     assert ckpt.exists()
+    # the saved values are oba_ext.score's on the same model and batches (rebuilt in-process
+    # from the same arguments and seed)
+    import oba_ext
+    from oba_ext.cli import build_parser
+    from oba_ext.workflow import setup
+    args = build_parser().parse_args(["score", *TINY, "--out", str(out), "--criterion", "taylor"])
+    model, _, _, batches, _, _ = setup(args)
+    want = oba_ext.score(model, batches, kind="taylor", granularity=tuple(args.granularity),
+                         impl="reference", progress=False)
+    assert set(scores) == set(want)
+    for name in want:
+        assert set(scores[name]) == set(want[name].tensors())
+        for key, t in want[name].tensors().items():
+            assert_close_rel(scores[name][key], t, f"CLI {name}.{key}", rtol=F32_REORDERED)
 
 
 def test_prune_unstructured_and_structured(tmp_path):
@@ -173,13 +187,25 @@ def test_prune_on_a_cifar_folder_in_process(tmp_path, capsys):
             pickle.dump({b"data": rng.integers(0, 256, (8, 3072), dtype=np.uint8),
                          b"labels": list(rng.integers(0, 10, 8))}, fh)
     out = tmp_path / "o"
-    assert main(["prune", "--model", "small_cnn", "--dataset", "cifar10", "--data-root",
-                 str(tmp_path / "data"), "--batch-size", "8", "--num-batches", "1", "--pruning-ratio",
-                 "0.4", "--steps", "2", "--finetune-between", "0.2", "--finetune-epochs", "0.2",
-                 "--criteria", "taylor", "--impl", "reference", "--no-progress",
-                 "--out", str(out)]) == 0
+    argv = ["prune", "--model", "small_cnn", "--dataset", "cifar10", "--data-root",
+            str(tmp_path / "data"), "--batch-size", "8", "--num-batches", "1", "--pruning-ratio",
+            "0.4", "--steps", "2", "--finetune-between", "0.2", "--finetune-epochs", "0.2",
+            "--criteria", "taylor", "--impl", "reference", "--no-progress", "--save-model",
+            "--out", str(out)]
+    assert main(argv) == 0
     rep = json.loads((out / "report.json").read_text())
     run_ = rep["runs"]["taylor"]
     assert run_["params_after"] < rep["before"]["params"]
-    assert 0.0 <= run_["acc_after_finetune"] <= 1.0
+    # the reported accuracy is the saved pruned model's top-1 on the 8 test images, recounted
+    from oba_ext.cli import build_parser
+    from oba_ext.workflow import setup
+    pruned = torch.load(out / "pruned_taylor.pt", weights_only=False).eval()
+    assert sum(p.numel() for p in pruned.parameters()) == run_["params_after"]
+    test_loader = setup(build_parser().parse_args(argv))[2]
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in test_loader:
+            correct += int((pruned(x).argmax(1) == y).sum())
+            total += len(y)
+    assert total == 8 and run_["acc_after_finetune"] == correct / total
     assert "taylor" in capsys.readouterr().out

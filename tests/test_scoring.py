@@ -153,9 +153,29 @@ def test_targets_ignore_and_tuple_inputs():
 
 
 def test_summary_and_progress(capsys):
-    r = oba_ext.score(small_cnn(), [_data()], progress=True, impl="reference")
-    assert "mean|s|" in r.summary() and "0" in r.summary()
+    """progress=True draws a bar that reaches n/n batches (on stderr, nothing on stdout);
+    progress=False draws nothing; summary() has one row per (layer, granularity) with the
+    shape, mean|s| and max|s| of that very tensor (as printed, 4 significant digits)."""
+    batches = [_data(), _data()]
+    capsys.readouterr()
+    r = oba_ext.score(small_cnn(), batches, progress=True, impl="reference")
+    out, err = capsys.readouterr()
+    assert out == "" and "oba_ext.score[oba]" in err and "2/2" in err, err[-500:]
+    oba_ext.score(small_cnn(), batches, progress=False, impl="reference")
+    out, err = capsys.readouterr()
+    assert "oba_ext.score" not in out + err
     assert r.impl == "reference"
+    lines = r.summary().splitlines()
+    assert lines[0].split() == ["layer", "gran", "shape", "mean|s|", "max|s|"]
+    want = [(name, g, t) for name in r for g, t in r[name].tensors().items()]
+    assert len(lines) == 1 + len(want) and len(want) >= 4
+    for line, (name, g, t) in zip(lines[1:], want):
+        cols = line.split()
+        assert cols[0] == name and cols[1] == g, line
+        assert line.split(")")[0].split("(")[1].replace(" ", "") == ",".join(map(str, t.shape)) + ("," if t.dim() == 1 else "")
+        mean, mx = float(cols[-2]), float(cols[-1])
+        assert f"{mean:.4e}" == f"{t.abs().double().mean().item():.4e}", line
+        assert f"{mx:.4e}" == f"{t.abs().double().max().item():.4e}", line
 
 
 # ---- unseen models: random mixes against generic brute force -------------------------------
