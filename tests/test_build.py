@@ -15,8 +15,14 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: every op csrc/registration.cpp defines; each needs a CPU kernel (and a CUDA one in a CUDA build)
 EXPECTED_OPS = {"channel_score_reduce", "channel_score_reduce_add_", "linear_weight_score",
-                "conv_weight_score"}
+                "conv_weight_score", "attention_two_stream_forward",
+                "attention_second_order_backward"}
+
+
+def has_kernel(op, key):
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"oba_ext::{op}", key)
 
 
 def load_setup_module():
@@ -47,6 +53,16 @@ def test_cpu_kernels_loaded():
     assert _ext.HAS_CPU_KERNELS
     assert _ext.kernels_available("cpu")
     assert EXPECTED_OPS <= set(_ext.registered_ops())
+    missing = [op for op in sorted(EXPECTED_OPS) if not has_kernel(op, "CPU")]
+    assert not missing, f"ops without a CPU kernel: {missing}"
+
+
+def test_registration_defines_exactly_the_expected_ops():
+    """The list above is the registration file's, so a new op cannot go untested here."""
+    import re
+    with open(os.path.join(ROOT, "csrc", "registration.cpp")) as f:
+        defined = set(re.findall(r'm\.def\("(\w+)\(', f.read()))
+    assert defined == EXPECTED_OPS, sorted(defined ^ EXPECTED_OPS)
 
 
 def test_cuda_kernels_compiled_when_toolkit_present():
@@ -56,6 +72,8 @@ def test_cuda_kernels_compiled_when_toolkit_present():
     if toolkit_expected(info):
         assert info.get("cuda") is True, f"a CUDA toolkit is present but the build was CPU-only: {info}"
         assert _ext.has_cuda_kernels(), "CUDA kernels are not registered for oba_ext ops"
+        missing = [op for op in sorted(EXPECTED_OPS) if not has_kernel(op, "CUDA")]
+        assert not missing, f"ops without a CUDA kernel in a CUDA build: {missing}"
         assert "9.0" in (info.get("cuda_archs") or ""), info
     assert info.get("torch") == torch.__version__, (
         f"extension built against torch {info.get('torch')}, running {torch.__version__}: rebuild")
