@@ -294,3 +294,85 @@ def test_score_works_under_no_grad(impl):
         got = oba_ext.score(model, batches, kind="oba", impl=impl, progress=False)
     for name in want:
         torch.testing.assert_close(got[name].out, want[name].out, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- which channels go
+class _Chain(nn.Module):
+    """conv1 (3→8) → conv2 (8→12) → pool → fc (12→5): two pruning groups, conv1's channels
+    (conv1 out + conv2 in) and conv2's (conv2 out + fc in)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 12, 3, padding=1)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(h.mean((2, 3)))
+
+
+def _kept_rows(before, after, kept_inputs=None):
+    """Indices of the rows (output channels) of ``before`` that survive in ``after`` (whose
+    input channels were cut to ``kept_inputs``)."""
+    before = before.detach()
+    if kept_inputs is not None:
+        before = before[:, kept_inputs]
+    b, a = before.flatten(1), after.detach().flatten(1)
+    idx = []
+    for row in a:
+        hits = [i for i in range(b.shape[0]) if b[i].shape == row.shape and torch.equal(b[i], row)]
+        assert len(hits) == 1, "a pruned row matches no (or several) original rows"
+        idx.append(hits[0])
+    return idx
+
+
+def _group_scores(model, batches):
+    """Expected group importance, computed here from oba_ext.score (not from OBAImportance):
+    with group_reduction="sum" and no normalizer, channel c of conv1 scores |conv1.out[c]| +
+    |conv2.in[c]|, channel c of conv2 scores |conv2.out[c]| + |fc.in[c]| (SPEC §5 recipe)."""
+    import oba_ext
+    r = oba_ext.score(model, batches, kind="oba", impl="reference", progress=False)
+    return {"conv1": r["conv1"].out.abs() + r["conv2"].inp.abs(),
+            "conv2": r["conv2"].out.abs() + r["fc"].inp.abs()}
+
+
+def _kept_and_removed(model, pruned, scores):
+    out = {}
+    kept_in = None
+    for name in ("conv1", "conv2"):
+        kept = _kept_rows(getattr(model, name).weight, getattr(pruned, name).weight, kept_in)
+        kept_in = kept
+        removed = sorted(set(range(scores[name].numel())) - set(kept))
+        out[name] = (kept, removed)
+    return out
+
+
+@pytest.mark.parametrize("global_pruning", [False, True], ids=["local", "global"])
+def test_the_lowest_scored_channels_go(global_pruning):
+    """Local ranking: each layer loses exactly its round(ratio·C) lowest-scored channels.
+    Global ranking: one threshold over both layers — every removed channel scores at most
+    every kept one, whichever layer it is in, and the layers lose different fractions."""
+    torch.manual_seed(3)
+    model = _Chain().eval()
+    batches = _batches((4, 3, 8, 8), classes=5, seed=4)
+    scores = _group_scores(model, batches)
+    pruned = copy.deepcopy(model)
+    imp = OBAImportance(kind="oba", batches=batches, impl="reference", group_reduction="sum",
+                        normalizer=None)
+    build_pruner(pruned, batches[0][0][:1], imp, pruning_ratio=0.5,
+                 global_pruning=global_pruning).step()
+    kr = _kept_and_removed(model, pruned, scores)
+    for name, (kept, removed) in kr.items():
+        assert removed, f"{name}: nothing was pruned"
+        if not global_pruning:
+            c = scores[name].numel()
+            assert len(removed) == c // 2, (name, removed)
+            want = sorted(torch.argsort(scores[name])[: c // 2].tolist())
+            assert removed == want, (name, removed, want, scores[name])
+    if global_pruning:
+        rem = torch.cat([scores[n][kr[n][1]] for n in kr])
+        kep = torch.cat([scores[n][kr[n][0]] for n in kr])
+        assert rem.max() <= kep.min(), (rem, kep)
+        fractions = {n: len(kr[n][1]) / scores[n].numel() for n in kr}
+        assert len(set(fractions.values())) > 1, f"global ranking pruned evenly: {fractions}"
