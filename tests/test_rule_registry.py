@@ -93,8 +93,11 @@ class Case:
     generic_fn: Optional[Callable] = None   # what the generic rule differentiates, when the op
                                             # itself cannot be (fused kernels without forward
                                             # AD) or rounds a constant (hardsigmoid's 1/6)
-    direct: Optional[Callable] = None       # (placeholders) -> (args, kwargs) of a node built
-                                            # by hand: for ops fx traces *through* (F.sigmoid)
+    direct: Optional[Callable] = None       # (placeholder proxies) -> (args, kwargs) of a node
+                                            # built by hand: for ops fx traces *through*
+                                            # (F.sigmoid) or records otherwise (a == b)
+    arbitrary_values: bool = False          # discrete op whose values are unspecified (empty)
+    int_inputs: int = 0                     # > 0: inputs are indices in [0, int_inputs)
 
 
 def fn(f, *shapes, oba=LINEAR, positive=(), generic_fn=None):
@@ -123,8 +126,61 @@ def _sdpa_math(q, k, v):
     return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), -1) @ v
 
 
-def meta(f, *shapes):
-    return Case(f, shapes, metadata=True)
+def meta(f, *shapes, direct_args=None, arbitrary=False):
+    """Python-valued or discrete ops (shape, comparisons, argmax, casts to int): forward value
+    only, no tangent, and no cotangent back."""
+    return Case(f, shapes, metadata=True, direct=direct_args, arbitrary_values=arbitrary)
+
+
+def _discrete_cases():
+    """The discrete (no-stream) ops: comparisons, logical/bitwise ops, arg-reductions, integer
+    casts, *_like / new_* constructors."""
+    c = {}
+    binary = ("eq", "ne", "lt", "le", "gt", "ge", "greater", "greater_equal", "less",
+              "less_equal", "not_equal", "isclose", "equal")
+    unary = ("isnan", "isinf", "isposinf", "isneginf", "isfinite", "isreal", "signbit", "argmax",
+             "argmin", "argsort", "count_nonzero", "nonzero", "argwhere", "any", "all")
+    logical = ("logical_and", "logical_or", "logical_xor", "bitwise_and", "bitwise_or",
+               "bitwise_xor")
+    for op in binary:
+        c[f"torch.{op}"] = meta(lambda a, b, op=op: getattr(torch, op)(a, b), X, X)
+        c[f"Tensor.{op}"] = meta(lambda a, b, op=op: getattr(a, op)(b), X, X)
+    for op in unary:
+        c[f"torch.{op}"] = meta(lambda a, op=op: getattr(torch, op)(a), X)
+        c[f"Tensor.{op}"] = meta(lambda a, op=op: getattr(a, op)(), X)
+    for op in logical:
+        c[f"torch.{op}"] = meta(lambda a, b, op=op: getattr(torch, op)(a > 0, b > 0), X, X)
+        c[f"Tensor.{op}"] = meta(lambda a, b, op=op: getattr(a > 0, op)(b > 0), X, X)
+    c["torch.logical_not"] = meta(lambda a: torch.logical_not(a), X)
+    c["Tensor.logical_not"] = meta(lambda a: a.logical_not(), X)
+    c["torch.bitwise_not"] = meta(lambda a: torch.bitwise_not(a > 0), X)
+    c["Tensor.bitwise_not"] = meta(lambda a: (a > 0).bitwise_not(), X)
+    c["torch.bucketize"] = meta(lambda a: torch.bucketize(a, CONST[5]), X)
+    c["torch.searchsorted"] = meta(lambda a: torch.searchsorted(CONST[5], a), X)
+    for op in ("zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like",
+               "randint_like"):
+        extra = {"full_like": (2.5,), "randint_like": (3,)}.get(op, ())
+        c[f"torch.{op}"] = meta(lambda a, op=op, e=extra: getattr(torch, op)(a, *e), X,
+                                arbitrary=op in ("empty_like", "rand_like", "randn_like",
+                                                 "randint_like"))
+    for op, extra in (("new_zeros", ((2, 3),)), ("new_ones", ((2,),)), ("new_empty", ((3,),)),
+                      ("new_full", ((2,), 1.5)), ("new_tensor", ([1.0, 2.0],))):
+        c[f"Tensor.{op}"] = meta(lambda a, op=op, e=extra: getattr(a, op)(*e), X,
+                                 arbitrary=op == "new_empty")
+    for op in ("long", "int", "bool", "short", "byte", "char"):
+        c[f"Tensor.{op}"] = meta(lambda a, op=op: getattr(a * 3, op)(), X)
+    for op, sym in (("eq", "=="), ("ne", "!="), ("lt", "<"), ("le", "<="), ("gt", ">"),
+                    ("ge", ">=")):
+        c[f"operator.{op}"] = meta(lambda a, b, op=op: getattr(operator, op)(a, b), X, X)
+        c[f"Tensor.__{op}__"] = meta(None, X, X, direct_args=lambda a, b, op=op: ((a, b), {}))
+    for op in ("and_", "or_", "xor"):
+        c[f"operator.{op}"] = meta(lambda a, b, op=op: getattr(operator, op)(a > 0, b > 0), X, X)
+        dunder = "__" + op.rstrip("_") + "__"
+        c[f"Tensor.{dunder}"] = meta(None, X, X, direct_args=lambda a, b: ((a > 0, b > 0), {}))
+    c["operator.invert"] = meta(lambda a: ~(a > 0), X)
+    c["Tensor.__invert__"] = meta(None, X, direct_args=lambda a: ((a > 0,), {}))
+    c["operator.not_"] = meta(None, (1,), direct_args=lambda a: ((a > 0,), {}))
+    return c
 
 
 def _softmax_linearized(s, s0):
@@ -369,6 +425,196 @@ CASES = {
 }
 
 
+class Linearized:
+    """Nonlinearities replaced by their first-order expansion at the values they take at the
+    case's inputs (recorded on a first call): the same value and slope, no curvature — so the
+    generic ``exact`` term of the result is exactly the product-rule cross terms, oba's C."""
+
+    def __init__(self, f_of):
+        self.f_of = f_of      # f_of(act) -> the op written with act(kind, s) for nonlinearities
+        self.s0, self.k = [], None
+
+    def act(self, kind, s):
+        fn = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "recip": torch.reciprocal}[kind]
+        if self.k is None:    # recording
+            self.s0.append(s.detach())
+            return fn(s)
+        s0 = self.s0[self.k]
+        self.k += 1
+        y0 = fn(s0)
+        slope = {"sigmoid": y0 * (1 - y0), "tanh": 1 - y0 * y0, "recip": -y0 * y0}[kind]
+        return y0 + slope * (s - s0)
+
+    def factory(self, inputs):
+        self.s0, self.k = [], None
+        self.f_of(self.act)(*inputs)
+
+        def f(*xs):
+            self.k = 0
+            return self.f_of(self.act)(*xs)
+        return f
+
+
+def _plain(kind, s):
+    return {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "recip": torch.reciprocal}[kind](s)
+
+
+def _lstm_cell(m, act, x, h, c=None):
+    if c is None:   # called as the module is: (x, (h, c))
+        h, c = h
+    gates = F.linear(x, m.weight_ih, m.bias_ih) + F.linear(h, m.weight_hh, m.bias_hh)
+    i, f, g, o = gates.chunk(4, -1)
+    c2 = act("sigmoid", f) * c + act("sigmoid", i) * act("tanh", g)
+    return act("sigmoid", o) * act("tanh", c2), c2
+
+
+def _gru_cell(m, act, x, h):
+    gi, gh = F.linear(x, m.weight_ih, m.bias_ih), F.linear(h, m.weight_hh, m.bias_hh)
+    ir, iz, inn = gi.chunk(3, -1)
+    hr, hz, hn = gh.chunk(3, -1)
+    r, z = act("sigmoid", ir + hr), act("sigmoid", iz + hz)
+    n = act("tanh", inn + r * hn)
+    return (1 - z) * n + z * h
+
+
+class _Cell:   # nn.LSTM / nn.GRU weights (layer 0) seen as a cell
+    def __init__(self, m):
+        self.weight_ih, self.weight_hh = m.weight_ih_l0, m.weight_hh_l0
+        self.bias_ih, self.bias_hh = m.bias_ih_l0, m.bias_hh_l0
+
+
+def lstm_cell_of(m):
+    return lambda act: (lambda x, h, c=None: _lstm_cell(m, act, x, h, c))
+
+
+def gru_cell_of(m):
+    return lambda act: (lambda x, h: _gru_cell(m, act, x, h))
+
+
+def lstm_seq_of(m):
+    def of(act):
+        def f(x):   # batch_first, zero initial state
+            cell = _Cell(m)
+            h = x.new_zeros(x.shape[0], m.hidden_size)
+            c = x.new_zeros(x.shape[0], m.hidden_size)
+            outs = []
+            for t in range(x.shape[1]):
+                h, c = _lstm_cell(cell, act, x[:, t], h, c)
+                outs.append(h)
+            return torch.stack(outs, 1), (h[None], c[None])
+        return f
+    return of
+
+
+def gru_seq_of(m):
+    def of(act):
+        def f(x):
+            cell = _Cell(m)
+            h = x.new_zeros(x.shape[0], m.hidden_size)
+            outs = []
+            for t in range(x.shape[1]):
+                h = _gru_cell(cell, act, x[:, t], h)
+                outs.append(h)
+            return torch.stack(outs, 1), h[None]
+        return f
+    return of
+
+
+def _glu_of(dim):
+    return lambda act: (lambda x: (lambda a, b: a * act("sigmoid", b))(*x.chunk(2, dim)))
+
+
+def lin(of, module_of=None):
+    """oba expectation: product-rule cross terms of ``of`` with nonlinearities linearized;
+    ``module_of(m)`` builds ``of`` from the case's module."""
+    return ("lin", of, module_of)
+
+
+def gen(of, module_of=None):
+    """The generic rule differentiates ``of(plain)`` (the op written out)."""
+    if module_of is not None:
+        return lambda m: (lambda *a, **k: module_of(m)(_plain)(*a))
+    return lambda *a, **k: of(_plain)(*a)
+
+
+_E = (2, 4, 3)
+MORE_CASES = {
+    # products (bilinear in two θ-dependent inputs)
+    "torch.dot": fn(lambda a, b: torch.dot(a, b), (5,), (5,), oba=BILINEAR),
+    "Tensor.dot": fn(lambda a, b: a.dot(b), (5,), (5,), oba=BILINEAR),
+    "torch.ger": fn(lambda a, b: torch.ger(a, b), (3,), (4,), oba=BILINEAR),
+    "Tensor.ger": fn(lambda a, b: a.ger(b), (3,), (4,), oba=BILINEAR),
+    "Tensor.outer": fn(lambda a, b: a.outer(b), (3,), (4,), oba=BILINEAR),
+    "torch.inner": fn(lambda a, b: torch.inner(a, b), X, (5, 4), oba=BILINEAR),
+    "Tensor.inner": fn(lambda a, b: a.inner(b), X, (5, 4), oba=BILINEAR),
+    "torch.mv": fn(lambda a, b: torch.mv(a, b), (3, 4), (4,), oba=BILINEAR),
+    "Tensor.mv": fn(lambda a, b: a.mv(b), (3, 4), (4,), oba=BILINEAR),
+    "torch.addcmul": fn(lambda x, a, b: torch.addcmul(x, a, b, value=0.5), X, X, X, oba=BILINEAR),
+    "Tensor.addcmul": fn(lambda x, a, b: x.addcmul(a, b), X, X, X, oba=BILINEAR),
+    "torch.addmm": fn(lambda x, a, b: torch.addmm(x, a, b, beta=0.5, alpha=2.0), (3, 5), (3, 4),
+                      (4, 5), oba=BILINEAR),
+    "Tensor.addmm": fn(lambda x, a, b: x.addmm(a, b), (3, 5), (3, 4), (4, 5), oba=BILINEAR),
+    "torch.addmv": fn(lambda x, a, b: torch.addmv(x, a, b), (3,), (3, 4), (4,), oba=BILINEAR),
+    "Tensor.addmv": fn(lambda x, a, b: x.addmv(a, b), (3,), (3, 4), (4,), oba=BILINEAR),
+    "torch.addr": fn(lambda x, a, b: torch.addr(x, a, b), (3, 4), (3,), (4,), oba=BILINEAR),
+    "Tensor.addr": fn(lambda x, a, b: x.addr(a, b), (3, 4), (3,), (4,), oba=BILINEAR),
+    "torch.addbmm": fn(lambda x, a, b: torch.addbmm(x, a, b), (3, 5), (2, 3, 4), (2, 4, 5),
+                       oba=BILINEAR),
+    "Tensor.addbmm": fn(lambda x, a, b: x.addbmm(a, b), (3, 5), (2, 3, 4), (2, 4, 5),
+                        oba=BILINEAR),
+    "torch.baddbmm": fn(lambda x, a, b: torch.baddbmm(x, a, b), (2, 3, 5), (2, 3, 4), (2, 4, 5),
+                        oba=BILINEAR),
+    "Tensor.baddbmm": fn(lambda x, a, b: x.baddbmm(a, b), (2, 3, 5), (2, 3, 4), (2, 4, 5),
+                         oba=BILINEAR),
+    "torch.bilinear": fn(lambda a, b: torch.bilinear(a, b, CONST_W, CONST[5]), (3, 4), (3, 2),
+                         oba=BILINEAR),
+    "nn.Bilinear": Case(lambda m, a, b: m(a, b), [(3, 4), (3, 2)], BILINEAR,
+                        module=lambda: nn.Bilinear(4, 2, 5).double()),
+    # products with nonlinearities: cross terms with the nonlinearities linearized
+    "F.glu": Case(lambda x: F.glu(x, -1), [(2, 3, 6)], oba=lin(_glu_of(-1)),
+                  generic_fn=gen(_glu_of(-1))),
+    "nn.GLU": Case(lambda m, x: m(x), [(2, 6, 3)], oba=lin(_glu_of(1)),
+                   module=lambda: nn.GLU(1), generic_fn=lambda m: gen(_glu_of(1))),
+    # division is linearized like any op that is not a product (reference/decompose.py,
+    # SPEC §2): addcdiv carries no OBA curvature
+    "torch.addcdiv": fn(lambda x, a, b: torch.addcdiv(x, a, b, value=0.5), X, X, X, positive=(2,)),
+    "Tensor.addcdiv": fn(lambda x, a, b: x.addcdiv(a, b), X, X, X, positive=(2,)),
+    "torch.outer": fn(lambda a, b: torch.outer(a, b), (3,), (4,), oba=BILINEAR),
+    "torch.tensordot": fn(lambda a, b: torch.tensordot(a, b, dims=([1, 2], [0, 1])), X, (3, 4, 2),
+                          oba=BILINEAR),
+    "nn.LSTMCell": Case(lambda m, x, h, c: m(x, (h, c)), [(3, 4), (3, 5), (3, 5)],
+                        oba=lin(None, lstm_cell_of), module=lambda: nn.LSTMCell(4, 5).double(),
+                        generic_fn=lambda m: gen(None, lstm_cell_of)(m)),
+    "nn.GRUCell": Case(lambda m, x, h: m(x, h), [(3, 4), (3, 5)], oba=lin(None, gru_cell_of),
+                       module=lambda: nn.GRUCell(4, 5).double(),
+                       generic_fn=lambda m: gen(None, gru_cell_of)(m)),
+    "nn.LSTM": Case(lambda m, x: m(x), [(2, 3, 4)], oba=lin(None, lstm_seq_of),
+                    module=lambda: nn.LSTM(4, 5, batch_first=True).double(),
+                    generic_fn=lambda m: gen(None, lstm_seq_of)(m)),
+    "nn.GRU": Case(lambda m, x: m(x), [(2, 3, 4)], oba=lin(None, gru_seq_of),
+                   module=lambda: nn.GRU(4, 5, batch_first=True).double(),
+                   generic_fn=lambda m: gen(None, gru_seq_of)(m)),
+    # no product of two θ-dependent values (weights constant): linear expectation
+    "nn.RNNCell": mod(lambda: nn.RNNCell(4, 5).double(), (3, 4)),
+    "nn.RNN": mod(lambda: nn.RNN(4, 5, batch_first=True).double(), (2, 3, 4)),
+    "nn.ConvTranspose1d": mod(lambda: nn.ConvTranspose1d(3, 4, 3, stride=2).double(), (2, 3, 5)),
+    "nn.ConvTranspose2d": mod(lambda: nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1,
+                                                         output_padding=1).double(), (2, 3, 4, 4)),
+    "nn.Embedding": Case(lambda m, i: m(i), [(2, 5)], module=lambda: nn.Embedding(7, 3).double(),
+                         int_inputs=7),
+    # inactive random ops (eval / training=False): the identity
+    "F.dropout3d": fn(lambda x: F.dropout3d(x, 0.3, training=False), (2, 3, 2, 2, 2)),
+    "nn.Dropout3d": mod(lambda: nn.Dropout3d(0.3).eval(), (2, 3, 2, 2, 2)),
+    "F.alpha_dropout": fn(lambda x: F.alpha_dropout(x, 0.3, training=False), X),
+    "F.feature_alpha_dropout": fn(lambda x: F.feature_alpha_dropout(x, 0.3, training=False), X),
+    "nn.AlphaDropout": mod(lambda: nn.AlphaDropout(0.3).eval(), X),
+    "nn.FeatureAlphaDropout": mod(lambda: nn.FeatureAlphaDropout(0.3).eval(), X),
+}
+CONST_W = torch.linspace(-1, 1, 5 * 4 * 2, dtype=torch.float64).reshape(5, 4, 2)
+CASES.update(MORE_CASES)
+CASES.update(_discrete_cases())
+
+
 def test_every_rule_has_a_case():
     """A rule no test reaches is a failure: add a case for it to CASES (module docstring)."""
     entries = registry_entries()
@@ -458,6 +704,16 @@ def _ctx(node, needs, n_inputs):
     return ctx
 
 
+def _fill_none(g, ref):
+    """``g`` with None leaves replaced by zeros shaped like ``ref``'s leaves."""
+    if g is None:
+        return pytree.tree_map(lambda r: torch.zeros_like(r) if isinstance(r, torch.Tensor)
+                               else r, ref)
+    if isinstance(g, (tuple, list)):
+        return type(g)(_fill_none(a, b) for a, b in zip(g, ref))
+    return g
+
+
 def _second_term(f, primals, tans, g):
     """jvp along T of x ↦ vjp(f, x)(G): the op's own second-order term (per primal)."""
     def gx_of(*xs):
@@ -508,9 +764,12 @@ def _graph(name, case, registry, key, inputs):
         gm = fx.GraphModule(w, _Tracer().trace(w))
     else:
         graph = fx.Graph()
-        ph = [graph.placeholder(f"x{i}") for i in range(len(case.shapes))]
-        args, kwargs = case.direct(*ph)
-        graph.output(graph.call_function(key, tuple(args), dict(kwargs)))
+        tracer = fx.proxy.GraphAppendingTracer(graph)
+        ph = [fx.Proxy(graph.placeholder(f"x{i}"), tracer) for i in range(len(case.shapes))]
+        args, kwargs = pytree.tree_map(lambda a: a.node if isinstance(a, fx.Proxy) else a,
+                                       case.direct(*ph))
+        make = graph.call_method if registry == "method" else graph.call_function
+        graph.output(make(key, tuple(args), dict(kwargs)))
         gm = fx.GraphModule(nn.Module(), graph)
     rec = _Recorder(gm)
     rec.run(*inputs)
@@ -527,6 +786,9 @@ def test_rule_matches_the_generic_rule(name):
     g = torch.Generator().manual_seed(sum(map(ord, name)))
     inputs = []
     for k, s in enumerate(case.shapes):
+        if case.int_inputs:
+            inputs.append(torch.randint(0, case.int_inputs, s, generator=g))
+            continue
         t = torch.randn(s, generator=g, dtype=torch.float64)
         inputs.append(t.abs() + 0.5 if k in case.positive else t)
     gm, values = _graph(name, case, registry, key, inputs)
@@ -548,7 +810,7 @@ def test_rule_matches_the_generic_rule(name):
     elif case.oba == "mha":
         math_f = mha_math(module)
         gfn = lambda q, k, v, **kw: math_f(q, k, v)  # noqa: E731  (output 0 of the module)
-    elif node.op == "call_method" and node.target.endswith("_"):
+    elif node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("__"):
         gfn = getattr(torch.Tensor, node.target[:-1])
     elif node.op == "call_function" and node.target in OUT_OF_PLACE:
         gfn = OUT_OF_PLACE[node.target]
@@ -570,9 +832,19 @@ def test_rule_matches_the_generic_rule(name):
 
     ctx_r, ctx_g = _ctx(node, needs, len(xs)), _ctx(node, needs, len(xs))
     y_r, t_r = rule.forward(new_call(fnc), ctx_r)
-    if case.metadata:
+    if case.metadata:   # Python values or discrete tensors: the op's own value, no streams
         args, kwargs = pytree.tree_unflatten(leaves, spec)
-        assert y_r == fnc(*args, **kwargs) and t_r is None, (name, y_r, t_r)
+        want = fnc(*args, **kwargs)
+        assert t_r is None, (name, t_r)
+        if isinstance(want, torch.Tensor):
+            assert y_r.shape == want.shape and y_r.dtype == want.dtype, (name, y_r, want)
+            assert case.arbitrary_values or torch.equal(y_r, want), (name, y_r, want)
+        else:
+            assert y_r == want, (name, y_r, want)
+        for mode in (None, "oba", "exact"):
+            ctx_r.mode, ctx_r.exact, ctx_r.first = mode, mode == "exact", True
+            res = rule.backward(ctx_r, None, None)
+            assert all(r is None for r in res), f"{name}: a discrete op returned a cotangent"
         return
     generic = GenericRule(warn=False)
     y_g, t_g = generic.forward(new_call(gfn), ctx_g)
@@ -600,13 +872,26 @@ def test_rule_matches_the_generic_rule(name):
             if case.oba == BILINEAR:   # bilinear: its whole second-order term is cross terms
                 res_x = generic.backward(ctx_x, gy, c)
                 want_c = [None if r is None else r[1] for r in res_x]
-            else:                       # attention: cross terms with softmax linearized
-                factory = sdpa_lin if case.oba == "sdpa" else mha_lin_factory(module)
+            else:                       # cross terms with the nonlinearities linearized
+                if isinstance(case.oba, tuple):
+                    _, of, module_of = case.oba
+                    factory = Linearized(module_of(module) if module_of else of).factory
+                else:
+                    factory = sdpa_lin if case.oba == "sdpa" else mha_lin_factory(module)
                 active = ctx_x.active
                 prim = tuple(xs[i] for i in active)
                 tans = tuple(tangents[i] for i in active)
-                gfill = gy[0] if isinstance(gy, (tuple, list)) else gy
-                extra = _second_term(factory(xs), prim, tans, gfill)
+                gfill = gy
+                f_lin = factory(xs)
+                if len(active) < len(xs):   # f_lin takes every tensor input; fix the others
+                    f_full = f_lin
+
+                    def f_lin(*act_xs):
+                        full = list(xs)
+                        for i, v in zip(active, act_xs):
+                            full[i] = v
+                        return f_full(*full)
+                extra = _second_term(f_lin, prim, tans, _fill_none(gfill, y_g))
                 want_c = list(want_c)
                 for k, i in enumerate(active):
                     want_c[i] = extra[k] if want_c[i] is None else want_c[i] + extra[k]
