@@ -68,7 +68,7 @@ def test_vit_head_scores(kind):
         # by hand: the head's q/k/v output channels plus the proj's input channels
         qkv, proj = ref[f"{name}.qkv"].out, ref[f"{name}.proj"].inp
         want = qkv.reshape(3, H, -1).sum((0, 2)) + proj.reshape(H, -1).sum(1)
-        _close(eng[name].head, want, 0.0, f"{name}.head by hand")
+        assert_f64(eng[name].head, want, f"{name}.head by hand")
 
 
 def test_cli_model_lookup_and_flops_pruning():
