@@ -64,7 +64,7 @@ def test_vit_head_scores(kind):
     for b in range(len(model.blocks)):
         name = f"blocks.{b}.attn"
         assert eng[name].head.shape == (H,)
-        _close(eng[name].head, ref[name].head, 0.0, f"{name}.head")
+        assert_f64(eng[name].head, ref[name].head, f"{name}.head")
         # by hand: the head's q/k/v output channels plus the proj's input channels
         qkv, proj = ref[f"{name}.qkv"].out, ref[f"{name}.proj"].inp
         want = qkv.reshape(3, H, -1).sum((0, 2)) + proj.reshape(H, -1).sum(1)
