@@ -182,11 +182,12 @@ def test_rule_is_stable_across_seeds_and_threads(n_threads, threads):
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_engine_float32_rule_is_stable_across_seeds_and_threads(n_threads, threads):
     """The engine-level float32 rule (tests/test_engine.py) on the grouped-conv/norm model in
-    eval and train mode, several seeds, at this thread count: no failure."""
+    eval and train mode, two seeds (the suite's other float32 engine tests add three more
+    models), at this thread count: no failure."""
     from test_engine import assert_float32_rule
     from test_engine_rules import Convs, _xy
     threads(n_threads)
-    for seed in range(3):
+    for seed in range(2):
         for train in (False, True):
             torch.manual_seed(100 + seed)
             m64 = Convs().double().train(train)
