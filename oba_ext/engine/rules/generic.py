@@ -392,8 +392,9 @@ class GenericRule:
         return tuple(leaves[k] for k in ctx.float_pos)
 
     def backward(self, ctx, g, c):
-        primals = ctx.primals
-        out = [None] * ctx.n_inputs
+        # (a node the sweep evaluated without the rule — Python-valued inputs only — has none)
+        primals = getattr(ctx, "primals", ())
+        out = [None] * getattr(ctx, "n_inputs", 0)
         if not primals:
             return out
         if ctx.mode == "oba" and ctx.oba_reason is not None:
