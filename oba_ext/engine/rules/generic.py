@@ -111,8 +111,7 @@ SAFE_FUNCTIONS = frozenset(_resolve(_ELEMENTWISE) | _resolve((
     "pixel_unshuffle", "channel_shuffle", "fold", "avg_pool3d", "adaptive_avg_pool3d",
     "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
     "lp_pool1d", "lp_pool2d", "vector_norm", "matrix_norm", "zeros_like", "ones_like",
-    "empty_like", "full_like", "cdist_", "one_hot", "embedding", "erfcx", "expit", "xlog1py_",
-    "log_ndtr", "ndtr", "ndtri", "gammaln", "entr", "i0e", "i1", "i1e", "sinc",
+    "empty_like", "full_like", "one_hot", "embedding", "erfcx", "expit", "log_ndtr", "ndtr", "ndtri", "gammaln", "entr", "i0e", "i1", "i1e", "sinc",
 )) | {operator.add, operator.sub, operator.neg, operator.pos, operator.truediv,
       operator.floordiv, operator.mod, operator.getitem, operator.eq, operator.ne,
       operator.lt, operator.le, operator.gt, operator.ge, operator.not_, operator.invert,
@@ -136,8 +135,8 @@ SAFE_MODULES = tuple(c for c in (
     nn.ReplicationPad1d, nn.ReplicationPad2d, nn.AvgPool3d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool3d, nn.LPPool1d, nn.LPPool2d, nn.Fold, nn.Unfold,
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm,
-    getattr(nn, "RMSNorm", None), nn.Embedding, nn.EmbeddingBag, nn.CosineSimilarity,
-    nn.PairwiseDistance, nn.Identity, nn.Flatten, nn.Unflatten,
+    getattr(nn, "RMSNorm", None), nn.Embedding, nn.EmbeddingBag, nn.PairwiseDistance,
+    nn.Identity, nn.Flatten, nn.Unflatten,
 ) if c is not None)
 
 _RANDOM_NAMES = ("bernoulli", "bernoulli_", "multinomial", "normal", "normal_", "uniform_",
