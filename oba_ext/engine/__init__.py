@@ -27,14 +27,16 @@ def build_scorer(model, layers, loss_fn, example=None, quantities=None) -> Engin
     quantities: the base quantities the scorer will be asked for (``"taylor"``, ``"oba"``,
         ``"exact"``), or ``None`` (unknown: ops the generic rule cannot do in ``oba`` mode are
         then refused only when an ``oba`` batch reaches them).
-    Raises :class:`CaptureError` when the model cannot be captured, or when it holds an op
+    Raises :class:`CaptureError` when the model cannot be captured (also: a tuple-valued node
+    passed whole to another op, whose elements would carry no streams), or when it holds an op
     without a rule that the generic rule cannot compute for ``quantities`` (one that draws
     random numbers; for ``oba``, one not known to be free of products of two θ-dependent
     values, SPEC §8) — the message names the node and the op.
     """
     program = capture(model, layers, example)
-    from .rules.generic import program_refusal
-    reason = program_refusal(program, dict(model.named_modules()), tuple(quantities or ()))
+    from .rules.generic import program_refusal, tuple_input_refusal
+    reason = (tuple_input_refusal(program)
+              or program_refusal(program, dict(model.named_modules()), tuple(quantities or ())))
     if reason is not None:
         raise CaptureError(reason)
     return EngineScorer(model, layers, loss_fn, program)

@@ -414,3 +414,66 @@ RANDOM_MASKS = {
     F.alpha_dropout: _refuse_alpha("F.alpha_dropout / nn.AlphaDropout"),
     F.feature_alpha_dropout: _refuse_alpha("F.feature_alpha_dropout / nn.FeatureAlphaDropout"),
 }
+
+
+# ---- products of many factors -----------------------------------------------------------------
+def prod_math(input: Tensor, *args, dtype=None, **kwargs) -> Tensor:
+    """``torch.prod`` (function and method): the running product of the slices along ``dim``
+    (all elements when no dim), each step one elementwise product."""
+    dim = args[0] if args else kwargs.get("dim")
+    keepdim = args[1] if len(args) > 1 else kwargs.get("keepdim", False)
+    x = input if dtype is None else input.to(dtype)
+    if dim is None:
+        x, dim, keepdim = x.reshape(-1), 0, False
+    parts = x.unbind(dim)
+    y = parts[0]
+    for p in parts[1:]:
+        y = y * p
+    if len(parts) == 0:
+        y = torch.ones(x.shape[:dim] + x.shape[dim + 1:], dtype=x.dtype, device=x.device)
+    return y.unsqueeze(dim) if keepdim else y
+
+
+def cumprod_math(input: Tensor, dim: int, *, dtype=None) -> Tensor:
+    """``torch.cumprod``: the running products along ``dim``, stacked."""
+    x = input if dtype is None else input.to(dtype)
+    parts = x.unbind(dim)
+    out, y = [], None
+    for p in parts:
+        y = p if y is None else y * p
+        out.append(y)
+    return torch.stack(out, dim)
+
+
+def multi_dot_math(tensors, *, out=None) -> Tensor:
+    """``torch.linalg.multi_dot`` / ``torch.chain_matmul``: left-to-right matmuls."""
+    if out is not None:
+        raise NotImplementedError("oba_ext: multi_dot(..., out=...) is not supported")
+    ts = list(tensors)
+    y = ts[0]
+    for t in ts[1:]:
+        y = torch.matmul(y, t)
+    return y
+
+
+def _chain_matmul_math(*matrices, out=None):
+    return multi_dot_math(matrices, out=out)
+
+
+DECOMPOSITIONS.update({
+    torch.prod: prod_math, Tensor.prod: prod_math,
+    torch.cumprod: cumprod_math, Tensor.cumprod: cumprod_math,
+    torch.linalg.multi_dot: multi_dot_math, torch.chain_matmul: _chain_matmul_math,
+})
+
+#: ops with products inside that the oba oracle does not write out: recording them with a
+#: θ-dependent operand raises (``taylor``/``exact`` passes run them as they are)
+PRODUCT_REFUSALS = {
+    torch.linalg.det: "torch.linalg.det", torch.det: "torch.det", Tensor.det: "Tensor.det",
+    torch.logdet: "torch.logdet", torch.slogdet: "torch.slogdet",
+    torch.linalg.slogdet: "torch.linalg.slogdet", torch.kron: "torch.kron",
+    torch.cross: "torch.cross", torch.linalg.cross: "torch.linalg.cross",
+    torch.matrix_power: "torch.matrix_power", torch.linalg.matrix_power: "torch.linalg.matrix_power",
+    torch.linalg.solve: "torch.linalg.solve", torch.cdist: "torch.cdist (p=2 uses a matmul)",
+    torch.linalg.inv: "torch.linalg.inv", torch.inverse: "torch.inverse",
+}

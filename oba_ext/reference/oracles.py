@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..inputs import call_args
 from .bilinear import BILINEAR, INPLACE_PRODUCTS
-from .decompose import DECOMPOSITIONS, RANDOM_MASKS
+from .decompose import DECOMPOSITIONS, PRODUCT_REFUSALS, RANDOM_MASKS
 from .functions import checked_double_backward, diagnose_forward_ad, opaque_functions
 
 
@@ -68,6 +68,13 @@ class BilinearRecorder(TorchFunctionMode):
             if out is not NotImplemented:
                 return out
         if self.record:
+            name = PRODUCT_REFUSALS.get(func)
+            if name is not None and any(_theta_dependent(a) for a in
+                                        list(args) + list(kwargs.values())):
+                raise NotImplementedError(
+                    f"oba_ext reference: {name} of θ-dependent values contains products the "
+                    f"oba oracle does not write out (SPEC §8); it is not supported for oba "
+                    f"(taylor and exact work)")
             if func in INPLACE_PRODUCTS and len(args) > 1 and isinstance(args[1], Tensor):
                 raise NotImplementedError(
                     f"oba_ext reference: in-place product {getattr(func, '__name__', func)} of two "
@@ -91,6 +98,14 @@ class BilinearRecorder(TorchFunctionMode):
                     self.nodes.append(node)
                     return out
         return func(*args, **kwargs)
+
+
+def _theta_dependent(a) -> bool:
+    if isinstance(a, (list, tuple)):
+        return any(_theta_dependent(b) for b in a)
+    if not isinstance(a, Tensor):
+        return False
+    return a.requires_grad or fwAD.unpack_dual(a).tangent is not None
 
 
 def _frozen(t: Optional[Tensor]) -> Optional[Tensor]:

@@ -111,8 +111,7 @@ SAFE_FUNCTIONS = frozenset(_resolve(_ELEMENTWISE) | _resolve((
     "pixel_unshuffle", "channel_shuffle", "fold", "avg_pool3d", "adaptive_avg_pool3d",
     "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
     "lp_pool1d", "lp_pool2d", "vector_norm", "matrix_norm", "zeros_like", "ones_like",
-    "empty_like", "full_like", "cdist_", "one_hot", "embedding", "erfcx", "expit", "xlog1py_",
-    "log_ndtr", "ndtr", "ndtri", "gammaln", "entr", "i0e", "i1", "i1e", "sinc",
+    "empty_like", "full_like", "one_hot", "embedding", "erfcx", "expit", "log_ndtr", "ndtr", "ndtri", "gammaln", "entr", "i0e", "i1", "i1e", "sinc",
 )) | {operator.add, operator.sub, operator.neg, operator.pos, operator.truediv,
       operator.floordiv, operator.mod, operator.getitem, operator.eq, operator.ne,
       operator.lt, operator.le, operator.gt, operator.ge, operator.not_, operator.invert,
@@ -136,8 +135,8 @@ SAFE_MODULES = tuple(c for c in (
     nn.ReplicationPad1d, nn.ReplicationPad2d, nn.AvgPool3d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool3d, nn.LPPool1d, nn.LPPool2d, nn.Fold, nn.Unfold,
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm,
-    getattr(nn, "RMSNorm", None), nn.Embedding, nn.EmbeddingBag, nn.CosineSimilarity,
-    nn.PairwiseDistance, nn.Identity, nn.Flatten, nn.Unflatten,
+    getattr(nn, "RMSNorm", None), nn.Embedding, nn.EmbeddingBag, nn.PairwiseDistance,
+    nn.Identity, nn.Flatten, nn.Unflatten,
 ) if c is not None)
 
 _RANDOM_NAMES = ("bernoulli", "bernoulli_", "multinomial", "normal", "normal_", "uniform_",
@@ -392,8 +391,9 @@ class GenericRule:
         return tuple(leaves[k] for k in ctx.float_pos)
 
     def backward(self, ctx, g, c):
-        primals = ctx.primals
-        out = [None] * ctx.n_inputs
+        # (a node the sweep evaluated without the rule — Python-valued inputs only — has none)
+        primals = getattr(ctx, "primals", ())
+        out = [None] * getattr(ctx, "n_inputs", 0)
         if not primals:
             return out
         if ctx.mode == "oba" and ctx.oba_reason is not None:
@@ -410,7 +410,10 @@ class GenericRule:
         if ctx.exact and ctx.tans is not None:
             def gx_of(*xs):
                 return torch.func.vjp(f, *xs)[1](g)
-            _, extra = torch.func.jvp(gx_of, primals, ctx.tans)
+            # under the sweep's no_grad some backward formulas take a non-differentiable path
+            # (torch.linalg.det's jvp-of-vjp came out wrong by 60%): differentiate with grad on
+            with torch.enable_grad():
+                _, extra = torch.func.jvp(gx_of, primals, ctx.tans)
             cs = extra if cs is None else tuple(a + b for a, b in zip(cs, extra))
         for k, i in enumerate(ctx.active):
             out[i] = (gs[k], cs[k] if cs is not None else None)
@@ -431,3 +434,43 @@ def _flatten_cot(v, spec):
 #: the shared instances the sweep uses
 GENERIC = GenericRule(warn=True)
 GENERIC_QUIET = GenericRule(warn=False)
+
+
+#: ops whose value is a tuple of tensors (``x[i]`` cannot tell a tuple from a tensor)
+_TUPLE_FUNCTIONS = {torch.chunk, torch.split, torch.unbind, torch.tensor_split, torch.sort,
+                    torch.topk, torch.max, torch.min, torch.aminmax, torch.var_mean,
+                    torch.std_mean, torch.kthvalue, torch.median, torch.cummax, torch.cummin}
+_TUPLE_METHODS = {"chunk", "split", "unbind", "tensor_split", "sort", "topk", "max", "min",
+                  "aminmax", "kthvalue", "median", "cummax", "cummin"}
+_TUPLE_MODULES = (nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.MultiheadAttention)
+
+
+def tuple_input_refusal(program) -> Optional[str]:
+    """Why the sweep cannot run ``program``: a tuple-valued node passed *whole* to another op
+    (``cell(x, state)`` with ``state = cell(...)``, ``torch.cat(x.chunk(2))``). The sweep
+    carries streams per tensor argument, so the tuple's elements would silently carry none;
+    unpack it (``h, c = state``) or score with impl='reference'."""
+    tuple_valued = set()
+    for st in program.steps:
+        n = st.node
+        if n.op == "call_function" and n.target in _TUPLE_FUNCTIONS and not (
+                n.target in (torch.max, torch.min, torch.median) and len(n.args) < 2
+                and "dim" not in n.kwargs):
+            tuple_valued.add(n)
+        elif n.op == "call_method" and n.target in _TUPLE_METHODS and not (
+                n.target in ("max", "min", "median") and len(n.args) < 2
+                and "dim" not in n.kwargs):
+            tuple_valued.add(n)
+        elif n.op == "call_module" and isinstance(st.module, _TUPLE_MODULES):
+            tuple_valued.add(n)
+    for st in program.steps:
+        if st.flat is None or st.tuple_getitem or not st.live:
+            continue
+        for i in st.node_pos:
+            src = st.flat[i]
+            if src in tuple_valued:
+                return (f"node {st.node.name!r} takes the tuple {src.name!r} whole as an "
+                        f"argument; the engine carries streams per tensor argument — unpack it "
+                        f"first (e.g. `h, c = state`, `a, b = x.chunk(2)`), or use "
+                        f"impl='reference'")
+    return None

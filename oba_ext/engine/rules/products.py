@@ -1,7 +1,9 @@
 """Ops with products hidden inside (SPEC §8): GLU, ``addcmul``/``addcdiv``, ``outer``/
 ``tensordot``/``inner``/``dot``/``mv``, einsum of three or more operands, ``F.bilinear``/
-``nn.Bilinear``, ``addmm``/``baddbmm``/``addbmm``/``addmv``/``addr``, and the recurrent layers
-``nn.LSTM``/``GRU``/``RNN`` with their cells.
+``nn.Bilinear``, ``addmm``/``baddbmm``/``addbmm``/``addmv``/``addr``, ``prod``/``cumprod``/
+``multi_dot``, and the recurrent layers ``nn.LSTM``/``GRU``/``RNN`` with their cells.
+(``det``, ``kron``, ``cross``, ``inv``, ``solve``, … have no rule: the generic rule computes
+them for ``taylor``/``exact`` and an ``oba`` run refuses them by name, on both paths.)
 
 Two-operand products (``outer``, ``tensordot``, ``inner``, ``dot``, ``mv``) use the product rule
 of :class:`.arith.BilinearRule`. Every other op here is evaluated through its written-out form
@@ -200,6 +202,9 @@ register_function(F.bilinear, torch.addmm, torch.baddbmm, torch.addbmm, torch.ad
 register_method("addmm", "baddbmm", "addbmm", "addmv", "addr")(DECOMPOSED)
 # recurrent layers and cells (their gates multiply θ-dependent activations)
 register_module(nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell)(DECOMPOSED)
+# products of many factors
+register_function(torch.prod, torch.cumprod, torch.linalg.multi_dot, torch.chain_matmul)(DECOMPOSED)
+register_method("prod", "cumprod")(DECOMPOSED)
 # two-operand products: the product rule directly
 _BIL = BilinearRule()
 register_function(torch.outer, torch.ger, torch.tensordot, torch.inner, torch.dot,
