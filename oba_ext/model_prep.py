@@ -139,6 +139,32 @@ def effective_weights(model: nn.Module):
             mod._forward_pre_hooks.update(hooks)
 
 
+def _optimized_module_type():
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+        return OptimizedModule
+    except Exception:  # pragma: no cover - torch without dynamo
+        return None
+
+
+def has_compiled_submodules(model: nn.Module) -> bool:
+    opt = _optimized_module_type()
+    return opt is not None and any(isinstance(m, opt) for m in model.modules())
+
+
+@contextlib.contextmanager
+def prepared(model: nn.Module):
+    """Everything scoring needs around the batches: :func:`effective_weights`, and compiled
+    submodules (``block = torch.compile(block)`` inside a model) run eagerly
+    (``torch.compiler.set_stance("force_eager")``; the engine traces their ``_orig_mod``), so the
+    derivatives are autograd's own (dynamo's aot_autograd has no double backward)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(effective_weights(model))
+        if has_compiled_submodules(model) and hasattr(torch.compiler, "set_stance"):
+            stack.enter_context(torch.compiler.set_stance("force_eager"))
+        yield model
+
+
 def rank_device(device, model_device: Optional[torch.device], backend: Optional[str],
                 local_rank: Optional[int]) -> Optional[torch.device]:
     """The device a rank scores on. Under NCCL (one GPU per rank) a CUDA device without an index

@@ -354,7 +354,7 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
                    initial=skip, dynamic_ncols=True)
     seen = 0
     failure = None
-    masks = _prep.effective_weights(model)  # θ of a masked layer = weight_orig ⊙ weight_mask
+    masks = _prep.prepared(model)  # θ of a masked layer = weight_orig ⊙ weight_mask; eager compiled
     masks.__enter__()
     try:
         for index, batch in enumerate(it):

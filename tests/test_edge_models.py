@@ -240,6 +240,52 @@ def test_function_without_double_backward(impl, fn, why):
                          f"oba [{impl}]")
 
 
+class Split(torch.autograd.Function):
+    """New-style Function (setup_context), two outputs, a non-tensor argument."""
+
+    @staticmethod
+    def forward(x, s):
+        return x * s, torch.relu(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, s = inputs
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+        ctx.s = s
+
+    @staticmethod
+    def backward(ctx, g1, g2):
+        x, = ctx.saved_tensors
+        return g1 * ctx.s + g2 * (x > 0).to(x.dtype), None
+
+    @staticmethod
+    def jvp(ctx, t, _):
+        x, = ctx.saved_tensors
+        return t * ctx.s, t * (x > 0).to(x.dtype)
+
+
+class SplitNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 3), nn.Linear(6, 3)
+
+    def forward(self, x):
+        p, q = Split.apply(self.a(x), 0.5)
+        return self.b(torch.relu(p)) + self.c(q)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_new_style_function_with_two_outputs(impl):
+    torch.manual_seed(0)
+    model, batches = SplitNet().to(D), _batches()
+    brute = _brute(model, *batches[0], key="Split")  # piecewise linear: Ĥ = H − GGN
+    for kind in ("taylor", "oba", "exact"):
+        res = _score(model, batches, kind, impl)
+        for n in ("a", "b", "c"):
+            assert_close_rel(res[n].weight, brute[kind][f"{n}.weight"], f"{kind} {n} [{impl}]")
+
+
 def test_function_is_one_engine_node():
     from oba_ext.engine.capture import capture
     from oba_ext.engine.rules.function import FunctionApply
@@ -272,6 +318,23 @@ def test_wrapped_models_score_the_inner_module(impl, wrap):
     # targets/ignore may name layers through the wrapper
     got = _score(wrapped, batches, "oba", impl, targets=[f"{prefix}.2"])
     assert list(got) == ["2"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_compiled_submodule(impl):
+    """``block = torch.compile(block)`` inside a model: scored eagerly, names keep _orig_mod."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Sequential(nn.Tanh(), nn.Linear(6, 3))).to(D)
+    compiled = copy.deepcopy(model)
+    compiled[1] = torch.compile(compiled[1])
+    batches = _batches()
+    for kind in ("oba", "exact"):
+        want = _score(model, batches, kind, "reference")
+        got = _score(compiled, batches, kind, impl)
+        assert got.impl == ("reference" if impl == "reference" else "kernel")
+        assert sorted(got) == ["0", "1._orig_mod.1"]
+        assert_close_rel(got["0"].weight, want["0"].weight, f"{kind} 0 [{impl}]")
+        assert_close_rel(got["1._orig_mod.1"].weight, want["1.1"].weight, f"{kind} 1.1 [{impl}]")
 
 
 # ------------------------------------------------------------------ 3. masked models

@@ -74,6 +74,10 @@ class _Tracer(fx.Tracer):
             Function.apply = orig
 
     def call_module(self, m, forward, args, kwargs):
+        inner = getattr(m, "_orig_mod", None)
+        if isinstance(inner, nn.Module) and type(m).__name__ == "OptimizedModule":
+            # a torch.compile'd submodule: trace the module it wraps (names keep "_orig_mod")
+            return self.call_module(inner, inner.forward, args, kwargs)
         try:
             self.path_of_module(m)
         except NameError:  # created inside forward: not a submodule of the model
