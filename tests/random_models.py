@@ -257,6 +257,45 @@ def _op_mha(r, s):
     return MHA(), s, f"nn.MultiheadAttention({s.C},h{heads})"
 
 
+class SeqConv(nn.Module):
+    """A Conv1d over the sequence axis: (B, N, C) -> transpose -> Conv1d -> transpose back."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return self.conv(x.transpose(1, 2)).transpose(1, 2)
+
+
+@op("conv1d", kinds=("seq",))
+def _op_conv1d(r, s):
+    c, k = r.randint(2, 4), r.choice([1, 3])
+    return SeqConv(nn.Conv1d(s.C, c, k, padding=k // 2, bias=r.random() < 0.7)), \
+        Shape("seq", c, s.H), f"Conv1d({s.C}->{c},k{k}) over N"
+
+
+@op("strided", kinds=("img",))
+def _op_strided(r, s):
+    if s.H < 3 or s.W < 3:
+        return None
+    c = r.randint(2, 4)
+    m = nn.Conv2d(s.C, c, 3, stride=2, padding=1, bias=r.random() < 0.7)
+    return Wrap(m), Shape("img", c, (s.H + 1) // 2, (s.W + 1) // 2), f"Conv2d({s.C}->{c},k3,s2)"
+
+
+SCALARS = {"0.5*x-0.1": lambda x: 0.5 * x - 0.1, "-x/2": lambda x: -x / 2,
+           "x*x": lambda x: x * x, "x.sum(-1,keepdim)+x": lambda x: x.sum(-1, keepdim=True) + x}
+
+
+@op("arith", kinds=("img", "seq", "vec"))
+def _op_arith(r, s):
+    """Scalar arithmetic (scale, shift, negate, divide), a square (a product of an activation
+    with itself) and a broadcast sum."""
+    name = r.choice(sorted(SCALARS))
+    return Fn(SCALARS[name]), s, name
+
+
 @op("pool", kinds=("img",))
 def _op_pool(r, s):
     if s.H < 2 or s.W < 2:
