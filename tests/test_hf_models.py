@@ -189,14 +189,22 @@ def _brute_exact(model, batch, loss, sub):
     different method from the reference path's double backward."""
     inputs, y = batch
     loss = loss or (lambda o, t: F.cross_entropy(o.logits, t))
-    params = {f"{l}.{p}": t.detach() for l in sub
-              for p, t in model.get_submodule(l).named_parameters(recurse=False)}
+    params, alias, first = {}, {}, {}
+    for l in sub:
+        for p, t in model.get_submodule(l).named_parameters(recurse=False):
+            n = f"{l}.{p}"
+            if id(t) in first:  # a tied tensor (GPT-2's lm_head = wte) is one parameter
+                alias[n] = first[id(t)]
+            else:
+                first[id(t)], params[n] = n, t.detach()
 
     def f(p):
         return loss(functional_call(model, p, (), dict(inputs)), y)
     with sdpa_kernel(SDPBackend.MATH):  # forward-mode AD through SDPA
         _, hv = torch.func.jvp(torch.func.grad(f), (params,), (params,))
-    return {n: params[n] * hv[n] for n in params}
+    out = {n: params[n] * hv[n] for n in params}
+    out.update({n: out[a] for n, a in alias.items()})
+    return out
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -222,7 +230,8 @@ def test_hf_exact_matches_forward_over_reverse(name):
 
 @pytest.mark.xfail(strict=True, reason=(
     "LEAD: GPT-2's attention/MLP layers are transformers.pytorch_utils.Conv1D (a Linear with a "
-    "transposed (in, out) weight), which oba_ext.targets does not know: only lm_head is scored. "
+    "transposed (in, out) weight), which oba_ext.targets does not know: only the embeddings and "
+    "lm_head are scored. "
     "Needs a 'conv1d_hf' layer kind in targets.py + reference reduction + engine rule"))
 def test_hf_gpt2_conv1d_layers_are_targets():
     model, _, _, _ = build("gpt2")
@@ -231,13 +240,11 @@ def test_hf_gpt2_conv1d_layers_are_targets():
 
 
 # ---------------------------------------------------------------------------------------------
-# LEAD: head scores on HF attention belong to the heads helper (issue 10 item 8; oba_ext/heads.py
-# is not edited here). These tests state what "head" must give on BERT / ViT / LLaMA-GQA; they
-# are xfail (not strict) until that work lands — an XPASS means it has.
+# Head scores on HF attention (issue 10 item 8; oba_ext/heads.py is the heads helper's): what
+# "head" must give on BERT / ViT / LLaMA-GQA, on eager (explicit-matmul) attention.
 HEAD_CASES = [("bert", 2), ("vit", 2), ("llama", 4)]
 
 
-@pytest.mark.xfail(strict=False, reason="LEAD: HF head scores (issue 10 item 8, heads helper)")
 @pytest.mark.parametrize("name,heads", HEAD_CASES)
 def test_hf_head_scores_LEAD(name, heads):
     """Each attention block of the first layer reports a ``head`` vector, one entry per query
