@@ -9,10 +9,10 @@ loss (cross-entropy or MSE) and the model's mode. The architecture is a list of 
 (``Arch.describe()``), printed with the seed on any failure.
 
 Extending the grammar: add one entry to :data:`OPS` (or :data:`STARTS` for a new kind of input,
-e.g. token ids into an ``nn.Embedding``)::
+as ``tokens``: ids into an ``nn.Embedding``)::
 
-    @op("convT", kinds=("img",))
-    def _conv_transpose(r, s):              # r: random.Random, s: the current Shape
+    @op("upsample_conv", kinds=("img",))
+    def _upsample_conv(r, s):               # r: random.Random, s: the current Shape
         c = r.randint(2, 4)
         m = nn.ConvTranspose2d(s.C, c, 2, stride=2)
         return Wrap(m), Shape("img", c, s.H * 2, s.W * 2), f"ConvTranspose2d({s.C}->{c})"
@@ -296,6 +296,17 @@ def _op_arith(r, s):
     return Fn(SCALARS[name]), s, name
 
 
+@op("conv_transpose", kinds=("img",))
+def _op_conv_transpose(r, s):
+    """ConvTranspose2d: k2/s2 doubles the image (kept small), k3/s1/p1 keeps it."""
+    c = r.randint(2, 4)
+    if s.H <= 3 and r.random() < 0.5:
+        m = nn.ConvTranspose2d(s.C, c, 2, stride=2, bias=r.random() < 0.7)
+        return Wrap(m), Shape("img", c, s.H * 2, s.W * 2), f"ConvTranspose2d({s.C}->{c},k2,s2)"
+    m = nn.ConvTranspose2d(s.C, c, 3, padding=1, bias=r.random() < 0.7)
+    return Wrap(m), Shape("img", c, s.H, s.W), f"ConvTranspose2d({s.C}->{c},k3)"
+
+
 @op("pool", kinds=("img",))
 def _op_pool(r, s):
     if s.H < 2 or s.W < 2:
@@ -339,7 +350,15 @@ def _start_vec(r, g):
     return Shape("vec", c), lambda b: torch.randn(b, c, generator=g, dtype=torch.float64)
 
 
-STARTS.update(img=_start_img, seq=_start_seq, vec=_start_vec)
+def _start_tokens(r, g):
+    """Token ids (B, N) into an nn.Embedding (a target layer): a sequence."""
+    v, c, n = r.randint(4, 8), r.randint(2, 4), r.randint(2, 4)
+    emb = nn.Embedding(v, c)
+    return Shape("seq", c, n), lambda b: torch.randint(0, v, (b, n), generator=g), \
+        (emb, f"Embedding({v},{c})")
+
+
+STARTS.update(img=_start_img, seq=_start_seq, vec=_start_vec, tokens=_start_tokens)
 
 
 # ------------------------------------------------------------------ models
@@ -377,8 +396,11 @@ def generate(seed: int, max_blocks: int = 4, batch: int = 3, classes: int = 3,
     r = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # module initializers
-    s, make_input = STARTS[r.choice(sorted(STARTS))](r, g)
+    s, make_input, *first = STARTS[r.choice(sorted(STARTS))](r, g)
     blocks, descs = [], []
+    if first:  # a start with its own first block (the Embedding of token ids)
+        blocks.append(first[0][0])
+        descs.append(first[0][1])
     for _ in range(r.randint(1, max_blocks)):
         choices = [o for o in OPS if s.kind in o.kinds]
         for _ in range(20):
