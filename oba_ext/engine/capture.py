@@ -233,17 +233,8 @@ def capture(model: nn.Module, layers: Dict[str, "LayerSpec"], example=None) -> P
 
 def _compile(model, layers, graph) -> Program:
     modules = dict(model.named_modules())
-    target_params: Dict[int, str] = {}
-    for s in layers.values():
-        if s.kind == "norm":
-            continue
-        for p in s.params:
-            prev = target_params.setdefault(id(s.param(p)), s.qualified(p))
-            if prev != s.qualified(p):  # two target layers share one tensor (tied weights)
-                raise CaptureError(
-                    f"layer {s.name!r} uses target parameter {s.qualified(p)!r}, the same tensor "
-                    f"as {prev!r} (tied weights); the engine would score each layer's use of it "
-                    f"separately, not the one shared parameter")
+    target_params = {id(s.param(p)): s.qualified(p) for s in layers.values()
+                     if s.kind != "norm" for p in s.params}
     # scored norm layers (criteria with norm_layers=True): a module call records its channels;
     # a traced-through module (timm's BatchNormAct2d) must reach a functional norm rule
     norm_params = {id(s.param(p)): s.name for s in layers.values() if s.kind == "norm"

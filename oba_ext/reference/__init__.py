@@ -39,9 +39,8 @@ class ReferenceScorer:
                 raise ValueError(f"reference path: unknown quantity {q!r}; known: {sorted(QUANTITIES)}")
             per_param = fn(ctx)
             for name, spec in self.layers.items():
-                names = {p: ctx.aliases.get(spec.qualified(p), spec.qualified(p))
-                         for p in spec.params}
-                local = {p: per_param[n] for p, n in names.items() if n in per_param}
+                local = {p: per_param[spec.qualified(p)] for p in spec.params
+                         if spec.qualified(p) in per_param}
                 if local:
                     res[name][q] = reduce_layer(spec, local, keys)
         return {n: d for n, d in res.items() if d}

@@ -25,11 +25,6 @@ class BatchContext:
     model, layers ({name: LayerSpec}), inputs, targets, loss_fn;
     params: qualified name -> target parameter θ (weights/biases of Linear/Conv/MHA);
     norm_params: qualified name -> BN/LN/GN affine parameter (empty unless asked for);
-    aliases: qualified name -> the name it is listed under in ``params``/``norm_params`` when
-    one tensor is the parameter of several scored layers (tied weights: GPT-2's ``lm_head``
-    and ``wte``). A tied tensor is one parameter θ: it is listed (and substituted, moved by
-    δθ) once, under its first layer's name and with that layer's δθ; every layer using it
-    reports the same per-parameter values;
     fm: the :class:`~.oracles.FunctionalModel` (fixed buffers and RNG state for this batch).
     """
 
@@ -38,19 +33,12 @@ class BatchContext:
         self.inputs, self.targets, self.loss_fn = inputs, targets, loss_fn
         self.params: Dict[str, Tensor] = {}
         self.norm_params: Dict[str, Tensor] = {}
-        self.aliases: Dict[str, str] = {}
-        first: Dict[int, str] = {}
         for spec in layers.values():
             dest = self.norm_params if spec.kind == "norm" else self.params
             if spec.kind == "norm" and not include_norm:
                 continue
             for p in spec.params:
-                t, n = spec.param(p), spec.qualified(p)
-                if id(t) in first:  # functional_call takes a tied tensor under one name only
-                    self.aliases[n] = first[id(t)]
-                    continue
-                first[id(t)] = n
-                dest[n] = t
+                dest[spec.qualified(p)] = spec.param(p)
         # δθ (SPEC §1): θ, with entries a layer kind never moves set to 0 (LayerKind.direction)
         self.direction: Dict[str, Tensor] = {}
         for spec in layers.values():
