@@ -9,10 +9,10 @@ loss (cross-entropy or MSE) and the model's mode. The architecture is a list of 
 (``Arch.describe()``), printed with the seed on any failure.
 
 Extending the grammar: add one entry to :data:`OPS` (or :data:`STARTS` for a new kind of input,
-e.g. token ids into an ``nn.Embedding``)::
+as ``tokens``: ids into an ``nn.Embedding``)::
 
-    @op("convT", kinds=("img",))
-    def _conv_transpose(r, s):              # r: random.Random, s: the current Shape
+    @op("upsample_conv", kinds=("img",))
+    def _upsample_conv(r, s):               # r: random.Random, s: the current Shape
         c = r.randint(2, 4)
         m = nn.ConvTranspose2d(s.C, c, 2, stride=2)
         return Wrap(m), Shape("img", c, s.H * 2, s.W * 2), f"ConvTranspose2d({s.C}->{c})"
@@ -257,6 +257,56 @@ def _op_mha(r, s):
     return MHA(), s, f"nn.MultiheadAttention({s.C},h{heads})"
 
 
+class SeqConv(nn.Module):
+    """A Conv1d over the sequence axis: (B, N, C) -> transpose -> Conv1d -> transpose back."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return self.conv(x.transpose(1, 2)).transpose(1, 2)
+
+
+@op("conv1d", kinds=("seq",))
+def _op_conv1d(r, s):
+    c, k = r.randint(2, 4), r.choice([1, 3])
+    return SeqConv(nn.Conv1d(s.C, c, k, padding=k // 2, bias=r.random() < 0.7)), \
+        Shape("seq", c, s.H), f"Conv1d({s.C}->{c},k{k}) over N"
+
+
+@op("strided", kinds=("img",))
+def _op_strided(r, s):
+    if s.H < 3 or s.W < 3:
+        return None
+    c = r.randint(2, 4)
+    m = nn.Conv2d(s.C, c, 3, stride=2, padding=1, bias=r.random() < 0.7)
+    return Wrap(m), Shape("img", c, (s.H + 1) // 2, (s.W + 1) // 2), f"Conv2d({s.C}->{c},k3,s2)"
+
+
+SCALARS = {"0.5*x-0.1": lambda x: 0.5 * x - 0.1, "-x/2": lambda x: -x / 2,
+           "x*x": lambda x: x * x, "x.sum(-1,keepdim)+x": lambda x: x.sum(-1, keepdim=True) + x}
+
+
+@op("arith", kinds=("img", "seq", "vec"))
+def _op_arith(r, s):
+    """Scalar arithmetic (scale, shift, negate, divide), a square (a product of an activation
+    with itself) and a broadcast sum."""
+    name = r.choice(sorted(SCALARS))
+    return Fn(SCALARS[name]), s, name
+
+
+@op("conv_transpose", kinds=("img",))
+def _op_conv_transpose(r, s):
+    """ConvTranspose2d: k2/s2 doubles the image (kept small), k3/s1/p1 keeps it."""
+    c = r.randint(2, 4)
+    if s.H <= 3 and r.random() < 0.5:
+        m = nn.ConvTranspose2d(s.C, c, 2, stride=2, bias=r.random() < 0.7)
+        return Wrap(m), Shape("img", c, s.H * 2, s.W * 2), f"ConvTranspose2d({s.C}->{c},k2,s2)"
+    m = nn.ConvTranspose2d(s.C, c, 3, padding=1, bias=r.random() < 0.7)
+    return Wrap(m), Shape("img", c, s.H, s.W), f"ConvTranspose2d({s.C}->{c},k3)"
+
+
 @op("pool", kinds=("img",))
 def _op_pool(r, s):
     if s.H < 2 or s.W < 2:
@@ -300,7 +350,15 @@ def _start_vec(r, g):
     return Shape("vec", c), lambda b: torch.randn(b, c, generator=g, dtype=torch.float64)
 
 
-STARTS.update(img=_start_img, seq=_start_seq, vec=_start_vec)
+def _start_tokens(r, g):
+    """Token ids (B, N) into an nn.Embedding (a target layer): a sequence."""
+    v, c, n = r.randint(4, 8), r.randint(2, 4), r.randint(2, 4)
+    emb = nn.Embedding(v, c)
+    return Shape("seq", c, n), lambda b: torch.randint(0, v, (b, n), generator=g), \
+        (emb, f"Embedding({v},{c})")
+
+
+STARTS.update(img=_start_img, seq=_start_seq, vec=_start_vec, tokens=_start_tokens)
 
 
 # ------------------------------------------------------------------ models
@@ -338,8 +396,11 @@ def generate(seed: int, max_blocks: int = 4, batch: int = 3, classes: int = 3,
     r = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # module initializers
-    s, make_input = STARTS[r.choice(sorted(STARTS))](r, g)
+    s, make_input, *first = STARTS[r.choice(sorted(STARTS))](r, g)
     blocks, descs = [], []
+    if first:  # a start with its own first block (the Embedding of token ids)
+        blocks.append(first[0][0])
+        descs.append(first[0][1])
     for _ in range(r.randint(1, max_blocks)):
         choices = [o for o in OPS if s.kind in o.kinds]
         for _ in range(20):
