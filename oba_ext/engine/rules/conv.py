@@ -110,10 +110,13 @@ class ConvTransposeRule(ConvRule):
         x_like = g.new_empty(()).expand(x_shape)
         return self._backward(module, g, x_like, w, [True, False, False])[0]
 
-    def weight_score(self, module, w, grads, inputs):
+    def weight_product(self, module, w, grads, inputs):
         g = grads[0] if len(grads) == 1 else torch.cat(grads)
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
-        return w * self._backward(module, g, x, w, [False, True, False])[1]
+        return self._backward(module, g, x, w, [False, True, False])[1]
+
+    def weight_score(self, module, w, grads, inputs):
+        return w * self.weight_product(module, w, grads, inputs)
 
     def capture_check(self, node, module):
         if len(node.args) > 1 or "output_size" in node.kwargs:
