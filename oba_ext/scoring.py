@@ -28,6 +28,7 @@ from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from . import criteria as _criteria
@@ -38,7 +39,7 @@ from .heads import add_head_scores, helper_keys
 from .losses import checked_loss, default_loss  # noqa: F401  (re-exported: public names)
 from .reference import ReferenceScorer
 from .results import GRANULARITIES, LayerScores, ScoreResult
-from .targets import LayerSpec, find_layers
+from .targets import LayerSpec, find_layers, target_parameters
 
 _IMPLS = ("auto", "reference", "kernel")
 _CKPT_VERSION = 2  # 2: total_weight (per-sample-mean criteria)
@@ -291,8 +292,7 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
     keys = _keys_for(gran)
     curvature = direction is not None or crit.batch is not None
     if direction is not None:
-        from .curvature import check_direction
-        from .targets import target_parameters
+        from .curvature import check_direction  # scipy stays unloaded unless curvature is used
         direction = check_direction(target_parameters(layers), direction, "direction")
 
     acc = _Accumulator(keep_per_batch)
@@ -338,7 +338,7 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
             tgt = _to(tgt, model_device, dtype)
             if scorer is None:
                 if curvature:  # the direction protocol (oba_ext/curvature.py)
-                    from .curvature import make_curvature_scorer
+                    from .curvature import make_curvature_scorer  # scipy: only when used
                     scorer = make_curvature_scorer(model, layers, loss, impl, (inputs, tgt), crit)
                 else:
                     scorer = _make_scorer(model, layers, loss, impl, crit, (inputs, tgt))
@@ -381,7 +381,6 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
 
 def _check_not_empty(inputs, tgt, index: int) -> None:
     """An empty batch (0 samples) would count as a batch and shift every average (SPEC §8)."""
-    from torch.utils import _pytree as pytree
     first = next((t for t in pytree.tree_leaves(inputs)
                   if isinstance(t, torch.Tensor) and t.dim() > 0), None)
     for what, t in (("inputs", first), ("targets", tgt)):
@@ -393,7 +392,6 @@ def _check_not_empty(inputs, tgt, index: int) -> None:
 def _agree(failure: Optional[BaseException], seen: int, group, device) -> None:
     """All ranks learn which ranks failed or had no batch (one all-reduce), then all raise
     together: a rank that raised alone would leave the others waiting in the sums' all-reduce."""
-    import torch.distributed as dist
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     status = torch.zeros(world, 2, dtype=torch.float64, device=device)
     status[rank, 0] = float(failure is not None)
