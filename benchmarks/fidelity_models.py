@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from oba_ext.models.cifar_resnet import CifarResNet as _CifarResNet
+
 
 @dataclass
 class Split:
@@ -73,44 +75,10 @@ class DigitsCNN(nn.Module):
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                          nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class CifarResNet(nn.Module):
-    """CIFAR-style ResNet-(6n+2): (N, C_in, 32, 32) -> (N, classes)."""
-
-    def __init__(self, n: int = 1, width: int = 16, in_ch: int = 1, classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_ch, width, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        layers, cin = [], width
-        for i, w in enumerate((width, 2 * width, 4 * width)):
-            blocks = []
-            for j in range(n):
-                blocks.append(BasicBlock(cin, w, 2 if (j == 0 and i > 0) else 1))
-                cin = w
-            layers.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = layers
-        self.fc = nn.Linear(cin, classes)
-
-    def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+def CifarResNet(n: int = 1, width: int = 16, in_ch: int = 1, classes: int = 10) -> nn.Module:
+    """CIFAR-style ResNet-(6n+2): (N, C_in, 32, 32) -> (N, classes); the package's
+    :class:`oba_ext.models.CifarResNet` with PyTorch's default initialization."""
+    return _CifarResNet(6 * n + 2, classes, in_ch, width=width, kaiming_init=False)
 
 
 @torch.no_grad()

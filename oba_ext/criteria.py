@@ -107,7 +107,7 @@ def get(kind: str) -> Criterion:
 
 # ---------------------------------------------------------------------------------------------
 # Optimal Brain Connection and baseline criteria (quantities in oba_ext/reference/baselines.py
-# and oba_ext/reference/fastoba.py; appended by the OBC/baselines engineer).
+# and oba_ext/reference/fastoba.py).
 # ---------------------------------------------------------------------------------------------
 def _sqrt_nonneg(t: Tensor) -> Tensor:
     return t.clamp_min(0).sqrt()

@@ -79,7 +79,12 @@ def _read_cifar_file(path: str, label_key: bytes):
 def cifar(root: str, name: str = "cifar10", train: bool = True, augment: bool = False) -> DatasetInfo:
     """CIFAR-10/100 from ``root`` in torchvision's format (``torchvision.datasets.CIFAR10(root,
     download=False)`` reads the same folder). Images (3, 32, 32) float32, per-channel normalized;
-    ``augment`` adds random crop (pad 4) and horizontal flip."""
+    ``augment`` adds torchvision's ``RandomCrop(32, padding=4)`` and ``RandomHorizontalFlip``.
+
+    The files are read here rather than by ``torchvision.datasets.CIFAR10``: that class checks
+    the MD5 of every file against the official release (and needs ``batches.meta``), so it
+    refuses any other folder in the same format, and names no file when one is missing or
+    malformed; this reader raises :class:`DatasetError` naming the file and what was expected."""
     folder, train_files, test_files, label_key, ncls = _CIFAR[name]
     base = os.path.join(root, folder)
     if not os.path.isdir(base):
@@ -94,35 +99,32 @@ def cifar(root: str, name: str = "cifar10", train: bool = True, augment: bool = 
     x = _normalize(torch.from_numpy(data).float() / 255.0, CIFAR_MEAN, CIFAR_STD)
     ds = TensorDataset(x, torch.from_numpy(labels))
     if augment:
-        ds = _Augmented(ds)
+        # torchvision is imported only where its transforms are used (heavy, optional here)
+        from torchvision import transforms
+        ds = _Augmented(ds, transforms.Compose([transforms.RandomCrop(32, padding=4),
+                                                transforms.RandomHorizontalFlip()]))
     return DatasetInfo(ds, ncls, (3, 32, 32))
 
 
 class _Augmented(Dataset):
-    """Random crop with 4-pixel zero padding and horizontal flip (CIFAR training)."""
+    """``transform`` applied to the images of a dataset of ``(image, label)`` pairs."""
 
-    def __init__(self, base: Dataset):
-        self.base = base
+    def __init__(self, base: Dataset, transform: Callable):
+        self.base, self.transform = base, transform
 
     def __len__(self):
         return len(self.base)
 
     def __getitem__(self, i):
         x, y = self.base[i]
-        h, w = x.shape[-2:]
-        xp = torch.nn.functional.pad(x, (4, 4, 4, 4))
-        dy, dx = torch.randint(0, 9, (2,)).tolist()
-        x = xp[:, dy:dy + h, dx:dx + w]
-        if torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x, y
+        return self.transform(x), y
 
 
 # --------------------------------------------------------------------------- ImageFolder
 def imagefolder(root: str, train: bool = True, image_size: int = 224) -> DatasetInfo:
     """ImageNet-style ``root/{train,val}/<class>/<image>`` (or ``root/<class>/<image>``).
     Resize to ``image_size·8/7``, center crop ``image_size``, ImageNet normalization."""
-    from torchvision import datasets, transforms
+    from torchvision import datasets, transforms  # heavy, optional: only for this dataset
     if not os.path.isdir(root):
         raise DatasetError(f"root: folder {root!r} does not exist")
     split = os.path.join(root, "train" if train else "val")
@@ -144,7 +146,7 @@ def imagefolder(root: str, train: bool = True, image_size: int = 224) -> Dataset
 def digits(train: bool = True, image_size: int = 8, seed: int = 0) -> DatasetInfo:
     """scikit-learn's bundled 8×8 digits: (1, S, S) float32 in [0, 1] minus 0.5, bilinearly
     upsampled when ``image_size > 8``; a fixed 80/20 train/test split by ``seed``."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # optional dependency: only for this dataset
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0 - 0.5
     y = torch.tensor(d.target, dtype=torch.int64)

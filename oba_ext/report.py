@@ -35,6 +35,7 @@ def write_json(obj, path: str) -> None:
 
 
 def _plt():
+    # matplotlib is imported only when a plot is drawn (heavy; not needed to score or prune)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

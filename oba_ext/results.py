@@ -11,7 +11,10 @@ from typing import Dict, Iterator, List, Mapping, Optional
 import torch
 from torch import Tensor
 
-#: granularity names accepted by ``score(granularity=...)`` and the LayerScores field they fill
+#: granularity names accepted by ``score(granularity=...)`` and the LayerScores field they fill.
+#: The input-channel scores are called "in" wherever a string names them (granularity, the
+#: scorers' keys, ``per_batch`` keys); the attribute is ``.inp`` because ``in`` is a Python
+#: keyword, and :meth:`LayerScores.tensors` is keyed by attribute name (so ``"inp"``).
 GRANULARITIES = {"out": "out", "in": "inp", "weight": "weight", "head": "head"}
 
 
@@ -20,7 +23,8 @@ class LayerScores:
     """Scores of one target layer.
 
     out:    (C_out,)  per output channel: the weights of row o plus bias o.
-    inp:    (C_in,)   per input channel: the weights of column j (all output rows that read it).
+    inp:    (C_in,)   per input channel: the weights of column j (all output rows that read it);
+            granularity ``"in"`` (the attribute alone is named ``inp``: ``in`` is a keyword).
     weight: like ``module.weight`` (per-weight scores), when "weight" is requested.
     bias:   like ``module.bias`` (or None), when "weight" is requested.
     head:   (num_heads,) per attention head, for attention layers when "head" is requested.

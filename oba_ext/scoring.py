@@ -26,13 +26,20 @@ from collections.abc import Mapping
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.utils import _pytree as pytree
+from tqdm.auto import tqdm
 
 from . import criteria as _criteria
 from . import model_prep as _prep
 from . import inputs as _inputs
+from . import engine
+from .heads import add_head_scores, helper_keys
+from .losses import checked_loss, default_loss  # noqa: F401  (re-exported: public names)
+from .reference import ReferenceScorer
 from .results import GRANULARITIES, LayerScores, ScoreResult
-from .targets import LayerSpec, find_layers
+from .targets import LayerSpec, find_layers, target_parameters
 
 _IMPLS = ("auto", "reference", "kernel")
 _CKPT_VERSION = 2  # 2: total_weight (per-sample-mean criteria)
@@ -63,30 +70,6 @@ def _check_devices(model: nn.Module) -> Optional[torch.device]:
     return next(iter(devs)) if devs else None
 
 
-def default_loss(outputs, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy, the default ``loss_fn``: ``outputs`` a ``(B, K)`` tensor of logits,
-    or an object with a ``logits`` tensor field (a Hugging Face ``ModelOutput``)."""
-    if not isinstance(outputs, torch.Tensor) and isinstance(getattr(outputs, "logits", None),
-                                                            torch.Tensor):
-        outputs = outputs.logits
-    if not isinstance(outputs, torch.Tensor):
-        raise TypeError(f"loss_fn: the default cross-entropy needs the model to return a tensor "
-                        f"of logits (or an object with a .logits tensor), got "
-                        f"{type(outputs).__name__}; pass loss_fn=...")
-    return nn.functional.cross_entropy(outputs, targets)
-
-
-def checked_loss(loss_fn: Callable) -> Callable:
-    """Wrap ``loss_fn`` so that a non-scalar loss raises a clear ``ValueError``."""
-    def wrapped(outputs, targets):
-        loss = loss_fn(outputs, targets)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(f"loss_fn: must return a scalar tensor (e.g. a mean over the batch), "
-                             f"got {shape}")
-        return loss
-    wrapped.__wrapped__ = loss_fn
-    return wrapped
 
 
 def _to(x, device, dtype):
@@ -116,25 +99,13 @@ def _split_batch(batch, index: int):
 
 def _make_scorer(model, layers, loss_fn, impl: str, crit, example):
     """The registry's choice between the engine and the reference path."""
-    from .reference import ReferenceScorer
     if impl == "reference" or "kernel" not in crit.impls:
         if impl == "kernel":
             raise ValueError(f"impl: kind {crit.name!r} has no kernel implementation; "
                              f"use impl='reference' or 'auto'")
         return ReferenceScorer(model, layers, loss_fn)
     try:
-        from . import engine
-    except ImportError as e:  # the engine is optional until it lands
-        if impl == "kernel":
-            raise RuntimeError(f"impl='kernel': the engine is unavailable ({e})") from e
-        return ReferenceScorer(model, layers, loss_fn)
-    build = getattr(engine, "build_scorer", None)
-    if build is None:
-        if impl == "kernel":
-            raise RuntimeError("impl='kernel': the engine is not built into this version")
-        return ReferenceScorer(model, layers, loss_fn)
-    try:
-        return build(model, layers, loss_fn, example, quantities=crit.quantities)
+        return engine.build_scorer(model, layers, loss_fn, example, quantities=crit.quantities)
     except engine.CaptureError as e:
         if impl == "kernel":
             raise RuntimeError(f"impl='kernel': the model cannot be captured: {e}") from e
@@ -321,8 +292,7 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
     keys = _keys_for(gran)
     curvature = direction is not None or crit.batch is not None
     if direction is not None:
-        from .curvature import check_direction
-        from .targets import target_parameters
+        from .curvature import check_direction  # scipy stays unloaded unless curvature is used
         direction = check_direction(target_parameters(layers), direction, "direction")
 
     acc = _Accumulator(keep_per_batch)
@@ -346,7 +316,6 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
     it = iter(batches)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
         total = max_batches
         if hasattr(batches, "__len__"):
             total = min(len(batches), max_batches) if max_batches else len(batches)
@@ -369,7 +338,7 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
             tgt = _to(tgt, model_device, dtype)
             if scorer is None:
                 if curvature:  # the direction protocol (oba_ext/curvature.py)
-                    from .curvature import make_curvature_scorer
+                    from .curvature import make_curvature_scorer  # scipy: only when used
                     scorer = make_curvature_scorer(model, layers, loss, impl, (inputs, tgt), crit)
                 else:
                     scorer = _make_scorer(model, layers, loss, impl, crit, (inputs, tgt))
@@ -412,7 +381,6 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
 
 def _check_not_empty(inputs, tgt, index: int) -> None:
     """An empty batch (0 samples) would count as a batch and shift every average (SPEC §8)."""
-    from torch.utils import _pytree as pytree
     first = next((t for t in pytree.tree_leaves(inputs)
                   if isinstance(t, torch.Tensor) and t.dim() > 0), None)
     for what, t in (("inputs", first), ("targets", tgt)):
@@ -424,7 +392,6 @@ def _check_not_empty(inputs, tgt, index: int) -> None:
 def _agree(failure: Optional[BaseException], seen: int, group, device) -> None:
     """All ranks learn which ranks failed or had no batch (one all-reduce), then all raise
     together: a rank that raised alone would leave the others waiting in the sums' all-reduce."""
-    import torch.distributed as dist
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     status = torch.zeros(world, 2, dtype=torch.float64, device=device)
     status[rank, 0] = float(failure is not None)
@@ -449,7 +416,7 @@ def _batch_size(inputs) -> float:
 
 
 def _keys_for(gran: Tuple[str, ...]) -> Tuple[str, ...]:
-    from .heads import helper_keys  # "head" is formed from "out"/"in" (oba_ext/heads.py)
+    # "head" is formed from "out"/"in" (oba_ext/heads.py)
     keys = []
     for g in gran:
         keys += ["weight", "bias"] if g == "weight" else [g]
@@ -466,7 +433,6 @@ def _apply_criterion(crit, q):
 
 
 def _all_reduce(acc: _Accumulator, group, device, layers) -> Tuple[int, float]:
-    import torch.distributed as dist
     for layer in sorted(acc.sums):
         for key in sorted(acc.sums[layer]):
             dist.all_reduce(acc.sums[layer][key], op=dist.ReduceOp.SUM, group=group)
@@ -480,7 +446,6 @@ def _finish(acc, num, total, layers, crit, gran, impl_ran, model) -> ScoreResult
     fields = {"out": "out", "in": "inp", "weight": "weight", "bias": "bias", "head": "head"}
     by_layer = {name: acc.sums.get(name, {}) for name in layers}
     if "head" in gran:  # per-head sums of channel scores, under attention modules' names
-        from .heads import add_head_scores
         by_layer = add_head_scores(model, layers, by_layer, gran)
     modules = dict(model.named_modules())
     for name, sums in by_layer.items():

@@ -13,13 +13,16 @@ from contextlib import contextmanager
 from typing import Dict, Optional
 
 import torch
+import torch.distributed as dist
 
 from . import criteria as _criteria
 from .data import get_dataset, make_loader
-from .models import get_model
+from .models import BUILTIN, get_model
 from .pruning import OBAImportance, count, prune_once, prune_to_target
+from .pruning import equivalent as eq
 from .pruning.unstructured import prune_unstructured, refresh_masked_weights, sparsity_of
 from .report import channels_per_layer, plot_channels, plot_score_distributions, write_json
+from .scoring import score
 from .train import evaluate, fit
 
 
@@ -78,7 +81,7 @@ def setup(args):
     test = get_dataset(args.dataset, args.data_root, train=False, image_size=args.image_size)
     num_classes = args.num_classes or train.num_classes
     model = get_model(args.model, num_classes=num_classes, weights=args.weights,
-                      **({"in_channels": train.input_shape[0]} if args.model in _builtin() else {}))
+                      **({"in_channels": train.input_shape[0]} if args.model in BUILTIN else {}))
     model.to(device).eval()
     names = dict(model.named_modules())
     bad = [n for n in getattr(args, "ignore", None) or [] if n not in names]
@@ -99,11 +102,6 @@ def setup(args):
     return model, train_loader, test_loader, batches, example, device
 
 
-def _builtin():
-    from .models import BUILTIN
-    return BUILTIN
-
-
 def _macs_params(model, example):
     refresh_masked_weights(model)  # masked (unstructured) models must be deep-copyable
     macs, params = count(model, example)
@@ -118,7 +116,6 @@ def run_score(args) -> dict:
     check_criterion(args.criterion)
     rank, world = 0, 1
     if args.distributed:
-        import torch.distributed as dist
         if "RANK" not in os.environ:
             raise UsageError("--distributed: launch with torchrun (RANK/WORLD_SIZE are not set)")
         backend = "nccl" if torch.device(args.device).type == "cuda" else "gloo"
@@ -128,7 +125,6 @@ def run_score(args) -> dict:
         dist.init_process_group(backend)
         rank, world = dist.get_rank(), dist.get_world_size()
     try:
-        from .scoring import score
         model, _, _, batches, _, _ = setup(args)
         if args.train_mode:
             model.train()
@@ -154,15 +150,14 @@ def run_score(args) -> dict:
         return summary
     finally:
         if args.distributed:
-            import torch.distributed as dist
             dist.destroy_process_group()
 
 
 def _prune_one(model, criterion, batches, example, args, train_loader, test_loader, progress) -> dict:
     """Prune a copy of ``model`` with ``criterion``; fine-tune; return facts + the pruned model."""
     if getattr(args, "equivalent_pruning", False):
-        from .pruning.equivalent_workflow import run_equivalent
-        return run_equivalent(model, criterion, batches, example, args, train_loader, test_loader, progress)
+        return _prune_equivalent(model, criterion, batches, example, args, train_loader,
+                                 test_loader, progress)
     t0 = time.perf_counter()
     facts: Dict[str, object] = {"criterion": criterion}
     if args.sparsity is not None:
@@ -200,11 +195,65 @@ def _prune_one(model, criterion, batches, example, args, train_loader, test_load
     facts["prune_seconds"] = time.perf_counter() - t0
     facts.update({f"{k}_after": v for k, v in _macs_params(pruned, example).items()})
     facts["acc_after_prune"] = evaluate(pruned, test_loader)
+    _finetune(pruned, args, train_loader, progress, f"fine-tune [{criterion}]", facts)
+    facts["acc_after_finetune"] = evaluate(pruned, test_loader)
+    facts["channels"] = channels_per_layer(pruned)
+    return {"facts": facts, "model": pruned, "scores": scores}
+
+
+def _finetune(model, args, train_loader, progress, desc: str, facts: dict) -> None:
+    """The final fine-tune of a prune run (``--finetune-epochs``), timed into ``facts``."""
     t1 = time.perf_counter()
     if args.finetune_epochs > 0:
-        fit(pruned, train_loader, epochs=args.finetune_epochs, lr=args.lr, optimizer=args.optimizer,
-            progress=progress, desc=f"fine-tune [{criterion}]")
+        fit(model, train_loader, epochs=args.finetune_epochs, lr=args.lr,
+            optimizer=args.optimizer, progress=progress, desc=desc)
     facts["finetune_seconds"] = time.perf_counter() - t1
+
+
+def _prune_equivalent(model, criterion: str, batches, example, args, train_loader, test_loader,
+                      progress: bool) -> dict:
+    """``--equivalent-pruning``: Optimal Brain Connection's Equivalent Pruning (SPEC §6).
+
+    Insert identity compressors/decompressors → score the compressor rows with the criterion →
+    keep the best rows to the FLOPs/params target (bisection on merged copies) or the pruning
+    ratio → prune the compressors → fine-tune *with* the compressors → merge exactly into a plain
+    network whose cost equals the naively pruned one. Returns ``{"facts", "model", "scores"}``
+    like :func:`_prune_one` (``model`` is the merged, plain network)."""
+    if args.sparsity is not None:
+        raise UsageError("--equivalent-pruning: prunes channels; use --flops-ratio, --params-ratio "
+                         "or --pruning-ratio, not --sparsity")
+    t0 = time.perf_counter()
+    work = copy.deepcopy(model)
+    work.train(bool(args.train_mode))
+    ignore = set(args.ignore or ())
+    chains = [c for c in eq.find_chains(work) if c.producer not in ignore]
+    if not chains:
+        raise UsageError(f"--equivalent-pruning: {args.model} has no conv→BN→act→conv or "
+                         f"Linear→act→Linear chain to compress (after --ignore)")
+    eq.insert_compressors(work, chains)
+    scores = eq.score_compressors(work, batches, kind=criterion, impl=args.impl, progress=progress)
+    sel = dict(global_ranking=not args.local, round_to=args.round_to or 1)
+    facts: Dict[str, object] = {"criterion": criterion, "equivalent_pruning": True,
+                                "chains": [[c.producer, c.consumer] for c in chains]}
+    if args.pruning_ratio is not None:
+        keep = eq.select_keep(scores, work, args.pruning_ratio, **sel)
+    else:
+        which = 0 if args.flops_ratio is not None else 1  # count() -> (MACs, params)
+        target = args.flops_ratio if args.flops_ratio is not None else args.params_ratio
+        keep = eq.select_keep_for_target(scores, work, lambda m: count(m, example)[which],
+                                         target, tol=args.tol * target, **sel)
+        facts["target"] = {"metric": "flops" if which == 0 else "params", "target": target}
+    eq.prune_compressors(work, keep)
+    facts["kept_rows"] = {p: int(k.numel()) for p, k in keep.items()}
+    facts["prune_seconds"] = time.perf_counter() - t0
+    work.eval()
+    facts["acc_after_prune"] = evaluate(work, test_loader)
+    _finetune(work, args, train_loader, progress, f"fine-tune [{criterion}, equivalent]", facts)
+    pruned = eq.merge_compressors(work).eval()
+    facts.update({f"{k}_after": v for k, v in _macs_params(pruned, example).items()})
+    if "target" in facts:
+        key = "macs" if facts["target"]["metric"] == "flops" else "params"
+        facts["target"]["achieved"] = facts[f"{key}_after"] / _macs_params(model, example)[key]
     facts["acc_after_finetune"] = evaluate(pruned, test_loader)
     facts["channels"] = channels_per_layer(pruned)
     return {"facts": facts, "model": pruned, "scores": scores}

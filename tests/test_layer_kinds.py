@@ -237,3 +237,48 @@ def test_torch_pruning_groups_of_new_kinds_get_importance():
     res = imp.last_result
     want = (res["emb"].out.abs().float() + res["fc1"].inp.abs().float()) / 2
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+def _direction(m, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(p.shape, generator=g, dtype=p.dtype)
+            for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ["convt1d", "convt2d"])
+@pytest.mark.parametrize("kind", ["exact", "oba", "ggn"])
+def test_conv_transpose_curvature_products_engine_vs_reference(name, kind):
+    m, b = _model(name), _batches(name)
+    v = _direction(m)
+    ref = oba_ext.hvp(m, b, v, kind=kind, impl="reference")
+    eng = oba_ext.hvp(m, b, v, kind=kind, impl="kernel")
+    for n in ref:
+        if not ref[n].abs().max() > 0:  # e.g. Ĥv of the last bias (C = 0 after the loss)
+            assert not eng[n].abs().max() > 0, f"{name} {kind} (Mv)[{n}]"
+            continue
+        assert_close_rel(eng[n], ref[n], f"{name} {kind} (Mv)[{n}]")
+    if kind == "ggn":
+        return
+    kw = dict(kind=kind, granularity=("out", "in", "weight"), direction=v, progress=False)
+    r = oba_ext.score(m, b, impl="reference", **kw)
+    e = oba_ext.score(m, b, impl="kernel", **kw)
+    for layer in NEW[name]:
+        for key, t in r[layer].tensors().items():
+            assert_close_rel(e[layer].tensors()[key], t, f"{name} {kind} v {layer}.{key}")
+
+
+def test_embedding_directions_run_on_the_reference_path_with_the_padding_row_frozen():
+    m, b = _model("emb_pad"), _batches("emb_pad")
+    v = _direction(m)
+    with pytest.raises(RuntimeError, match="Embedding target 'emb'"):
+        oba_ext.hvp(m, b, v, kind="exact", impl="kernel")
+    v0 = dict(v)
+    v0["emb.weight"] = v["emb.weight"].clone()
+    v0["emb.weight"][0] = 0
+    for kind in ("exact", "oba", "ggn"):
+        with pytest.warns(UserWarning, match="Embedding"):
+            got = oba_ext.hvp(m, b, v, kind=kind, impl="auto")
+        want = oba_ext.hvp(m, b, v0, kind=kind, impl="reference")
+        for n in want:  # the padding row is a constant: moving it along v changes nothing
+            torch.testing.assert_close(got[n], want[n], rtol=1e-12, atol=0)
+        assert bool((got["emb.weight"][0] == 0).all())

@@ -237,8 +237,15 @@ def capture(model: nn.Module, layers: Dict[str, "LayerSpec"], example=None) -> P
 
 def _compile(model, layers, graph) -> Program:
     modules = dict(model.named_modules())
-    target_params = {id(s.param(p)): s.qualified(p) for s in layers.values()
-                     if s.kind != "norm" for p in s.params}
+    target_params: Dict[int, str] = {}
+    for s in layers.values():
+        for p in (s.params if s.kind != "norm" else ()):
+            q = s.qualified(p)
+            other = target_params.setdefault(id(s.param(p)), q)
+            if other != q:  # e.g. an Embedding tied to the output Linear
+                raise CaptureError(f"module {s.name!r} ({type(s.module).__name__}) uses target "
+                                   f"parameter {q!r}, which is also {other!r} (shared/tied "
+                                   f"weights: the engine scores each target parameter once)")
     # scored norm layers (criteria with norm_layers=True): a module call records its channels;
     # a traced-through module (timm's BatchNormAct2d) must reach a functional norm rule
     norm_params = {id(s.param(p)): s.name for s in layers.values() if s.kind == "norm"

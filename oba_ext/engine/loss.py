@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..losses import default_loss
+
 
 def _ce(z: Tensor, t_z: Optional[Tensor], y: Tensor, exact: bool):
     if z.dim() != 2 or not (y.dim() == 1 and not y.is_floating_point() or y.shape == z.shape):
@@ -58,18 +60,12 @@ def _mse_module(m: nn.MSELoss):
 
 
 #: function object -> rule; loss-module class -> (module -> rule or None)
-LOSS_RULES: Dict[object, Callable] = {F.cross_entropy: _ce, F.mse_loss: _mse}
+LOSS_RULES: Dict[object, Callable] = {F.cross_entropy: _ce, F.mse_loss: _mse, default_loss: _ce}
 LOSS_MODULE_RULES: Dict[type, Callable] = {nn.CrossEntropyLoss: _ce_module, nn.MSELoss: _mse_module}
-
-
-def _register_default():
-    from ..scoring import default_loss
-    LOSS_RULES[default_loss] = _ce
 
 
 def resolve_loss_rule(loss_fn) -> Optional[Callable]:
     """The hand-written rule for ``loss_fn`` (unwrapping ``__wrapped__``), or None."""
-    _register_default()
     base = loss_fn
     while hasattr(base, "__wrapped__"):
         base = base.__wrapped__

@@ -115,12 +115,12 @@ class EngineScorer:
     # ------------------------------------------------------------------ any direction
     def direction_unsupported(self):
         """Why this model's curvature products along a general direction cannot run on the
-        engine (a reason string), or None. nn.MultiheadAttention runs its projections inside
-        its own rule, which moves them along δθ = θ only."""
-        mha = [n for n, s in self.layers.items() if s.kind == "mha"]
-        if mha:
-            return (f"nn.MultiheadAttention target {mha[0]!r}: the engine moves its projections "
-                    f"along δθ = θ only")
+        engine (a reason string), or None: a layer whose kind's rule moves it along δθ = θ
+        only (``LayerKind.engine_direction``: nn.MultiheadAttention, nn.Embedding)."""
+        for n, s in self.layers.items():
+            if not KINDS[s.kind].engine_direction:
+                return (f"{type(s.module).__name__} target {n!r}: the engine moves it along "
+                        f"δθ = θ only")
         return None
 
     def _layer_directions(self, direction):

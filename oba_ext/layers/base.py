@@ -73,9 +73,13 @@ class LayerKind:
     head_layout: ``head_layout(name, module) -> HeadGroup or None``, for attention modules.
     target: True for target layers (θ); False for normalization layers (scored only by
         criteria that ask for them, SPEC §6).
-    direction: ``direction(module, local name, param) -> δθ`` where a kind holds entries that
-        never move (Embedding's ``padding_idx`` row gets no gradient, so δθ = 0 there);
-        None: ``δθ = θ``.
+    direction: ``direction(module, local name, t) -> t`` with the entries that never move set
+        to 0, for a kind that has such entries (Embedding's ``padding_idx`` row gets no
+        gradient: it is a constant, so δθ = 0 there, for δθ = θ and for any direction ``v``);
+        None: every entry moves.
+    engine_direction: whether the kind's engine rule moves it along any direction ``v``
+        (curvature products, :func:`oba_ext.hvp`); False: only along δθ = θ, and the engine
+        refuses directions for models with such a layer (the reference path runs them).
     """
 
     name: str
@@ -89,6 +93,7 @@ class LayerKind:
     head_layout: Optional[Callable[[str, nn.Module], Optional[HeadGroup]]] = None
     target: bool = True
     direction: Optional[Callable[[nn.Module, str, Tensor], Tensor]] = None
+    engine_direction: bool = True
 
 
 # ---------------------------------------------------------------- shared reductions (SPEC §5)

@@ -25,10 +25,10 @@ def _shape(m, k):
             "weight": tuple(m.weight.shape)}.get(k)
 
 
-def _direction(m, local, p):
+def _direction(m, local, t):
     if m.padding_idx is None:
-        return p.detach()
-    d = p.detach().clone()
+        return t.detach()
+    d = t.detach().clone()
     d[m.padding_idx] = 0
     return d
 
@@ -38,6 +38,7 @@ EMBEDDING = LayerKind(
     keys=("out", "in", "weight"), shape=_shape, reduce=_reduce,
     # Torch-Pruning's embedding in-pruning function is the same object as the out one
     tp_handlers={"prune_embedding_out_channels": tp_out},
-    channels=lambda m: int(m.embedding_dim), direction=_direction)
+    channels=lambda m: int(m.embedding_dim), direction=_direction,
+    engine_direction=False)  # EmbeddingRule moves W along δθ = θ only
 
 KINDS = (EMBEDDING,)

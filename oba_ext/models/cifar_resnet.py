@@ -1,4 +1,4 @@
-"""CIFAR-style ResNets (He et al. 2016, §4.2): 3 stages of 6n+2 layers, widths 16/32/64.
+"""CIFAR-style ResNets (He et al. 2016, §4.2): 3 stages of 6n+2 layers, widths w/2w/4w (w = 16).
 
 ``resnet20/32/56/110``: input (N, 3, 32, 32) (any H, W ≥ 8 works: global average pooling).
 Shortcuts that change shape use a 1×1 conv + BN projection ("option B") rather than zero
@@ -29,18 +29,21 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """ResNet-(6n+2) for 32×32 inputs: conv3×3(16) → 3 stages × n BasicBlocks → GAP → fc."""
+    """ResNet-(6n+2) for 32×32 inputs: conv3×3(w) → 3 stages × n BasicBlocks (widths w, 2w,
+    4w) → GAP → fc. ``kaiming_init=False`` keeps PyTorch's default initialization (the fidelity
+    benchmark's trained models)."""
 
-    def __init__(self, depth: int = 56, num_classes: int = 10, in_channels: int = 3):
+    def __init__(self, depth: int = 56, num_classes: int = 10, in_channels: int = 3,
+                 width: int = 16, kaiming_init: bool = True):
         super().__init__()
         if (depth - 2) % 6 != 0:
-            raise ValueError(f"depth: expected 6n+2 (20, 32, 44, 56, 110), got {depth}")
+            raise ValueError(f"depth: expected 6n+2 (8, 20, 32, 44, 56, 110), got {depth}")
         n = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
-        layers, c = [], 16
-        for i, w in enumerate((16, 32, 64)):
+        layers, c = [], width
+        for i, w in enumerate((width, 2 * width, 4 * width)):
             blocks = []
             for j in range(n):
                 blocks.append(BasicBlock(c, w, 2 if (j == 0 and i > 0) else 1))
@@ -48,9 +51,9 @@ class CifarResNet(nn.Module):
             layers.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = layers
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(64, num_classes)
+        self.fc = nn.Linear(4 * width, num_classes)
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if kaiming_init and isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x):

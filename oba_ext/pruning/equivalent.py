@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..scoring import score
+
 #: producer/consumer layer types -> (constructor of an identity (c, c) map, out attr, in attr)
 LAYER_TYPES = {
     nn.Conv1d: (lambda c, ref: nn.Conv1d(c, c, 1, bias=False), "out_channels", "in_channels"),
@@ -368,7 +370,6 @@ def merge_compressors(model: nn.Module) -> nn.Module:
 def score_compressors(model: nn.Module, batches, kind: str = "jacobian", **score_kwargs):
     """``oba_ext.score`` of the compressor layers only (``targets=compressor_names(model)``,
     ``granularity="out"``): one score per compressor row, ready for :func:`select_keep`."""
-    from ..scoring import score
     names = compressor_names(model)
     if not names:
         raise ValueError("model: no compressors; call insert_compressors(model) first")

@@ -28,6 +28,7 @@ import torch_pruning as tp
 from torch_pruning.pruner import function as F
 
 from .. import criteria as _criteria
+from .. import scoring as _scoring
 from ..layers import kind_of
 
 
@@ -209,9 +210,7 @@ class OBAImportance(tp.importance.GroupMagnitudeImportance):
         if self._cached is not None and self._cached[0].matches(model):
             res = self._cached[1]
         if res is None:
-            score_fn = self.score_fn
-            if score_fn is None:
-                from ..scoring import score as score_fn
+            score_fn = self.score_fn if self.score_fn is not None else _scoring.score
             # MetaPruner estimates importance under torch.no_grad(); scoring needs autograd
             with _mode(model, self.eval_mode), torch.enable_grad():
                 res = score_fn(model, self.batches, loss_fn=self.loss_fn, kind=self.kind,

@@ -88,7 +88,7 @@ class ReferenceCurvature(ReferenceScorer):
             return super().__call__(inputs, targets, quantities, keys)
         keys = tuple(keys)
         ctx = BatchContext(self.model, self.layers, inputs, targets, self.loss_fn)
-        d = full_direction(ctx.params, direction)
+        d = ctx.restrict(full_direction(ctx.params, direction))
         res: Dict[str, Dict[str, Dict[str, Tensor]]] = {name: {} for name in self.layers
                                                         if self.layers[name].kind != "norm"}
         for q in quantities:
@@ -106,7 +106,8 @@ class ReferenceCurvature(ReferenceScorer):
     def hvp(self, inputs, targets, kind: str, direction) -> Dict[str, Tensor]:
         """``{qualified parameter name: (Mv)_param}`` for one batch (module docstring)."""
         ctx = BatchContext(self.model, self.layers, inputs, targets, self.loss_fn)
-        return hvp_oracle(kind, ctx.fm, ctx.params, direction)
+        return hvp_oracle(kind, ctx.fm, ctx.params,
+                          ctx.restrict(full_direction(ctx.params, direction)))
 
 
 __all__ = ["HVP_KINDS", "ReferenceCurvature", "full_direction", "ggn_vp", "hvp_oracle",

@@ -40,16 +40,24 @@ class BatchContext:
             for p in spec.params:
                 dest[spec.qualified(p)] = spec.param(p)
         # δθ (SPEC §1): θ, with entries a layer kind never moves set to 0 (LayerKind.direction)
-        self.direction: Dict[str, Tensor] = {}
-        for spec in layers.values():
-            fn = spec.layer_kind.direction
-            for p in spec.params:
-                n = spec.qualified(p)
-                if n in self.params:
-                    self.direction[n] = (spec.param(p).detach() if fn is None
-                                         else fn(spec.module, p, spec.param(p)))
+        self.direction: Dict[str, Tensor] = self.restrict(self.params)
         self.fm = FunctionalModel(model, inputs, targets, loss_fn)
         self._grads: Optional[Dict[str, Tensor]] = None
+
+    def restrict(self, direction: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """``direction`` (qualified name -> tensor) with the entries a layer kind never moves
+        set to 0 (:attr:`oba_ext.layers.LayerKind.direction`, e.g. an Embedding's padding row);
+        other names unchanged. Detached."""
+        out = {n: t.detach() for n, t in direction.items()}
+        for spec in self.layers.values():
+            fn = spec.layer_kind.direction
+            if fn is None:
+                continue
+            for p in spec.params:
+                n = spec.qualified(p)
+                if n in out:
+                    out[n] = fn(spec.module, p, out[n])
+        return out
 
     def functional_loss(self, values: Dict[str, Tensor]) -> Tensor:
         """The loss with ``values`` (qualified name -> tensor) substituted for parameters."""

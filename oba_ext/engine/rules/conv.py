@@ -83,13 +83,15 @@ class ConvRule(TwoStreamLayerRule):
 register_module(nn.Conv1d, nn.Conv2d)(ConvRule())
 
 
-class ConvTransposeRule(TwoStreamLayerRule):
+class ConvTransposeRule(ConvRule):
     """nn.ConvTranspose1d / nn.ConvTranspose2d (any stride, padding, output_padding, dilation,
     groups; with or without bias), target or not: the same two-stream forward/backward and
-    SPEC §5 scores as :class:`ConvRule`, with the transposed convolution as the op (its input
-    gradient is a convolution, done by ``aten.convolution_backward(transposed=True)``). The
-    per-weight scores use that op's weight gradient over the stacked streams ``[G; C]``,
-    ``[T; X]`` (there is no compiled kernel for the transposed weight gradient)."""
+    SPEC §5 scores as :class:`ConvRule` (channels on dim 1, batched input checked the same
+    way), with the transposed convolution as the op (its input gradient is a convolution, done
+    by ``aten.convolution_backward(transposed=True)``). The per-weight scores use that op's
+    weight gradient over the stacked streams ``[G; C]``, ``[T; X]`` (there is no compiled
+    kernel for the transposed weight gradient). A call with ``output_size`` is refused at
+    capture (``impl="auto"`` then falls back to the reference path)."""
 
     def _params(self, m):
         return list(m.stride), list(m.padding), list(m.dilation), list(m.output_padding), m.groups
@@ -108,31 +110,19 @@ class ConvTransposeRule(TwoStreamLayerRule):
         x_like = g.new_empty(()).expand(x_shape)
         return self._backward(module, g, x_like, w, [True, False, False])[0]
 
-    def weight_score(self, module, w, grads, inputs):
+    def weight_product(self, module, w, grads, inputs):
         g = grads[0] if len(grads) == 1 else torch.cat(grads)
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
-        return w * self._backward(module, g, x, w, [False, True, False])[1]
+        return self._backward(module, g, x, w, [False, True, False])[1]
 
-    def channel_dims(self, y):
-        return 1, 1
-
-    def bias_view(self, b, y):
-        return b.view((-1,) + (1,) * (y.dim() - 2))
+    def weight_score(self, module, w, grads, inputs):
+        return w * self.weight_product(module, w, grads, inputs)
 
     def capture_check(self, node, module):
         if len(node.args) > 1 or "output_size" in node.kwargs:
             return (f"{node.target}: {type(module).__name__} called with output_size is not "
                     f"supported by the engine (set output_padding on the module instead)")
         return None
-
-    def forward(self, call, ctx):
-        x = call.inputs[0]
-        nd = call.module.weight.dim() - 2
-        if x.dim() != nd + 2:
-            raise ValueError(f"{ctx.name}: the engine needs batched input (N, C, *spatial) of "
-                             f"dim {nd + 2} for {type(call.module).__name__}, got shape "
-                             f"{tuple(x.shape)}")
-        return super().forward(call, ctx)
 
 
 register_module(nn.ConvTranspose1d, nn.ConvTranspose2d)(ConvTransposeRule())

@@ -277,7 +277,7 @@ class TwoStreamLayerRule:
             od, _ = self.channel_dims(g)
             p, q = ctx.p, ctx.q
             if p is None:
-                record(mode, "out", torch.zeros(w.shape[0], dtype=acc, device=w.device))
+                record(mode, "out", torch.zeros(g.shape[od], dtype=acc, device=w.device))
             else:  # Σ G⊙Q + C⊙P  as  Σ a⊙(b−d) + c⊙d  with a=G, b=Q+P, c=C, d=P
                 second, _ = kernels.channel_score_reduce(g, p if q is None else q + p, c, p, od)
                 record(mode, "out", second)
