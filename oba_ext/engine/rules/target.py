@@ -284,9 +284,9 @@ class TwoStreamLayerRule:
             _, idim = self.channel_dims(x)
             s = None
             if vg is not None and t is not None:
-                s = _first_only(vg, t, idim)
+                s = kernels.channel_first_order_reduce(vg, t, idim)
             if vc is not None:
-                s2 = _first_only(vc, x, idim)
+                s2 = kernels.channel_first_order_reduce(vc, x, idim)
                 s = s2 if s is None else s + s2
             if s is None:
                 s = torch.zeros(x.shape[idim], dtype=acc, device=x.device)
