@@ -8,11 +8,12 @@
 // chunk partials are added in chunk order.
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
-#include <ATen/native/DispatchStub.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -65,9 +66,11 @@ Chunking chunk_rows(int64_t rows, int64_t row_elems) {
 
 bool use_avx2() {
 #if OBA_CPU_AVX2_CLONE
-  static const bool avx2 =
-      at::native::get_cpu_capability() >= at::native::CPUCapability::AVX2 &&
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool avx2 = [] {
+    const std::string cap = at::get_cpu_capability();  // "DEFAULT", "AVX2", "AVX512", ...
+    return (cap == "AVX2" || cap == "AVX512") && __builtin_cpu_supports("avx2") &&
+           __builtin_cpu_supports("fma");
+  }();
   return avx2;
 #else
   return false;
