@@ -22,13 +22,22 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(oba_ext, m) {
   // ---- channel ops (csrc/*/channel.*) ----
   // Per-channel structured scores (SPEC §5), reducing over every dim but channel_dim:
-  //   second[k] = Σ a⊙(b − d) + c⊙d  (b None = 0),  first[k] = Σ a⊙d.
+  //   second[k] = Σ a⊙(b − d) + c⊙d  (b None = 0, c None = 0),  first[k] = Σ a⊙d.
   // Returns (second, first): float64 for float64 inputs, else float32.
-  m.def("channel_score_reduce(Tensor a, Tensor? b, Tensor c, Tensor d, int channel_dim) "
+  m.def("channel_score_reduce(Tensor a, Tensor? b, Tensor? c, Tensor d, int channel_dim) "
         "-> (Tensor, Tensor)");
   // Same, added into running float32/float64 buffers of length C.
-  m.def("channel_score_reduce_add_(Tensor a, Tensor? b, Tensor c, Tensor d, int channel_dim, "
+  m.def("channel_score_reduce_add_(Tensor a, Tensor? b, Tensor? c, Tensor d, int channel_dim, "
         "Tensor(a!) second_acc, Tensor(b!) first_acc) -> ()");
+  // First-order sum only: first[k] = Σ a⊙d (float64 for float64 inputs, else float32).
+  m.def("channel_first_order_reduce(Tensor a, Tensor d, int channel_dim) -> Tensor");
+  // Debug ops (CPU only, csrc/cpu/channel_emulate.cpp): the CUDA kernels' device code and
+  // block/thread decomposition run on the host for a device with num_sms multiprocessors
+  // (splits > 0 forces the row-split count). Same results/contract as the ops above.
+  m.def("_emulate_channel_score_reduce_cuda(Tensor a, Tensor? b, Tensor? c, Tensor d, "
+        "int channel_dim, int num_sms, int splits) -> (Tensor, Tensor)");
+  m.def("_emulate_channel_first_order_reduce_cuda(Tensor a, Tensor d, int channel_dim, "
+        "int num_sms, int splits) -> Tensor");
 
   // ---- weight ops (csrc/*/weight.*) ----
   // w ⊙ Σ_k grads[k]ᵀ inputs[k] as one GEMM over the batch-stacked streams (SPEC §5).

@@ -1,26 +1,38 @@
-// Host-side argument checks of channel_score_reduce(_add_), shared by the CPU and CUDA entries.
+// Host-side entry logic of channel_score_reduce, channel_score_reduce_add_ and
+// channel_first_order_reduce, shared by the CPU and CUDA files: argument checks, output
+// allocation, empty inputs, layout normalisation. Each backend only supplies
+//   reduce_into(const ChannelProblem&, const at::Tensor& second, const at::Tensor& first,
+//               bool accumulate)
+// (second is undefined for the first-order reduction).
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <optional>
+#include <tuple>
 
 #include "checks.h"
+#include "channel_kernel.h"
+#include "params.h"
 
 namespace oba_ext {
 
-// Checks a, b?, c, d (same shape, dtype, device; float; at least 1-D) and returns the wrapped
+inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// Checks a, b?, c?, d (same shape, dtype, device; float; at least 1-D) and returns the wrapped
 // channel dim.
 inline int64_t check_channel_inputs(const char* fn, const at::Tensor& a,
-                                    const std::optional<at::Tensor>& b, const at::Tensor& c,
-                                    const at::Tensor& d, int64_t channel_dim) {
+                                    const std::optional<at::Tensor>& b,
+                                    const std::optional<at::Tensor>& c, const at::Tensor& d,
+                                    int64_t channel_dim) {
   check_defined(a, fn, "a");
-  check_defined(c, fn, "c");
   check_defined(d, fn, "d");
   check_float(a, fn, "a");
   TORCH_CHECK(a.dim() >= 1, fn, ": argument 'a' must be at least 1-D, got a scalar");
-  if (b.has_value() && b->defined()) check_like(*b, "b", a, "a", fn);
-  check_like(c, "c", a, "a", fn);
+  if (present(b)) check_like(*b, "b", a, "a", fn);
+  if (present(c)) check_like(*c, "c", a, "a", fn);
   check_like(d, "d", a, "a", fn);
   return wrap_dim_named(channel_dim, a.dim(), fn, "channel_dim");
 }
@@ -40,6 +52,74 @@ inline void check_channel_accumulators(const char* fn, const at::Tensor& a, int6
               second_acc.scalar_type(), " and ", first_acc.scalar_type());
   TORCH_CHECK(!second_acc.is_same(first_acc), fn,
               ": arguments 'second_acc' and 'first_acc' must be different tensors");
+}
+
+// Calls f(ChannelTerms<HAS_B, HAS_C, SECOND>{}) for the terms the problem needs.
+template <typename F>
+void dispatch_channel_terms(const ChannelProblem& p, F&& f) {
+  if (!p.second) {
+    f(ChannelTerms<false, false, false>{});
+  } else if (p.b.defined() && p.c.defined()) {
+    f(ChannelTerms<true, true, true>{});
+  } else if (p.b.defined()) {
+    f(ChannelTerms<true, false, true>{});
+  } else if (p.c.defined()) {
+    f(ChannelTerms<false, true, true>{});
+  } else {
+    f(ChannelTerms<false, false, true>{});
+  }
+}
+
+// channel_score_reduce: (second, first), each (C,) in channel_out_dtype(a). Every element of
+// both outputs is written by the backend (torch::empty); only an empty input gives zeros.
+template <typename ReduceInto>
+std::tuple<at::Tensor, at::Tensor> channel_score_reduce_entry(
+    const at::Tensor& a, const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& c,
+    const at::Tensor& d, int64_t channel_dim, ReduceInto&& reduce_into) {
+  const char* fn = "channel_score_reduce";
+  const int64_t dim = check_channel_inputs(fn, a, b, c, d, channel_dim);
+  const auto opts = a.options().dtype(channel_out_dtype(a));
+  const int64_t channels = a.size(dim);
+  if (a.numel() == 0) return {at::zeros({channels}, opts), at::zeros({channels}, opts)};
+  at::Tensor second = at::empty({channels}, opts), first = at::empty({channels}, opts);
+  reduce_into(make_channel_problem(a, b, c, d, dim), second, first, /*accumulate=*/false);
+  return {second, first};
+}
+
+// channel_score_reduce_add_: second_acc += second, first_acc += first.
+template <typename ReduceInto>
+void channel_score_reduce_add_entry(const at::Tensor& a, const std::optional<at::Tensor>& b,
+                                    const std::optional<at::Tensor>& c, const at::Tensor& d,
+                                    int64_t channel_dim, at::Tensor& second_acc,
+                                    at::Tensor& first_acc, ReduceInto&& reduce_into) {
+  const char* fn = "channel_score_reduce_add_";
+  const int64_t dim = check_channel_inputs(fn, a, b, c, d, channel_dim);
+  check_channel_accumulators(fn, a, dim, second_acc, first_acc);
+  if (a.numel() == 0) return;
+  reduce_into(make_channel_problem(a, b, c, d, dim), second_acc, first_acc, /*accumulate=*/true);
+}
+
+// channel_first_order_reduce: first = Σ a⊙d per channel, (C,) in channel_out_dtype(a).
+template <typename ReduceInto>
+at::Tensor channel_first_order_reduce_entry(const at::Tensor& a, const at::Tensor& d,
+                                            int64_t channel_dim, ReduceInto&& reduce_into) {
+  const char* fn = "channel_first_order_reduce";
+  const int64_t dim = check_channel_inputs(fn, a, std::nullopt, std::nullopt, d, channel_dim);
+  const auto opts = a.options().dtype(channel_out_dtype(a));
+  const int64_t channels = a.size(dim);
+  if (a.numel() == 0) return at::zeros({channels}, opts);
+  at::Tensor first = at::empty({channels}, opts);
+  reduce_into(make_channel_problem(a, std::nullopt, std::nullopt, d, dim, /*second=*/false),
+              at::Tensor(), first, /*accumulate=*/false);
+  return first;
+}
+
+// The output pointers of a reduction (second may be undefined: first-order only).
+template <typename out_t>
+ChannelOutParams<out_t> channel_out_params(const at::Tensor& second, const at::Tensor& first,
+                                           bool accumulate) {
+  return {second.defined() ? second.data_ptr<out_t>() : nullptr, first.data_ptr<out_t>(),
+          second.defined() ? second.stride(0) : 0, first.stride(0), accumulate};
 }
 
 }  // namespace oba_ext

@@ -19,7 +19,7 @@ template <typename scalar_t>
 struct ChannelReduceParams {
   const scalar_t* a;
   const scalar_t* b;  // nullptr: b treated as 0
-  const scalar_t* c;
+  const scalar_t* c;  // nullptr: c treated as 0
   const scalar_t* d;
   int64_t outer;
   int64_t channels;
@@ -27,7 +27,8 @@ struct ChannelReduceParams {
 };
 
 // Where the per-channel results go: second[k * second_stride], first[k * first_stride];
-// accumulate == true adds to what is there (the *_add_ variant).
+// accumulate == true adds to what is there (the *_add_ variant). second is nullptr for the
+// first-order reduction (channel_first_order_reduce).
 template <typename out_t>
 struct ChannelOutParams {
   out_t* second;
@@ -38,10 +39,12 @@ struct ChannelOutParams {
 };
 
 // Inputs of channel_score_reduce after layout normalisation: all four share one contiguous layout.
+// second == false: only first = Σ a⊙d is wanted (b and c are then undefined).
 struct ChannelProblem {
-  at::Tensor a, b, c, d;  // b undefined when absent
+  at::Tensor a, b, c, d;  // b, c undefined when absent (= 0)
   int64_t outer = 0, channels = 0, inner = 0;
   bool channels_last = false;
+  bool second = true;
 };
 
 // Chooses the layout from `a`: channel-innermost when the channel dim is last, when inner == 1,
@@ -49,9 +52,10 @@ struct ChannelProblem {
 // otherwise (outer, C, inner). Tensors in another layout (or with arbitrary strides) are copied
 // into the chosen one; tensors already in it are used without a copy.
 inline ChannelProblem make_channel_problem(const at::Tensor& a, const std::optional<at::Tensor>& b,
-                                           const at::Tensor& c, const at::Tensor& d,
-                                           int64_t channel_dim) {
+                                           const std::optional<at::Tensor>& c, const at::Tensor& d,
+                                           int64_t channel_dim, bool second = true) {
   ChannelProblem p;
+  p.second = second;
   const int64_t ndim = a.dim();
   p.channels = a.size(channel_dim);
   p.outer = 1;
@@ -66,8 +70,8 @@ inline ChannelProblem make_channel_problem(const at::Tensor& a, const std::optio
     return p.channels_last ? t.movedim(channel_dim, -1).contiguous() : t.contiguous();
   };
   p.a = norm(a);
-  if (b.has_value() && b->defined()) p.b = norm(*b);
-  p.c = norm(c);
+  if (second && b.has_value() && b->defined()) p.b = norm(*b);
+  if (second && c.has_value() && c->defined()) p.c = norm(*c);
   p.d = norm(d);
   if (p.channels_last) {
     p.outer *= p.inner;
@@ -80,20 +84,11 @@ template <typename scalar_t>
 ChannelReduceParams<scalar_t> channel_params(const ChannelProblem& p) {
   return {p.a.const_data_ptr<scalar_t>(),
           p.b.defined() ? p.b.const_data_ptr<scalar_t>() : nullptr,
-          p.c.const_data_ptr<scalar_t>(),
+          p.c.defined() ? p.c.const_data_ptr<scalar_t>() : nullptr,
           p.d.const_data_ptr<scalar_t>(),
           p.outer,
           p.channels,
           p.inner};
 }
-
-// Elementwise epilogue of the weight scores: out[i] = w[i] * prod[i], i < numel, all contiguous.
-template <typename scalar_t, typename out_t>
-struct EpilogueParams {
-  const scalar_t* w;
-  const scalar_t* prod;
-  out_t* out;
-  int64_t numel;
-};
 
 }  // namespace oba_ext

@@ -1,11 +1,12 @@
 // Deterministic block reductions (fixed shuffle tree, no atomics), shared by the CUDA kernels.
+// reduce.h replays the same order of additions on the host for the CPU emulation tests.
 #pragma once
 
 #include <cuda_runtime.h>
 
-namespace oba_ext {
+#include "reduce.h"
 
-constexpr int kWarpSize = 32;
+namespace oba_ext {
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_reduce_sum(acc_t v) {
@@ -37,14 +38,6 @@ __device__ __forceinline__ void block_reduce_sum2(acc_t& x, acc_t& y, acc_t* sme
     x = warp_reduce_sum(x);
     y = warp_reduce_sum(y);
   }
-}
-
-// Number of blocks a grid-stride kernel should use for `n` items.
-inline unsigned int grid_for(int64_t n, int threads, int max_blocks) {
-  int64_t blocks = (n + threads - 1) / threads;
-  if (blocks > max_blocks) blocks = max_blocks;
-  if (blocks < 1) blocks = 1;
-  return static_cast<unsigned int>(blocks);
 }
 
 }  // namespace oba_ext

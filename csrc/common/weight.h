@@ -1,13 +1,27 @@
-// Host-side checks and the batch-stacked weight-gradient product of linear_weight_score and
-// conv_weight_score (SPEC §5), shared by the CPU and CUDA entries. The product uses ATen's GEMM /
-// convolution wgrad (BLAS/cuBLAS/cuDNN); the device files add the fused "⊙ w" epilogue.
+// linear_weight_score and conv_weight_score (SPEC §5), the whole host code shared by the CPU and
+// CUDA entries (csrc/cpu/weight.cpp, csrc/cuda/weight.cu only register it, the CUDA one under a
+// device guard): checks, the batch-stacked weight-gradient product through ATen's GEMM /
+// convolution wgrad (BLAS/cuBLAS/cuDNN), then score = w ⊙ P as one elementwise pass in place on
+// P. That pass is not fused into the GEMM/wgrad (cuBLAS/cuDNN expose no such epilogue); it reads
+// w once and rewrites P once.
+//
+// Precision. The product is computed in the score dtype: float64 for float64 weights, float32
+// for float32/float16/bfloat16. float16/bfloat16 streams are converted to float32 before the
+// product (exactly), so every product and the accumulation over rows and over streams are in
+// float32 — not a float16 GEMM output rounded per stream. TF32: on Ampere/Hopper GPUs, float32
+// (and upcast float16/bfloat16) products follow PyTorch's switches:
+// torch.backends.cuda.matmul.allow_tf32 for linear_weight_score (default False: full float32) and
+// torch.backends.cudnn.allow_tf32 for conv_weight_score (default True: inputs rounded to TF32's
+// 10-bit mantissa, ~1e-3 relative error per product for float32 inputs; float16 values fit TF32
+// exactly, bfloat16 too). Set the switch to False for float32-exact convolution products.
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/cat.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 
 #include <array>
 #include <vector>
@@ -36,15 +50,29 @@ inline void check_stream_lists(const char* fn, const at::Tensor& w, at::TensorLi
   }
 }
 
-inline at::Tensor cat_rows(std::vector<at::Tensor>& ts) {
-  return ts.size() == 1 ? ts[0] : at::cat(ts, 0);
+// The tensors concatenated along dim 0 in `dtype`, in one copy (one conversion for 16-bit
+// streams); a single stream already in `dtype` is returned as is.
+inline at::Tensor stack_rows_as(const std::vector<at::Tensor>& ts, at::ScalarType dtype) {
+  if (ts.size() == 1 && ts[0].scalar_type() == dtype) return ts[0];
+  std::vector<int64_t> sizes = ts[0].sizes().vec();
+  int64_t rows = 0;
+  for (const auto& t : ts) rows += t.size(0);
+  sizes[0] = rows;
+  at::Tensor out = at::empty(sizes, ts[0].options().dtype(dtype));
+  int64_t at_row = 0;
+  for (const auto& t : ts) {
+    out.narrow(0, at_row, t.size(0)).copy_(t);
+    at_row += t.size(0);
+  }
+  return out;
 }
 
-// P = Σ_k grads[k]ᵀ · inputs[k] (as [M_k, C_out]ᵀ · [M_k, C_in]): [C_out, C_in] in the input dtype —
-// the GEMM over the batch-stacked streams, accumulated stream by stream (mm, then addmm_ with
-// beta = 1) instead of on cat()-ed copies: same FLOPs, no copy of the streams. Measured on the
-// 2-core CPU at M = 4096, C = 1024: cat + mm 116 ms (cat alone 24 ms), mm + addmm_ 90 ms, and
-// 4× less peak memory. Returns an undefined tensor when there are no rows (P = 0).
+// P = Σ_k grads[k]ᵀ · inputs[k] (as [M_k, C_out]ᵀ · [M_k, C_in]): [C_out, C_in] in
+// weight_out_dtype(w) — the GEMM over the batch-stacked streams, accumulated stream by stream
+// (mm, then addmm_ with beta = 1) instead of on cat()-ed copies: same FLOPs, no copy of the
+// streams (16-bit streams: one float32 copy of one stream at a time). Measured on the 2-core CPU
+// at M = 4096, C = 1024: cat + mm 116 ms (cat alone 24 ms), mm + addmm_ 90 ms, and 4× less peak
+// memory. Returns an undefined tensor when there are no rows (P = 0).
 inline at::Tensor linear_weight_product(const char* fn, const at::Tensor& w, at::TensorList grads,
                                         at::TensorList inputs) {
   check_stream_lists(fn, w, grads, inputs);
@@ -68,13 +96,15 @@ inline at::Tensor linear_weight_product(const char* fn, const at::Tensor& w, at:
     rows += gs.back().size(0);
   }
   if (rows == 0 || c_out == 0 || c_in == 0) return at::Tensor();
+  const at::ScalarType dtype = weight_out_dtype(w);
   at::Tensor P;
   for (size_t i = 0; i < gs.size(); ++i) {
     if (gs[i].size(0) == 0) continue;
+    const at::Tensor g = gs[i].to(dtype), x = xs[i].to(dtype);  // no copy unless 16-bit
     if (!P.defined()) {
-      P = at::mm(gs[i].t(), xs[i]);
+      P = at::mm(g.t(), x);
     } else {
-      P.addmm_(gs[i].t(), xs[i]);
+      P.addmm_(g.t(), x);
     }
   }
   return P;
@@ -95,7 +125,8 @@ inline std::vector<int64_t> conv_param(const char* fn, const char* name, at::Int
 }
 
 // P = wgrad of conv(input = cat_k inputs[k], weight = w) at grad_output = cat_k grads[k] (stacked
-// along the batch): the shape of w, in the input dtype. Undefined when the batch is empty (P = 0).
+// along the batch): the shape of w, in weight_out_dtype(w) (16-bit streams and w are converted
+// to float32 first). Undefined when the batch is empty (P = 0).
 inline at::Tensor conv_weight_product(const char* fn, const at::Tensor& w, at::TensorList grads,
                                       at::TensorList inputs, at::IntArrayRef stride,
                                       at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -135,12 +166,37 @@ inline at::Tensor conv_weight_product(const char* fn, const at::Tensor& w, at::T
     xs.push_back(x);
   }
   if (batch == 0 || w.numel() == 0) return at::Tensor();
-  const at::Tensor G = cat_rows(gs);
-  const at::Tensor X = cat_rows(xs);
+  const at::ScalarType dtype = weight_out_dtype(w);
+  const at::Tensor G = stack_rows_as(gs, dtype);
+  const at::Tensor X = stack_rows_as(xs, dtype);
   const std::vector<int64_t> out_pad(nsp, 0);
-  auto res = at::convolution_backward(G, X, w, std::nullopt, st, pad, dil, /*transposed=*/false,
-                                      out_pad, groups, {false, true, false});
+  auto res = at::convolution_backward(G, X, w.to(dtype), std::nullopt, st, pad, dil,
+                                      /*transposed=*/false, out_pad, groups, {false, true, false});
   return std::get<1>(res);
+}
+
+// score = w ⊙ P in weight_out_dtype(w), contiguous, computed in place on P (P is a fresh
+// product in that dtype; float16/bfloat16 w is converted exactly). P undefined means P = 0.
+inline at::Tensor weight_score_from_product(const at::Tensor& w, at::Tensor P) {
+  const auto opts = w.options().dtype(weight_out_dtype(w));
+  if (!P.defined() || w.numel() == 0) return at::zeros(w.sizes(), opts);
+  TORCH_INTERNAL_ASSERT(P.scalar_type() == opts.dtype().toScalarType() && P.sizes() == w.sizes());
+  if (!P.is_contiguous()) P = P.contiguous();
+  return P.mul_(w);
+}
+
+// The op bodies (the CPU and CUDA registrations call these).
+inline at::Tensor linear_weight_score_impl(const at::Tensor& w, at::TensorList grads,
+                                           at::TensorList inputs) {
+  return weight_score_from_product(w, linear_weight_product("linear_weight_score", w, grads, inputs));
+}
+
+inline at::Tensor conv_weight_score_impl(const at::Tensor& w, at::TensorList grads,
+                                         at::TensorList inputs, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation,
+                                         int64_t groups) {
+  return weight_score_from_product(
+      w, conv_weight_product("conv_weight_score", w, grads, inputs, stride, padding, dilation, groups));
 }
 
 }  // namespace oba_ext

@@ -1,16 +1,18 @@
 """The one place that chooses between our compiled kernels and their pure-PyTorch twins.
 
-The engine calls the score reductions of SPEC §5 through the three names below. Each resolves,
-per device type, to the compiled op in :mod:`oba_ext.ops` when
-``oba_ext._ext.kernels_available(device)`` says kernels exist for that device, else to the
-same-named twin in :mod:`oba_ext.reference.channel` / :mod:`oba_ext.reference.weight`.
+The engine calls the score reductions of SPEC §5 (and the attention sweep of SPEC §4) through
+the six names below. Each resolves, per device type, to the compiled op in :mod:`oba_ext.ops`
+when ``oba_ext._ext.kernels_available(device)`` says kernels exist for that device, else to the
+same-named twin in :mod:`oba_ext.reference` (``channel`` / ``weight`` / ``attention``).
 
 - ``channel_score_reduce(a, b, c, d, channel_dim) -> (second, first)``:
-  ``second[k] = Σ_{dims≠k} a⊙(b−d) + c⊙d``, ``first[k] = Σ a⊙d`` (``b=None``: zero tangent;
-  here also ``c=None``: zero second cotangent, see below).
+  ``second[k] = Σ_{dims≠k} a⊙(b−d) + c⊙d``, ``first[k] = Σ a⊙d`` (``b=None``: zero tangent,
+  ``c=None``: zero second cotangent).
+- ``channel_first_order_reduce(a, d, channel_dim) -> first``: ``first[k] = Σ a⊙d`` alone.
 - ``linear_weight_score(w, grads, inputs) = w ⊙ Σ_k grads[k]ᵀ inputs[k]`` (leading dims flattened).
 - ``conv_weight_score(w, grads, inputs, stride, padding, dilation, groups)
   = w ⊙ Σ_k wgrad(inputs[k], grads[k])``.
+- ``attention_two_stream_forward`` / ``attention_second_order_backward`` (SPEC §4).
 """
 from __future__ import annotations
 
@@ -28,14 +30,14 @@ from ..reference import attention as _ref_attention
 from ..reference import channel as _ref_channel
 from ..reference import weight as _ref_weight
 
-_NAMES = ("channel_score_reduce", "linear_weight_score", "conv_weight_score",
-          "attention_two_stream_forward", "attention_second_order_backward")
-_KERNELS = {"channel_score_reduce": _ops_channel, "linear_weight_score": _ops_weight,
-            "conv_weight_score": _ops_weight,
+_NAMES = ("channel_score_reduce", "channel_first_order_reduce", "linear_weight_score",
+          "conv_weight_score", "attention_two_stream_forward", "attention_second_order_backward")
+_KERNELS = {"channel_score_reduce": _ops_channel, "channel_first_order_reduce": _ops_channel,
+            "linear_weight_score": _ops_weight, "conv_weight_score": _ops_weight,
             "attention_two_stream_forward": _ops_attention,
             "attention_second_order_backward": _ops_attention}
-_TWINS = {"channel_score_reduce": _ref_channel, "linear_weight_score": _ref_weight,
-          "conv_weight_score": _ref_weight,
+_TWINS = {"channel_score_reduce": _ref_channel, "channel_first_order_reduce": _ref_channel,
+          "linear_weight_score": _ref_weight, "conv_weight_score": _ref_weight,
           "attention_two_stream_forward": _ref_attention,
           "attention_second_order_backward": _ref_attention}
 
@@ -59,13 +61,11 @@ def which(device_type: str) -> dict:
 
 def channel_score_reduce(a: Tensor, b: Optional[Tensor], c: Optional[Tensor], d: Tensor,
                          channel_dim: int):
-    fn = resolve("channel_score_reduce", a.device.type)
-    if c is None:
-        # C = 0 (oba right after the loss): with c := a the op returns Σ a⊙b (resp. 0 for
-        # b=None) as "second"; subtracting "first" = Σ a⊙d gives Σ a⊙(b−d) without a zeros tensor.
-        s, f = fn(a, b, a, d, channel_dim)
-        return s - f, f
-    return fn(a, b, c, d, channel_dim)
+    return resolve("channel_score_reduce", a.device.type)(a, b, c, d, channel_dim)
+
+
+def channel_first_order_reduce(a: Tensor, d: Tensor, channel_dim: int) -> Tensor:
+    return resolve("channel_first_order_reduce", a.device.type)(a, d, channel_dim)
 
 
 def linear_weight_score(w: Tensor, grads: List[Tensor], inputs: List[Tensor]) -> Tensor:

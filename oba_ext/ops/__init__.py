@@ -5,8 +5,9 @@ pure-PyTorch twin (``oba_ext.reference.<kind>``, same name and signature) is the
 (the engine's registry), never done silently here. ``oba_ext._ext.kernels_available(device)``
 says whether the kernels can run on a device.
 """
-from .channel import channel_score_reduce, channel_score_reduce_add_
+from .channel import channel_first_order_reduce, channel_score_reduce, channel_score_reduce_add_
 from .weight import conv_weight_score, linear_weight_score
 
-__all__ = ["channel_score_reduce", "channel_score_reduce_add_", "linear_weight_score",
+__all__ = ["channel_score_reduce", "channel_score_reduce_add_", "channel_first_order_reduce",
+           "linear_weight_score",
            "conv_weight_score"]

@@ -2,8 +2,9 @@
 
     score = w ⊙ Σ_k P(grads[k], inputs[k])
 
-computed as ONE weight-gradient product over the batch-stacked streams, with a fused ``⊙w``
-epilogue:
+computed as ONE weight-gradient product over the batch-stacked streams (ATen's GEMM / conv
+wgrad: BLAS/cuBLAS/cuDNN), then ``⊙w`` as a separate elementwise pass in place on the product
+(not fused into the GEMM; no extra output buffer):
 
 - :func:`linear_weight_score`: ``P = cat(grads)ᵀ cat(inputs)``; ``w: (C_out, C_in)``,
   ``grads[k]: (..., C_out)``, ``inputs[k]: (..., C_in)`` (same leading dims per pair).
@@ -13,7 +14,19 @@ epilogue:
 
 Second order (OBA / exact): ``grads=[G, C], inputs=[T, X]``; first order: ``grads=[G], inputs=[X]``.
 Result: the shape of ``w``, contiguous, float64 for float64 weights, else float32.
-Pure-PyTorch twins: :mod:`oba_ext.reference.weight`.
+
+Precision: float16/bfloat16 streams are converted to float32 before the product, so products,
+the sum over rows and the sum over streams are all float32 (float64 for float64). TF32 on
+Ampere/Hopper GPUs: float32 products follow PyTorch's switches —
+``torch.backends.cuda.matmul.allow_tf32`` for :func:`linear_weight_score` (default ``False``:
+full float32) and ``torch.backends.cudnn.allow_tf32`` for :func:`conv_weight_score` (default
+``True``: inputs rounded to a 10-bit mantissa, about 1e-3 relative error per product for float32
+inputs; float16/bfloat16 values are exact in TF32). Set ``torch.backends.cudnn.allow_tf32 =
+False`` for float32-exact convolution scores. The twins follow the same switches.
+
+Errors (RuntimeError, argument named): the compiled extension is not loaded; empty or unequal
+``grads``/``inputs`` lists; a stream of another dtype/device than ``w``; shapes that do not fit
+``w`` (or the convolution geometry). Pure-PyTorch twins: :mod:`oba_ext.reference.weight`.
 """
 from __future__ import annotations
 

@@ -1,7 +1,11 @@
 """Pure-PyTorch twins of :mod:`oba_ext.ops.weight` (same names, same signatures).
 
 Written independently of the kernels (csrc/*/weight.*): one product per stream (no batch
-stacking), in the input dtype, summed over streams; then ``w ⊙ P`` in the output dtype.
+stacking), summed over streams; then ``w ⊙ P``. Everything runs in the output dtype (float64 for
+float64 weights, else float32): float16/bfloat16 streams are converted to float32 before the
+products, as the kernels do. On CUDA, float32 products follow the same TF32 switches as the
+kernels (``torch.backends.cuda.matmul.allow_tf32`` for the einsum,
+``torch.backends.cudnn.allow_tf32`` for the convolution).
 
 - ``linear_weight_score``: ``P = Σ_k einsum('mo,mi->oi', grads[k], inputs[k])``.
 - ``conv_weight_score``: ``P = Σ_k`` the autograd weight gradient of ``F.conv{1,2}d`` at
@@ -34,11 +38,13 @@ def linear_weight_score(w: Tensor, grads: List[Tensor], inputs: List[Tensor]) ->
     _check_pairs("linear_weight_score", grads, inputs)
     if w.dim() != 2:
         raise ValueError(f"linear_weight_score: argument 'w' must be 2-D, got shape {tuple(w.shape)}")
+    acc = _out_dtype(w)
     prod = None
     for g, x in zip(grads, inputs):
-        p = torch.einsum("mo,mi->oi", g.reshape(-1, w.shape[0]), x.reshape(-1, w.shape[1]))
+        p = torch.einsum("mo,mi->oi", g.reshape(-1, w.shape[0]).to(acc),
+                         x.reshape(-1, w.shape[1]).to(acc))
         prod = p if prod is None else prod + p
-    return w.to(_out_dtype(w)) * prod.to(_out_dtype(w))
+    return w.to(acc) * prod
 
 
 _CONV = {3: F.conv1d, 4: F.conv2d}
@@ -53,11 +59,12 @@ def conv_weight_score(w: Tensor, grads: List[Tensor], inputs: List[Tensor], stri
     if w.dim() not in _CONV:
         raise ValueError(f"conv_weight_score: argument 'w' must be 3-D or 4-D, got shape {tuple(w.shape)}")
     conv = _CONV[w.dim()]
-    prod = torch.zeros(w.shape, dtype=w.dtype, device=w.device)
+    acc = _out_dtype(w)
+    prod = None
     with torch.enable_grad():
         for g, x in zip(grads, inputs):
-            wv = w.detach().requires_grad_(True)
-            y = conv(x.detach(), wv, None, list(stride), list(padding), list(dilation), groups)
-            (p,) = torch.autograd.grad(y, wv, grad_outputs=g.detach())
-            prod = prod + p
-    return w.to(_out_dtype(w)) * prod.to(_out_dtype(w))
+            wv = w.detach().to(acc).requires_grad_(True)
+            y = conv(x.detach().to(acc), wv, None, list(stride), list(padding), list(dilation), groups)
+            (p,) = torch.autograd.grad(y, wv, grad_outputs=g.detach().to(acc))
+            prod = p if prod is None else prod + p
+    return w.to(acc) * prod

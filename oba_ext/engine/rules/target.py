@@ -105,8 +105,7 @@ class TwoStreamLayerRule:
             # one single-stream input gradient instead of a stacked one
             u = self.input_grad(m, c, w, ctx.x_shape)
             _, idim = self.channel_dims(ctx.x)
-            _, sec = kernels.channel_score_reduce(u, None, None, ctx.x, idim)
-            ctx.record(ctx.mode, "in", sec)
+            ctx.record(ctx.mode, "in", kernels.channel_first_order_reduce(u, ctx.x, idim))
             self._scores(ctx, m, w, g, c, None, None, skip_in=True)
             return [None]
         need_x = ctx.needs[0] or "in" in keys
@@ -133,7 +132,7 @@ class TwoStreamLayerRule:
         if "out" in keys:
             od, _ = self.channel_dims(ctx.y)
             if mode is None:
-                ctx.record("taylor", "out", _first_only(g, ctx.y, od))
+                ctx.record("taylor", "out", kernels.channel_first_order_reduce(g, ctx.y, od))
             else:
                 second, fst = kernels.channel_score_reduce(g, ctx.t_y, c, ctx.y, od)
                 ctx.record(mode, "out", second)
@@ -142,7 +141,7 @@ class TwoStreamLayerRule:
         if "in" in keys and not skip_in:
             _, idim = self.channel_dims(ctx.x)
             if mode is None:
-                ctx.record("taylor", "in", _first_only(gx, ctx.x, idim))
+                ctx.record("taylor", "in", kernels.channel_first_order_reduce(gx, ctx.x, idim))
             else:
                 second, fst = kernels.channel_score_reduce(gx, ctx.t, cx, ctx.x, idim)
                 ctx.record(mode, "in", second)
@@ -285,9 +284,9 @@ class TwoStreamLayerRule:
             _, idim = self.channel_dims(x)
             s = None
             if vg is not None and t is not None:
-                s = _first_only(vg, t, idim)
+                s = kernels.channel_first_order_reduce(vg, t, idim)
             if vc is not None:
-                s2 = _first_only(vc, x, idim)
+                s2 = kernels.channel_first_order_reduce(vc, x, idim)
                 s = s2 if s is None else s + s2
             if s is None:
                 s = torch.zeros(x.shape[idim], dtype=acc, device=x.device)
@@ -297,8 +296,3 @@ class TwoStreamLayerRule:
 def _acc_dtype(x):
     """Channel sums accumulate in float64 for float64 streams, else float32 (like the ops)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _first_only(a, d, channel_dim):
-    dims = [i for i in range(a.dim()) if i != channel_dim]
-    return (a * d).sum(dims, dtype=_acc_dtype(a))
