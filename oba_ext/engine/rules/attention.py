@@ -1,14 +1,16 @@
 """Attention rules (SPEC §4): ``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention``.
 
-Both run the fused two-stream kernels through :mod:`oba_ext.engine.kernels`
+Passes with tangents run the fused two-stream kernels through :mod:`oba_ext.engine.kernels`
 (``attention_two_stream_forward`` → ``(O, Ȯ, lse)``, ``attention_second_order_backward`` →
 ``(G_Q, G_K, G_V, C_Q, C_K, C_V)``; ``exact`` adds the softmax curvature). The two products
 ``QKᵀ`` and ``AV`` carry their product-rule terms in both modes.
 
 ``scaled_dot_product_attention(q, k, v, attn_mask, dropout_p=0, is_causal, scale)``: any
 leading dims (flattened to (B, 1, N, D) unless 4-D), bool/additive masks, causal,
-``enable_gqa`` (k/v heads repeated for their query groups, cotangents summed back). Refused:
-``dropout_p > 0`` (score in eval mode), a θ-dependent mask.
+``enable_gqa`` (the kernels index key/value head h // (H / H_kv); K/V are not repeated).
+First-order passes (``taylor``, ``jacobian``: no tangents) call ``F.scaled_dot_product_attention``
+itself and its autograd backward instead of the two-stream kernels. Refused: ``dropout_p > 0``
+(score in eval mode), a θ-dependent mask.
 
 ``nn.MultiheadAttention`` (a target layer of kind "mha"): the q/k/v projections are the packed
 ``in_proj_weight`` rows (or ``q/k/v_proj_weight``), each run through the Linear rule as a
@@ -55,27 +57,64 @@ def _bind_sdpa(args, kwargs, where):
     return bound
 
 
-def _four_d(x):
-    """(..., N, D) -> (B, H, N, D): 4-D as is, else leading dims flattened into B (H = 1)."""
+def _four_d(x, keep_heads=False):
+    """(..., N, D) -> (B, H, N, D): 4-D as is, else leading dims flattened into B (H = 1), or
+    with ``keep_heads`` (grouped-query attention) into B with dim −3 kept as H."""
     if x is None or x.dim() == 4:
         return x
+    if keep_heads:
+        return x.reshape(-1, *x.shape[-3:])
     return x.reshape(-1, 1, x.shape[-2], x.shape[-1])
 
 
+def _sdpa_mask(mask, is_causal, L, S):
+    """(mask, is_causal) as SDPA accepts them: it refuses a mask together with is_causal, so
+    the causal part (key j visible to query i iff j <= i) is folded into the mask then."""
+    if mask is None or not is_causal:
+        return mask, is_causal
+    keep = torch.ones(L, S, dtype=torch.bool, device=mask.device).tril()
+    if mask.dtype == torch.bool:
+        return mask & keep, False
+    return mask.masked_fill(~keep, float("-inf")), False
+
+
 class _AttentionCore:
-    """Forward/backward of the attention kernels on 4-D (B, H, N, D) tensors, saved on ``st``."""
+    """Forward/backward of attention on 4-D (B, H, N, D) q and (B, H_kv, N, D) k/v
+    (H_kv | H: grouped-query attention by head index), saved on ``st``.
+
+    Passes with tangents (``oba``/``exact``) run the fused two-stream kernels. First-order
+    passes (``taylor``/``jacobian``: no tangents, no second stream) run PyTorch's own
+    ``F.scaled_dot_product_attention`` and its autograd backward: the same numbers as a
+    gradient of the model, on whatever fused SDPA kernel PyTorch picks."""
 
     @staticmethod
-    def forward(st, q, k, v, tq, tk, tv, mask, is_causal, scale):
+    def forward(st, q, k, v, tq, tk, tv, mask, is_causal, scale, first_order=False,
+                needs=(True, True, True)):
+        st.first_order = first_order
+        st.q, st.k, st.v = q, k, v
+        st.mask, st.is_causal, st.scale = mask, is_causal, scale
+        if first_order:
+            m, causal = _sdpa_mask(mask, is_causal, q.shape[-2], k.shape[-2])
+            with torch.enable_grad():
+                ins = [x.detach().requires_grad_(bool(n)) for x, n in zip((q, k, v), needs)]
+                O = F.scaled_dot_product_attention(*ins, attn_mask=m, is_causal=causal,
+                                                   scale=scale,
+                                                   enable_gqa=q.shape[1] != k.shape[1])
+            st.sdpa = (O, ins)
+            return O.detach(), None
         O, Od, lse = kernels.attention_two_stream_forward(q, k, v, tq, tk, tv, mask, is_causal,
                                                           scale)
-        st.q, st.k, st.v, st.tq, st.tk, st.tv = q, k, v, tq, tk, tv
-        st.mask, st.is_causal, st.scale, st.lse = mask, is_causal, scale, lse
+        st.tq, st.tk, st.tv, st.lse = tq, tk, tv, lse
         has_t = tq is not None or tk is not None or tv is not None
         return O, (Od if has_t else None)
 
     @staticmethod
     def backward(st, ctx, go, co):
+        if st.first_order:
+            O, ins = st.sdpa
+            want = [x for x in ins if x.requires_grad]
+            grads = iter(torch.autograd.grad(O, want, go)) if want else iter(())
+            return tuple((next(grads), None) if x.requires_grad else (None, None) for x in ins)
         second = ctx.mode is not None
         tq, tk, tv = (st.tq, st.tk, st.tv) if second else (None, None, None)
         out = kernels.attention_second_order_backward(
@@ -101,18 +140,12 @@ class SDPARule:
                              f"(score in eval mode)")
         q, k, v = b["query"], b["key"], b["value"]
         t = [call.tangents[slot[n]] for n in ("query", "key", "value")]
-        shapes = (q.shape, k.shape, v.shape)
-        rep = 1
-        if b["enable_gqa"] and q.dim() >= 3 and q.shape[-3] != k.shape[-3]:
-            # grouped-query attention: each k/v head serves rep query heads; run on repeated
-            # k/v and fold their cotangents back (sum over the group) in backward
-            rep = q.shape[-3] // k.shape[-3]
-            if rep * k.shape[-3] != q.shape[-3] or v.shape[-3] != k.shape[-3]:
-                raise ValueError(f"node {where!r}: enable_gqa needs the query heads "
-                                 f"({q.shape[-3]}) to be a multiple of the key/value heads "
-                                 f"({k.shape[-3]}, {v.shape[-3]})")
-            k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
-            t[1:] = [x.repeat_interleave(rep, -3) if x is not None else None for x in t[1:]]
+        gqa = bool(b["enable_gqa"]) and q.dim() >= 3 and q.shape[-3] != k.shape[-3]
+        if gqa and (k.shape[-3] == 0 or q.shape[-3] % k.shape[-3]
+                    or v.shape[-3] != k.shape[-3]):
+            raise ValueError(f"node {where!r}: enable_gqa needs the query heads "
+                             f"({q.shape[-3]}) to be a multiple of the key/value heads "
+                             f"({k.shape[-3]}, {v.shape[-3]})")
         mask = b["attn_mask"]
         ms = slot["attn_mask"]
         if isinstance(ms, int) and (call.tangents[ms] is not None or call.needs[ms]):
@@ -120,33 +153,27 @@ class SDPARule:
                              f"the engine supports constant masks only")
         lead, L, S = q.shape[:-2], q.shape[-2], k.shape[-2]
         if mask is not None and q.dim() != 4:
-            mask = mask.expand(*lead, L, S).reshape(-1, 1, L, S)
-        st = SimpleNamespace(shapes=shapes, run_shapes=(q.shape, k.shape, v.shape), rep=rep,
-                             slots=(slot["query"], slot["key"], slot["value"]),
-                             n=len(call.inputs))
-        O, Od = _AttentionCore.forward(st, _four_d(q), _four_d(k), _four_d(v), _four_d(t[0]),
-                                       _four_d(t[1]), _four_d(t[2]), mask, bool(b["is_causal"]),
-                                       b["scale"])
+            mask = mask.expand(*lead, L, S)
+            mask = mask.reshape(-1, lead[-1], L, S) if gqa else mask.reshape(-1, 1, L, S)
+        slots = (slot["query"], slot["key"], slot["value"])
+        st = SimpleNamespace(shapes=(q.shape, k.shape, v.shape), slots=slots, n=len(call.inputs))
+        O, Od = _AttentionCore.forward(
+            st, _four_d(q, gqa), _four_d(k, gqa), _four_d(v, gqa), _four_d(t[0], gqa),
+            _four_d(t[1], gqa), _four_d(t[2], gqa), mask, bool(b["is_causal"]), b["scale"],
+            first_order=not ctx.tangents, needs=[call.needs[i] for i in slots])
         out_shape = (*lead, L, v.shape[-1])
         ctx.attn = st
         return O.reshape(out_shape), (Od.reshape(out_shape) if Od is not None else None)
 
     def backward(self, ctx, g, c):
         st = ctx.attn
-        res = _AttentionCore.backward(st, ctx, _four_d(g), _four_d(c))
+        gqa = len(st.shapes[0]) != 4 and st.shapes[0][-3] != st.shapes[1][-3]
+        res = _AttentionCore.backward(st, ctx, _four_d(g, gqa), _four_d(c, gqa))
         out = [None] * st.n
-
-        def back(x, run_shape, shape):
-            if x is None:
-                return None
-            x = x.reshape(run_shape)
-            if run_shape != shape:  # grouped-query k/v: sum the cotangents of each group
-                x = x.unflatten(-3, (shape[-3], st.rep)).sum(-3)
-            return x
-
-        for slot, run_shape, shape, (gi, ci) in zip(st.slots, st.run_shapes, st.shapes, res):
+        for slot, shape, (gi, ci) in zip(st.slots, st.shapes, res):
             if ctx.needs[slot]:
-                out[slot] = (back(gi, run_shape, shape), back(ci, run_shape, shape))
+                out[slot] = (gi.reshape(shape) if gi is not None else None,
+                             ci.reshape(shape) if ci is not None else None)
         return out
 
 
