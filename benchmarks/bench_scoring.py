@@ -8,7 +8,8 @@
 Providers (one batch; the model in eval mode; float32 unless --dtype):
 
 - ``gradient``: forward + backward to ∇_θ L — the unit every ratio is relative to;
-- ``oba[out,in]``, ``oba[weight]``, ``exact[out,in]``, ``taylor[out,in]``, ``jacobian[out]``:
+- ``oba[out,in]``, ``oba[weight]``, ``exact[out,in]``, ``exact[weight]``, ``taylor[out,in]``,
+  ``jacobian[out]``:
   one batch of ``oba_ext.score`` with ``impl=--impl`` (default "kernel": the engine; "auto"
   falls back to the reference path when a model cannot be captured). ``config.impl`` records
   the implementation that really ran (``scorer.impl``);
@@ -43,6 +44,7 @@ KIND_PROVIDERS: Dict[str, Tuple[str, Tuple[str, ...], str]] = {
     "oba[out,in]": ("oba", ("out", "in"), None),
     "oba[weight]": ("oba", ("weight",), None),
     "exact[out,in]": ("exact", ("out", "in"), None),
+    "exact[weight]": ("exact", ("weight",), None),
     "taylor[out,in]": ("taylor", ("out", "in"), None),
     "jacobian[out]": ("jacobian", ("out",), None),
     "reference:oba[out,in]": ("oba", ("out", "in"), "reference"),

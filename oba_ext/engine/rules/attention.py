@@ -36,6 +36,7 @@ from torch import nn
 from .. import kernels
 from . import register_function, register_module
 from .linear import LinearRule
+from .pairs import as_pair, halves, new_pair
 
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
                 "enable_gqa")
@@ -262,15 +263,28 @@ class MHARule:
         x = {r: b[r] for r in ("query", "key", "value")}
         tx = {r: call.tangents[slot[r]] for r in x}
         batched = x["query"].dim() == 3
-        if not batched:  # (L, E) -> (L, 1, E), sequence-first
+        # tokens stay in the caller's layout (the projections and scores do not care):
+        # (N, L, E) when batch_first, else (L, N, E); unbatched (L, E) -> (L, 1, E)
+        bf = batched and bool(m.batch_first)
+        if not batched:
             x = {r: v.unsqueeze(1) for r, v in x.items()}
             tx = {r: (t.unsqueeze(1) if t is not None else None) for r, t in tx.items()}
-        elif m.batch_first:  # (N, L, E) -> (L, N, E)
-            x = {r: v.transpose(0, 1) for r, v in x.items()}
-            tx = {r: (t.transpose(0, 1) if t is not None else None) for r, t in tx.items()}
-        L, N, E = x["query"].shape
-        S, H = x["key"].shape[0], m.num_heads
+        if bf:
+            N, L, E = x["query"].shape
+            S = x["key"].shape[1]
+        else:
+            L, N, E = x["query"].shape
+            S = x["key"].shape[0]
+        H = m.num_heads
         hd = E // H
+        # self-attention: stack [X; T] once for the three projections (they reuse its halves)
+        stacked = {}
+        for r in x:
+            if tx[r] is not None and as_pair(x[r], tx[r]) is None:
+                key = (id(x[r]), id(tx[r]))
+                if key not in stacked:
+                    stacked[key] = halves(torch.cat([x[r], tx[r]], 0))
+                x[r], tx[r] = stacked[key]
         target = ctx.layer is not None
         tangents = ctx.tangents
         # virtual q/k/v Linear layers over the packed rows or the separate weights
@@ -291,8 +305,12 @@ class MHARule:
             sub.fake = fake
             subs[r], proj[r], tproj[r] = sub, y, ty
 
-        def heads(t, n):  # (n, N, E) -> (N, H, n, hd)
-            return None if t is None else t.reshape(n, N, H, hd).permute(1, 2, 0, 3)
+        def heads(t, n):  # tokens (N, n, E) or (n, N, E) -> (N, H, n, hd)
+            if t is None:
+                return None
+            if bf:
+                return t.reshape(N, n, H, hd).permute(0, 2, 1, 3)
+            return t.reshape(n, N, H, hd).permute(1, 2, 0, 3)
 
         mask, causal = _mha_masks(m, b["attn_mask"], b["key_padding_mask"], N, H, L, S,
                                   b["is_causal"], proj["query"].dtype, name)
@@ -300,18 +318,28 @@ class MHARule:
         O, Od = _AttentionCore.forward(st, heads(proj["query"], L), heads(proj["key"], S),
                                        heads(proj["value"], S), heads(tproj["query"], L),
                                        heads(tproj["key"], S), heads(tproj["value"], S), mask,
-                                       causal, 1.0 / math.sqrt(hd))
+                                       causal, 1.0 / math.sqrt(hd),
+                                       first_order=not ctx.tangents)
 
-        def merge(t):  # (N, H, L, hd) -> (L, N, E)
-            return None if t is None else t.permute(2, 0, 1, 3).reshape(L, N, E)
+        tok = (N, L, E) if bf else (L, N, E)
+
+        def as_tokens(t):  # (N, H, L, hd) -> tokens (view)
+            return t.permute(0, 2, 1, 3) if bf else t.permute(2, 0, 1, 3)
+
+        if Od is not None:  # O and Ȯ written into the halves of one buffer: out_proj stacks free
+            o_in, od_in = halves(new_pair(O.new_empty(tok)))
+            o_in.view(*tok[:2], H, hd).copy_(as_tokens(O))
+            od_in.view(*tok[:2], H, hd).copy_(as_tokens(Od))
+        else:
+            o_in, od_in = as_tokens(O).reshape(tok), None
 
         out_name = f"{name}.out_proj"
         rec = ctx.sublayer(out_name)
         osub = _SubCtx(out_name, out_name if rec is not None else None,
                        rec[1] if rec is not None else (), tangents, True,
                        rec[0] if rec is not None else None)
-        out, tout = _LINEAR.forward(SimpleNamespace(module=m.out_proj, inputs=[merge(O)],
-                                                    tangents=[merge(Od)]), osub)
+        out, tout = _LINEAR.forward(SimpleNamespace(module=m.out_proj, inputs=[o_in],
+                                                    tangents=[od_in]), osub)
         weights = None
         if b["need_weights"]:
             weights = self._weights(st, b["average_attn_weights"])
@@ -320,12 +348,9 @@ class MHARule:
         if not batched:
             out = out.squeeze(1)
             tout = tout.squeeze(1) if tout is not None else None
-        elif m.batch_first:
-            out = out.transpose(0, 1)
-            tout = tout.transpose(0, 1) if tout is not None else None
         ctx.mha = SimpleNamespace(st=st, subs=subs, osub=osub, slot=slot, n=len(call.inputs),
                                   shape=(L, N, E, S, H, hd), batched=batched,
-                                  batch_first=m.batch_first, packed=packed, target=target,
+                                  bf=bf, packed=packed, target=target,
                                   in_shapes={r: b[r].shape for r in ("query", "key", "value")})
         return (out, weights), ([tout, None] if tout is not None else None)
 
@@ -351,36 +376,47 @@ class MHARule:
                              f"nn.MultiheadAttention feed the loss; the engine supports "
                              f"need_weights outputs that are not used downstream only")
 
-        def seq_first(t):
+        def tokens(t):
             if t is None:
                 return None
-            if not s.batched:
-                return t.unsqueeze(1)
-            return t.transpose(0, 1) if s.batch_first else t
+            return t.unsqueeze(1) if not s.batched else t
 
         s.osub.sync(ctx)
-        r = _LINEAR.backward(s.osub, seq_first(g_out), seq_first(c_out))[0]
+        r = _LINEAR.backward(s.osub, tokens(g_out), tokens(c_out))[0]
         go, co = r
 
-        def heads(t, n):
-            return None if t is None else t.reshape(n, N, H, hd).permute(1, 2, 0, 3)
+        bf = s.bf
 
-        def merge(t, n):  # (N, H, n, hd) -> (n, N, E)
-            return None if t is None else t.permute(2, 0, 1, 3).reshape(n, N, E)
+        def heads(t, n):  # tokens -> (N, H, n, hd)
+            if t is None:
+                return None
+            if bf:
+                return t.reshape(N, n, H, hd).permute(0, 2, 1, 3)
+            return t.reshape(n, N, H, hd).permute(1, 2, 0, 3)
+
+        def merge(gi, ci, n):  # (N, H, n, hd) -> tokens; both streams paired in one buffer
+            tok = (N, n, E) if bf else (n, N, E)
+            perm = (0, 2, 1, 3) if bf else (2, 0, 1, 3)
+            if gi is None:
+                return None, None
+            if ci is None:
+                return gi.permute(*perm).reshape(tok), None
+            a, b = halves(new_pair(gi.new_empty(tok)))
+            a.view(*tok[:2], H, hd).copy_(gi.permute(*perm))
+            b.view(*tok[:2], H, hd).copy_(ci.permute(*perm))
+            return a, b
 
         res = _AttentionCore.backward(s.st, ctx, heads(go, L), heads(co, L))
         out = [None] * s.n
         for (role, n), (gi, ci) in zip((("query", L), ("key", S), ("value", S)), res):
             sub = s.subs[role]
             sub.sync(ctx)
-            rr = _LINEAR.backward(sub, merge(gi, n), merge(ci, n))[0]
+            rr = _LINEAR.backward(sub, *merge(gi, ci, n))[0]
             slot = s.slot[role]
             if rr is not None and ctx.needs[slot]:
                 gx, cx = rr
                 if not s.batched:
                     gx, cx = gx.squeeze(1), (cx.squeeze(1) if cx is not None else None)
-                elif s.batch_first:
-                    gx, cx = gx.transpose(0, 1), (cx.transpose(0, 1) if cx is not None else None)
                 out[slot] = (gx, cx)
         if s.target:
             self._record(ctx, s)
