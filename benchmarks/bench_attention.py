@@ -5,7 +5,7 @@
 
 Ops (benchmark names): ``attention_two_stream_forward`` (O, Ȯ, lse with all tangents) and
 ``attention_second_order_backward[exact]`` (both streams with the softmax curvature, from a
-saved lse). Providers: ``kernel`` (torch.ops.oba_ext, CPU row blocks / CUDA online softmax) and
+saved lse). Providers: ``kernel`` (torch.ops.oba_ext: row blocks of GEMMs + one fused row pass) and
 ``reference`` (oba_ext.reference.attention: the plain math, N×N score matrices per head).
 Metrics: p20/p50/p80 time (ms) and peak memory (MB) of one call, x = N (= N_q = N_k); B, H,
 D in the row's ``config``. Appends to ``benchmarks/results/attention.csv`` (long format, see

@@ -2,11 +2,14 @@
 
     python -m benchmarks.bench_scoring --models resnet18 mobilenet_v2 --batch 8 --image 32
     python -m benchmarks.bench_scoring --models vit_b_16 --vit-image 224 --vit-patch 16 --batch 2
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_scoring --threads 1 --models vit --vit-layers 6 \
+        --vit-width 384 --vit-heads 6 --batch 16      # 65 tokens (32×32, patch 4)
 
 Providers (one batch; the model in eval mode; float32 unless --dtype):
 
 - ``gradient``: forward + backward to ∇_θ L — the unit every ratio is relative to;
-- ``oba[out,in]``, ``oba[weight]``, ``exact[out,in]``, ``taylor[out,in]``, ``jacobian[out]``:
+- ``oba[out,in]``, ``oba[weight]``, ``exact[out,in]``, ``exact[weight]``, ``taylor[out,in]``,
+  ``jacobian[out]``:
   one batch of ``oba_ext.score`` with ``impl=--impl`` (default "kernel": the engine; "auto"
   falls back to the reference path when a model cannot be captured). ``config.impl`` records
   the implementation that really ran (``scorer.impl``);
@@ -41,6 +44,7 @@ KIND_PROVIDERS: Dict[str, Tuple[str, Tuple[str, ...], str]] = {
     "oba[out,in]": ("oba", ("out", "in"), None),
     "oba[weight]": ("oba", ("weight",), None),
     "exact[out,in]": ("exact", ("out", "in"), None),
+    "exact[weight]": ("exact", ("weight",), None),
     "taylor[out,in]": ("taylor", ("out", "in"), None),
     "jacobian[out]": ("jacobian", ("out",), None),
     "reference:oba[out,in]": ("oba", ("out", "in"), "reference"),
@@ -64,7 +68,8 @@ class TinyCNN(nn.Module):
 
 def build_model(name: str, args) -> Tuple[nn.Module, Tuple[int, int, int]]:
     """(model, input shape C×H×W) for a torchvision name, "vit_b_16" at --vit-image/--vit-patch,
-    or "tiny_cnn"."""
+    "vit" (torchvision's VisionTransformer with --vit-layers/--vit-width/--vit-heads, MLP 4×
+    width) or "tiny_cnn"."""
     if name == "tiny_cnn":
         return TinyCNN(args.classes), (3, args.image, args.image)
     import torchvision
@@ -72,6 +77,13 @@ def build_model(name: str, args) -> Tuple[nn.Module, Tuple[int, int, int]]:
         from torchvision.models import VisionTransformer
         m = VisionTransformer(image_size=args.vit_image, patch_size=args.vit_patch, num_layers=12,
                               num_heads=12, hidden_dim=768, mlp_dim=3072, num_classes=args.classes)
+        return m, (3, args.vit_image, args.vit_image)
+    if name == "vit":
+        from torchvision.models import VisionTransformer
+        m = VisionTransformer(image_size=args.vit_image, patch_size=args.vit_patch,
+                              num_layers=args.vit_layers, num_heads=args.vit_heads,
+                              hidden_dim=args.vit_width, mlp_dim=4 * args.vit_width,
+                              num_classes=args.classes)
         return m, (3, args.vit_image, args.vit_image)
     try:
         m = torchvision.models.get_model(name, weights=None, num_classes=args.classes)
@@ -183,6 +195,9 @@ def main(argv=None):
     ap.add_argument("--image", type=int, default=32, help="CNN input size (32 on CPU, 224 on GPU)")
     ap.add_argument("--vit-image", type=int, default=32)
     ap.add_argument("--vit-patch", type=int, default=4)
+    ap.add_argument("--vit-layers", type=int, default=6, help='model "vit" only')
+    ap.add_argument("--vit-width", type=int, default=384, help='model "vit" only')
+    ap.add_argument("--vit-heads", type=int, default=6, help='model "vit" only')
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--impl", default="kernel", choices=["kernel", "auto"],
@@ -204,6 +219,9 @@ def main(argv=None):
         provs = providers_for(model, x, y, args.impl, args.providers)
         cfg = {"batch": args.batch, "input": "x".join(map(str, shape)),
                "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
+        if name == "vit":
+            cfg.update(vit_layers=args.vit_layers, vit_width=args.vit_width,
+                       vit_heads=args.vit_heads, vit_patch=args.vit_patch)
         rows = harness.run_sweep("scoring", "model", [name], provs, device, None, dtype=args.dtype,
                                  warmup=args.warmup, rep=args.rep, max_seconds=args.max_seconds,
                                  memory=not args.no_memory, config=cfg, note=args.note)

@@ -48,7 +48,8 @@ TORCH_LIBRARY(oba_ext, m) {
 
   // ---- attention ops ----
   // (csrc/cpu/attention.cpp, csrc/cuda/attention.cu; twins in oba_ext/reference/attention.py)
-  // q: (B,H,N_q,D), k: (B,H,N_k,D), v: (B,H,N_k,D_v); tangents/C_O optional (None = 0);
+  // q: (B,H,N_q,D), k: (B,H_kv,N_k,D), v: (B,H_kv,N_k,D_v) with H_kv | H (grouped-query);
+  // tangents/C_O optional (None = 0);
   // mask bool (True = attend) or additive, broadcastable to (B,H,N_q,N_k); scale None = 1/√D.
   // Forward: (O, Ȯ, lse) with Ȯ = ȦV + AV̇, lse (B,H,N_q) float32 (float64 for float64).
   m.def("attention_two_stream_forward(Tensor q, Tensor k, Tensor v, Tensor? q_dot, "
@@ -58,5 +59,15 @@ TORCH_LIBRARY(oba_ext, m) {
   m.def("attention_second_order_backward(Tensor q, Tensor k, Tensor v, Tensor? q_dot, "
         "Tensor? k_dot, Tensor? v_dot, Tensor G_O, Tensor? C_O, Tensor? mask, bool is_causal, "
         "float? scale, Tensor lse, bool exact) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // CPU only, for tests: the ops above with the row-block budget (score elements per block)
+  // given and, with emulate_warp, the fused row pass in the CUDA kernel's 32-lane
+  // decomposition (csrc/common/attention_rows.h).
+  m.def("_attention_forward_config(Tensor q, Tensor k, Tensor v, Tensor? q_dot, Tensor? k_dot, "
+        "Tensor? v_dot, Tensor? mask, bool is_causal, float? scale, int block_elems, "
+        "bool emulate_warp) -> (Tensor, Tensor, Tensor)");
+  m.def("_attention_backward_config(Tensor q, Tensor k, Tensor v, Tensor? q_dot, "
+        "Tensor? k_dot, Tensor? v_dot, Tensor G_O, Tensor? C_O, Tensor? mask, bool is_causal, "
+        "float? scale, Tensor lse, bool exact, int block_elems, bool emulate_warp) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

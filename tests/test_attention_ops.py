@@ -136,7 +136,8 @@ def test_strided_inputs(device, kernels):
 
 
 def test_many_row_blocks(kernels):
-    """The CPU kernel splits N_q into row blocks of 2^21 / (B·H·N_k) rows: 512 + 88 here."""
+    """The CPU kernel splits N_q into row blocks of 2^16 / (H_q/H_kv · N_k) rows: 32 per block
+    here (other block geometries: tests/test_attention_blocks.py)."""
     kernels("cpu")
     run_case((1, 2, 600, 2048, 32, 32), torch.float64, "cpu", "bool", True, True)
 

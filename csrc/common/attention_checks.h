@@ -1,12 +1,13 @@
 // Argument checks and mask preparation shared by the CPU and CUDA attention kernels.
 //
 // Layout contract (SPEC §4; documented in oba_ext/ops/attention.py):
-//   q, q_dot: (B, H, N_q, D)   k, k_dot: (B, H, N_k, D)   v, v_dot: (B, H, N_k, D_v)
+//   q, q_dot: (B, H, N_q, D)   k, k_dot: (B, H_kv, N_k, D)   v, v_dot: (B, H_kv, N_k, D_v)
+//   (H_kv = H, or a divisor of H for grouped-query attention)
 //   G_O, C_O: (B, H, N_q, D_v)  lse: (B, H, N_q) in the accumulation dtype (float32, or
 //   float64 for float64 inputs)
 //   mask: bool (True = attend) or additive float, broadcastable to (B, H, N_q, N_k).
-// Tangents / C_O may be undefined (= zero). Any strides are accepted: the kernels read
-// through strides or make contiguous copies themselves.
+// Tangents / C_O may be undefined (= zero). Any strides are accepted: the host routine
+// (attention_blocks.h) takes views where the strides allow and contiguous copies elsewhere.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -21,6 +22,7 @@ namespace attention {
 
 struct Shapes {
   int64_t B, H, Nq, Nk, D, Dv;
+  int64_t Hkv;  // key/value heads: H for ordinary attention, a divisor of H for grouped-query
 };
 
 inline at::ScalarType acc_dtype(at::ScalarType t) {
@@ -52,13 +54,33 @@ inline Shapes check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k
   TORCH_CHECK(k.dim() == 4, op, ": k must be 4-D (B, H, N_k, D), got shape ", k.sizes());
   TORCH_CHECK(v.dim() == 4, op, ": v must be 4-D (B, H, N_k, D_v), got shape ", v.sizes());
   TORCH_CHECK(q.is_floating_point(), op, ": q must be floating point, got ", q.scalar_type());
-  Shapes s{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
-  check_like(op, "k", k, q, {s.B, s.H, s.Nk, s.D});
-  check_like(op, "v", v, q, {s.B, s.H, s.Nk, s.Dv});
+  Shapes s{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), v.size(3), k.size(1)};
+  // grouped-query attention: k/v may have H_kv heads, H_kv dividing H (query head h reads
+  // key/value head h / (H / H_kv))
+  TORCH_CHECK(s.Hkv == s.H || (s.Hkv > 0 && s.H % s.Hkv == 0), op, ": k must have a number of "
+              "heads dividing q's (", s.H, ", grouped-query attention), got shape ", k.sizes());
+  check_like(op, "k", k, q, {s.B, s.Hkv, s.Nk, s.D});
+  check_like(op, "v", v, q, {s.B, s.Hkv, s.Nk, s.Dv});
   check_opt(op, "q_dot", q_dot, q, {s.B, s.H, s.Nq, s.D});
-  check_opt(op, "k_dot", k_dot, q, {s.B, s.H, s.Nk, s.D});
-  check_opt(op, "v_dot", v_dot, q, {s.B, s.H, s.Nk, s.Dv});
+  check_opt(op, "k_dot", k_dot, q, {s.B, s.Hkv, s.Nk, s.D});
+  check_opt(op, "v_dot", v_dot, q, {s.B, s.Hkv, s.Nk, s.Dv});
   return s;
+}
+
+// G_O, C_O and lse of the backward (lse as returned by attention_two_stream_forward).
+inline void check_backward_extras(const char* op, const Shapes& s, const at::Tensor& q,
+                                  const at::Tensor& G_O, const c10::optional<at::Tensor>& C_O,
+                                  const at::Tensor& lse) {
+  check_like(op, "G_O", G_O, q, {s.B, s.H, s.Nq, s.Dv});
+  check_opt(op, "C_O", C_O, q, {s.B, s.H, s.Nq, s.Dv});
+  const auto a = acc_dtype(q.scalar_type());
+  TORCH_CHECK(lse.dim() == 3 && lse.sizes() == at::IntArrayRef({s.B, s.H, s.Nq}), op,
+              ": lse must have shape (B, H, N_q) = (", s.B, ", ", s.H, ", ", s.Nq, "), got ",
+              lse.sizes());
+  TORCH_CHECK(lse.scalar_type() == a, op, ": lse must be ", a, " (as returned by "
+              "attention_two_stream_forward), got ", lse.scalar_type());
+  TORCH_CHECK(lse.device() == q.device(), op, ": lse must be on q's device ", q.device(),
+              ", got ", lse.device());
 }
 
 inline double resolve_scale(const c10::optional<double>& scale, int64_t D) {

@@ -2,15 +2,26 @@
 with fake (meta) implementations for ``torch.compile`` / ``opcheck``.
 
 Layout (the same in ``oba_ext.reference.attention``, the pure-PyTorch twins):
-    q, q_dot: (B, H, N_q, D)    k, k_dot: (B, H, N_k, D)    v, v_dot: (B, H, N_k, D_v)
+    q, q_dot: (B, H, N_q, D)    k, k_dot: (B, H_kv, N_k, D)    v, v_dot: (B, H_kv, N_k, D_v)
+    H_kv = H, or a divisor of H (grouped-query attention: query head h uses key/value head
+    h // (H / H_kv); k/v are not repeated, G_K/G_V/C_K/C_V sum over each group)
     G_O, C_O: (B, H, N_q, D_v)  lse: (B, H, N_q), float32 (float64 for float64 inputs)
     mask: bool (True = attend) or additive float, broadcastable to (B, H, N_q, N_k)
     is_causal: key j visible to query i iff j <= i (top-left aligned, as in SDPA)
     scale: s (None = 1/sqrt(D)). Tangents and ``C_O`` may be None (= zero).
 
-Kernels: CPU (float32/float64) works row block by row block with O(N_k) extra memory per
-query row; CUDA (float32/float64/float16/bfloat16, softmax statistics in float32, D and D_v
-up to 256) tiles over keys with an online softmax: no N×N tensor in global memory.
+Kernels (``csrc/common/attention_blocks.h``, one host routine for both devices): blocks of
+(batch, key/value head) groups × query rows, at most 2^16 (CPU) / 2^24 (CUDA) score elements
+each; per block the products (QKᵀ, Ṡ, G_O Vᵀ, C_A, then O, Ȯ and the gradients) are ATen
+GEMMs (BLAS / cuBLAS) and the row-wise softmax, its tangent and the product-rule terms one
+fused elementwise pass (``csrc/common/attention_rows.h``; a loop over rows on the CPU, one
+warp per row on the GPU). Extra memory: a few block-sized buffers, never N×N per head.
+CPU: float32/float64. CUDA: float32/float64/float16/bfloat16 (row arithmetic and ``lse`` in
+float32); compiled, not yet run on a GPU.
+
+``torch.ops.oba_ext._attention_forward_config`` / ``_attention_backward_config`` (CPU only,
+for tests) are the same ops with two extra arguments: ``block_elems`` (the block budget) and
+``emulate_warp`` (run the row pass in the CUDA kernel's 32-lane decomposition).
 """
 from __future__ import annotations
 
@@ -27,6 +38,8 @@ __all__ = ["attention_two_stream_forward", "attention_second_order_backward", "a
 
 _FWD = "oba_ext::attention_two_stream_forward"
 _BWD = "oba_ext::attention_second_order_backward"
+_FWD_CONFIG = "oba_ext::_attention_forward_config"
+_BWD_CONFIG = "oba_ext::_attention_backward_config"
 
 
 def available() -> bool:
@@ -68,18 +81,25 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-if available():
-    @torch.library.register_fake(_FWD)
-    def _fwd_fake(q, k, v, q_dot, k_dot, v_dot, mask, is_causal, scale):
-        shape = (*q.shape[:-1], v.shape[-1])
-        return (q.new_empty(shape), q.new_empty(shape),
-                q.new_empty(q.shape[:-1], dtype=_lse_dtype(q)))
+def _fwd_fake(q, k, v, q_dot, k_dot, v_dot, mask, is_causal, scale, *config):
+    shape = (*q.shape[:-1], v.shape[-1])
+    return (q.new_empty(shape), q.new_empty(shape),
+            q.new_empty(q.shape[:-1], dtype=_lse_dtype(q)))
 
-    @torch.library.register_fake(_BWD)
-    def _bwd_fake(q, k, v, q_dot, k_dot, v_dot, G_O, C_O, mask, is_causal, scale, lse, exact):
-        return (torch.empty_like(q, memory_format=torch.contiguous_format),
-                torch.empty_like(k, memory_format=torch.contiguous_format),
-                torch.empty_like(v, memory_format=torch.contiguous_format),
-                torch.empty_like(q, memory_format=torch.contiguous_format),
-                torch.empty_like(k, memory_format=torch.contiguous_format),
-                torch.empty_like(v, memory_format=torch.contiguous_format))
+
+def _bwd_fake(q, k, v, q_dot, k_dot, v_dot, G_O, C_O, mask, is_causal, scale, lse, exact,
+              *config):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format),
+            torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+if available():
+    torch.library.register_fake(_FWD)(_fwd_fake)
+    torch.library.register_fake(_BWD)(_bwd_fake)
+    if hasattr(torch.ops.oba_ext, "_attention_forward_config"):
+        torch.library.register_fake(_FWD_CONFIG)(_fwd_fake)
+        torch.library.register_fake(_BWD_CONFIG)(_bwd_fake)

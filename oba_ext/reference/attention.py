@@ -2,7 +2,9 @@
 independently of the kernels in ``csrc/*/attention.*`` that they check.
 
 Layout (same as the kernels):
-    q: (B, H, N_q, D)   k: (B, H, N_k, D)   v: (B, H, N_k, D_v)
+    q: (B, H, N_q, D)   k: (B, H_kv, N_k, D)   v: (B, H_kv, N_k, D_v)
+    (H_kv = H, or for grouped-query attention a divisor of H: query head h attends with
+    key/value head h // (H / H_kv); the twin repeats k/v and sums their cotangents back)
     q_dot/k_dot/v_dot: tangents of the same shapes, or None (= zero)
     mask: None, bool (True = attend, like ``F.scaled_dot_product_attention``) or additive
           float, broadcastable to (B, H, N_q, N_k)
@@ -33,6 +35,24 @@ __all__ = ["attention_two_stream_forward", "attention_second_order_backward"]
 
 def _acc(t: Tensor) -> Tensor:
     return t.double() if t.dtype == torch.float64 else t.float()
+
+
+def _rep(q, k):
+    """Query heads per key/value head (grouped-query attention), checked."""
+    H, Hkv = q.shape[1], k.shape[1]
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(f"k has {Hkv} heads, which must divide q's {H} (grouped-query "
+                         f"attention)")
+    return H // Hkv
+
+
+def _expand_heads(t, rep):
+    return t if t is None or rep == 1 else t.repeat_interleave(rep, dim=1)
+
+
+def _fold_heads(t, rep):
+    """(B, H, N, X) cotangent of repeated k/v → (B, H_kv, N, X) (sum over each group)."""
+    return t if rep == 1 else t.unflatten(1, (t.shape[1] // rep, rep)).sum(2)
 
 
 def _scores(q, k, mask, is_causal, scale):
@@ -82,6 +102,8 @@ def attention_two_stream_forward(q: Tensor, k: Tensor, v: Tensor, q_dot: Optiona
                                  scale: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """(O, Ȯ, lse): O = softmax(s·QKᵀ + mask)V, Ȯ = ȦV + AV̇; O, Ȯ: (B, H, N_q, D_v) in q's
     dtype, lse: (B, H, N_q) float32 (float64 for float64 inputs)."""
+    rep = _rep(q, k)
+    k, v, k_dot, v_dot = (_expand_heads(t, rep) for t in (k, v, k_dot, v_dot))
     S, s = _scores(q, k, mask, is_causal, scale)
     A, lse = _softmax(S)
     vv = _acc(v)
@@ -102,6 +124,8 @@ def attention_second_order_backward(q: Tensor, k: Tensor, v: Tensor, q_dot: Opti
     """(G_Q, G_K, G_V, C_Q, C_K, C_V) of SPEC §4 (both streams; ``exact`` adds the softmax
     curvature terms). ``lse`` is accepted for signature parity and ignored: the twin
     recomputes A from scratch. Outputs have the shapes and dtypes of q, k, v."""
+    rep = _rep(q, k)
+    k, v, k_dot, v_dot = (_expand_heads(t, rep) for t in (k, v, k_dot, v_dot))
     S, s = _scores(q, k, mask, is_causal, scale)
     A, _ = _softmax(S)
     vv, qq, kk, GO = _acc(v), _acc(q), _acc(k), _acc(G_O)
@@ -129,5 +153,6 @@ def attention_second_order_backward(q: Tensor, k: Tensor, v: Tensor, q_dot: Opti
     if q_dot is not None:
         C_K = C_K + G_S.transpose(-1, -2) @ _acc(q_dot)
     C_Q, C_K = s * C_Q, s * C_K
+    G_K, G_V, C_K, C_V = (_fold_heads(t, rep) for t in (G_K, G_V, C_K, C_V))
     return (G_Q.to(q.dtype), G_K.to(k.dtype), G_V.to(v.dtype),
             C_Q.to(q.dtype), C_K.to(k.dtype), C_V.to(v.dtype))

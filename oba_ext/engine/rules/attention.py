@@ -1,14 +1,16 @@
 """Attention rules (SPEC §4): ``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention``.
 
-Both run the fused two-stream kernels through :mod:`oba_ext.engine.kernels`
+Passes with tangents run the fused two-stream kernels through :mod:`oba_ext.engine.kernels`
 (``attention_two_stream_forward`` → ``(O, Ȯ, lse)``, ``attention_second_order_backward`` →
 ``(G_Q, G_K, G_V, C_Q, C_K, C_V)``; ``exact`` adds the softmax curvature). The two products
 ``QKᵀ`` and ``AV`` carry their product-rule terms in both modes.
 
 ``scaled_dot_product_attention(q, k, v, attn_mask, dropout_p=0, is_causal, scale)``: any
 leading dims (flattened to (B, 1, N, D) unless 4-D), bool/additive masks, causal,
-``enable_gqa`` (k/v heads repeated for their query groups, cotangents summed back). Refused:
-``dropout_p > 0`` (score in eval mode), a θ-dependent mask.
+``enable_gqa`` (the kernels index key/value head h // (H / H_kv); K/V are not repeated).
+First-order passes (``taylor``, ``jacobian``: no tangents) call ``F.scaled_dot_product_attention``
+itself and its autograd backward instead of the two-stream kernels. Refused: ``dropout_p > 0``
+(score in eval mode), a θ-dependent mask.
 
 ``nn.MultiheadAttention`` (a target layer of kind "mha"): the q/k/v projections are the packed
 ``in_proj_weight`` rows (or ``q/k/v_proj_weight``), each run through the Linear rule as a
@@ -34,6 +36,7 @@ from torch import nn
 from .. import kernels
 from . import register_function, register_module
 from .linear import LinearRule
+from .pairs import as_pair, halves, new_pair
 
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
                 "enable_gqa")
@@ -55,27 +58,64 @@ def _bind_sdpa(args, kwargs, where):
     return bound
 
 
-def _four_d(x):
-    """(..., N, D) -> (B, H, N, D): 4-D as is, else leading dims flattened into B (H = 1)."""
+def _four_d(x, keep_heads=False):
+    """(..., N, D) -> (B, H, N, D): 4-D as is, else leading dims flattened into B (H = 1), or
+    with ``keep_heads`` (grouped-query attention) into B with dim −3 kept as H."""
     if x is None or x.dim() == 4:
         return x
+    if keep_heads:
+        return x.reshape(-1, *x.shape[-3:])
     return x.reshape(-1, 1, x.shape[-2], x.shape[-1])
 
 
+def _sdpa_mask(mask, is_causal, L, S):
+    """(mask, is_causal) as SDPA accepts them: it refuses a mask together with is_causal, so
+    the causal part (key j visible to query i iff j <= i) is folded into the mask then."""
+    if mask is None or not is_causal:
+        return mask, is_causal
+    keep = torch.ones(L, S, dtype=torch.bool, device=mask.device).tril()
+    if mask.dtype == torch.bool:
+        return mask & keep, False
+    return mask.masked_fill(~keep, float("-inf")), False
+
+
 class _AttentionCore:
-    """Forward/backward of the attention kernels on 4-D (B, H, N, D) tensors, saved on ``st``."""
+    """Forward/backward of attention on 4-D (B, H, N, D) q and (B, H_kv, N, D) k/v
+    (H_kv | H: grouped-query attention by head index), saved on ``st``.
+
+    Passes with tangents (``oba``/``exact``) run the fused two-stream kernels. First-order
+    passes (``taylor``/``jacobian``: no tangents, no second stream) run PyTorch's own
+    ``F.scaled_dot_product_attention`` and its autograd backward: the same numbers as a
+    gradient of the model, on whatever fused SDPA kernel PyTorch picks."""
 
     @staticmethod
-    def forward(st, q, k, v, tq, tk, tv, mask, is_causal, scale):
+    def forward(st, q, k, v, tq, tk, tv, mask, is_causal, scale, first_order=False,
+                needs=(True, True, True)):
+        st.first_order = first_order
+        st.q, st.k, st.v = q, k, v
+        st.mask, st.is_causal, st.scale = mask, is_causal, scale
+        if first_order:
+            m, causal = _sdpa_mask(mask, is_causal, q.shape[-2], k.shape[-2])
+            with torch.enable_grad():
+                ins = [x.detach().requires_grad_(bool(n)) for x, n in zip((q, k, v), needs)]
+                O = F.scaled_dot_product_attention(*ins, attn_mask=m, is_causal=causal,
+                                                   scale=scale,
+                                                   enable_gqa=q.shape[1] != k.shape[1])
+            st.sdpa = (O, ins)
+            return O.detach(), None
         O, Od, lse = kernels.attention_two_stream_forward(q, k, v, tq, tk, tv, mask, is_causal,
                                                           scale)
-        st.q, st.k, st.v, st.tq, st.tk, st.tv = q, k, v, tq, tk, tv
-        st.mask, st.is_causal, st.scale, st.lse = mask, is_causal, scale, lse
+        st.tq, st.tk, st.tv, st.lse = tq, tk, tv, lse
         has_t = tq is not None or tk is not None or tv is not None
         return O, (Od if has_t else None)
 
     @staticmethod
     def backward(st, ctx, go, co):
+        if st.first_order:
+            O, ins = st.sdpa
+            want = [x for x in ins if x.requires_grad]
+            grads = iter(torch.autograd.grad(O, want, go)) if want else iter(())
+            return tuple((next(grads), None) if x.requires_grad else (None, None) for x in ins)
         second = ctx.mode is not None
         tq, tk, tv = (st.tq, st.tk, st.tv) if second else (None, None, None)
         out = kernels.attention_second_order_backward(
@@ -101,18 +141,12 @@ class SDPARule:
                              f"(score in eval mode)")
         q, k, v = b["query"], b["key"], b["value"]
         t = [call.tangents[slot[n]] for n in ("query", "key", "value")]
-        shapes = (q.shape, k.shape, v.shape)
-        rep = 1
-        if b["enable_gqa"] and q.dim() >= 3 and q.shape[-3] != k.shape[-3]:
-            # grouped-query attention: each k/v head serves rep query heads; run on repeated
-            # k/v and fold their cotangents back (sum over the group) in backward
-            rep = q.shape[-3] // k.shape[-3]
-            if rep * k.shape[-3] != q.shape[-3] or v.shape[-3] != k.shape[-3]:
-                raise ValueError(f"node {where!r}: enable_gqa needs the query heads "
-                                 f"({q.shape[-3]}) to be a multiple of the key/value heads "
-                                 f"({k.shape[-3]}, {v.shape[-3]})")
-            k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
-            t[1:] = [x.repeat_interleave(rep, -3) if x is not None else None for x in t[1:]]
+        gqa = bool(b["enable_gqa"]) and q.dim() >= 3 and q.shape[-3] != k.shape[-3]
+        if gqa and (k.shape[-3] == 0 or q.shape[-3] % k.shape[-3]
+                    or v.shape[-3] != k.shape[-3]):
+            raise ValueError(f"node {where!r}: enable_gqa needs the query heads "
+                             f"({q.shape[-3]}) to be a multiple of the key/value heads "
+                             f"({k.shape[-3]}, {v.shape[-3]})")
         mask = b["attn_mask"]
         ms = slot["attn_mask"]
         if isinstance(ms, int) and (call.tangents[ms] is not None or call.needs[ms]):
@@ -120,33 +154,27 @@ class SDPARule:
                              f"the engine supports constant masks only")
         lead, L, S = q.shape[:-2], q.shape[-2], k.shape[-2]
         if mask is not None and q.dim() != 4:
-            mask = mask.expand(*lead, L, S).reshape(-1, 1, L, S)
-        st = SimpleNamespace(shapes=shapes, run_shapes=(q.shape, k.shape, v.shape), rep=rep,
-                             slots=(slot["query"], slot["key"], slot["value"]),
-                             n=len(call.inputs))
-        O, Od = _AttentionCore.forward(st, _four_d(q), _four_d(k), _four_d(v), _four_d(t[0]),
-                                       _four_d(t[1]), _four_d(t[2]), mask, bool(b["is_causal"]),
-                                       b["scale"])
+            mask = mask.expand(*lead, L, S)
+            mask = mask.reshape(-1, lead[-1], L, S) if gqa else mask.reshape(-1, 1, L, S)
+        slots = (slot["query"], slot["key"], slot["value"])
+        st = SimpleNamespace(shapes=(q.shape, k.shape, v.shape), slots=slots, n=len(call.inputs))
+        O, Od = _AttentionCore.forward(
+            st, _four_d(q, gqa), _four_d(k, gqa), _four_d(v, gqa), _four_d(t[0], gqa),
+            _four_d(t[1], gqa), _four_d(t[2], gqa), mask, bool(b["is_causal"]), b["scale"],
+            first_order=not ctx.tangents, needs=[call.needs[i] for i in slots])
         out_shape = (*lead, L, v.shape[-1])
         ctx.attn = st
         return O.reshape(out_shape), (Od.reshape(out_shape) if Od is not None else None)
 
     def backward(self, ctx, g, c):
         st = ctx.attn
-        res = _AttentionCore.backward(st, ctx, _four_d(g), _four_d(c))
+        gqa = len(st.shapes[0]) != 4 and st.shapes[0][-3] != st.shapes[1][-3]
+        res = _AttentionCore.backward(st, ctx, _four_d(g, gqa), _four_d(c, gqa))
         out = [None] * st.n
-
-        def back(x, run_shape, shape):
-            if x is None:
-                return None
-            x = x.reshape(run_shape)
-            if run_shape != shape:  # grouped-query k/v: sum the cotangents of each group
-                x = x.unflatten(-3, (shape[-3], st.rep)).sum(-3)
-            return x
-
-        for slot, run_shape, shape, (gi, ci) in zip(st.slots, st.run_shapes, st.shapes, res):
+        for slot, shape, (gi, ci) in zip(st.slots, st.shapes, res):
             if ctx.needs[slot]:
-                out[slot] = (back(gi, run_shape, shape), back(ci, run_shape, shape))
+                out[slot] = (gi.reshape(shape) if gi is not None else None,
+                             ci.reshape(shape) if ci is not None else None)
         return out
 
 
@@ -235,15 +263,28 @@ class MHARule:
         x = {r: b[r] for r in ("query", "key", "value")}
         tx = {r: call.tangents[slot[r]] for r in x}
         batched = x["query"].dim() == 3
-        if not batched:  # (L, E) -> (L, 1, E), sequence-first
+        # tokens stay in the caller's layout (the projections and scores do not care):
+        # (N, L, E) when batch_first, else (L, N, E); unbatched (L, E) -> (L, 1, E)
+        bf = batched and bool(m.batch_first)
+        if not batched:
             x = {r: v.unsqueeze(1) for r, v in x.items()}
             tx = {r: (t.unsqueeze(1) if t is not None else None) for r, t in tx.items()}
-        elif m.batch_first:  # (N, L, E) -> (L, N, E)
-            x = {r: v.transpose(0, 1) for r, v in x.items()}
-            tx = {r: (t.transpose(0, 1) if t is not None else None) for r, t in tx.items()}
-        L, N, E = x["query"].shape
-        S, H = x["key"].shape[0], m.num_heads
+        if bf:
+            N, L, E = x["query"].shape
+            S = x["key"].shape[1]
+        else:
+            L, N, E = x["query"].shape
+            S = x["key"].shape[0]
+        H = m.num_heads
         hd = E // H
+        # self-attention: stack [X; T] once for the three projections (they reuse its halves)
+        stacked = {}
+        for r in x:
+            if tx[r] is not None and as_pair(x[r], tx[r]) is None:
+                key = (id(x[r]), id(tx[r]))
+                if key not in stacked:
+                    stacked[key] = halves(torch.cat([x[r], tx[r]], 0))
+                x[r], tx[r] = stacked[key]
         target = ctx.layer is not None
         tangents = ctx.tangents
         # virtual q/k/v Linear layers over the packed rows or the separate weights
@@ -264,8 +305,12 @@ class MHARule:
             sub.fake = fake
             subs[r], proj[r], tproj[r] = sub, y, ty
 
-        def heads(t, n):  # (n, N, E) -> (N, H, n, hd)
-            return None if t is None else t.reshape(n, N, H, hd).permute(1, 2, 0, 3)
+        def heads(t, n):  # tokens (N, n, E) or (n, N, E) -> (N, H, n, hd)
+            if t is None:
+                return None
+            if bf:
+                return t.reshape(N, n, H, hd).permute(0, 2, 1, 3)
+            return t.reshape(n, N, H, hd).permute(1, 2, 0, 3)
 
         mask, causal = _mha_masks(m, b["attn_mask"], b["key_padding_mask"], N, H, L, S,
                                   b["is_causal"], proj["query"].dtype, name)
@@ -273,18 +318,28 @@ class MHARule:
         O, Od = _AttentionCore.forward(st, heads(proj["query"], L), heads(proj["key"], S),
                                        heads(proj["value"], S), heads(tproj["query"], L),
                                        heads(tproj["key"], S), heads(tproj["value"], S), mask,
-                                       causal, 1.0 / math.sqrt(hd))
+                                       causal, 1.0 / math.sqrt(hd),
+                                       first_order=not ctx.tangents)
 
-        def merge(t):  # (N, H, L, hd) -> (L, N, E)
-            return None if t is None else t.permute(2, 0, 1, 3).reshape(L, N, E)
+        tok = (N, L, E) if bf else (L, N, E)
+
+        def as_tokens(t):  # (N, H, L, hd) -> tokens (view)
+            return t.permute(0, 2, 1, 3) if bf else t.permute(2, 0, 1, 3)
+
+        if Od is not None:  # O and Ȯ written into the halves of one buffer: out_proj stacks free
+            o_in, od_in = halves(new_pair(O.new_empty(tok)))
+            o_in.view(*tok[:2], H, hd).copy_(as_tokens(O))
+            od_in.view(*tok[:2], H, hd).copy_(as_tokens(Od))
+        else:
+            o_in, od_in = as_tokens(O).reshape(tok), None
 
         out_name = f"{name}.out_proj"
         rec = ctx.sublayer(out_name)
         osub = _SubCtx(out_name, out_name if rec is not None else None,
                        rec[1] if rec is not None else (), tangents, True,
                        rec[0] if rec is not None else None)
-        out, tout = _LINEAR.forward(SimpleNamespace(module=m.out_proj, inputs=[merge(O)],
-                                                    tangents=[merge(Od)]), osub)
+        out, tout = _LINEAR.forward(SimpleNamespace(module=m.out_proj, inputs=[o_in],
+                                                    tangents=[od_in]), osub)
         weights = None
         if b["need_weights"]:
             weights = self._weights(st, b["average_attn_weights"])
@@ -293,12 +348,9 @@ class MHARule:
         if not batched:
             out = out.squeeze(1)
             tout = tout.squeeze(1) if tout is not None else None
-        elif m.batch_first:
-            out = out.transpose(0, 1)
-            tout = tout.transpose(0, 1) if tout is not None else None
         ctx.mha = SimpleNamespace(st=st, subs=subs, osub=osub, slot=slot, n=len(call.inputs),
                                   shape=(L, N, E, S, H, hd), batched=batched,
-                                  batch_first=m.batch_first, packed=packed, target=target,
+                                  bf=bf, packed=packed, target=target,
                                   in_shapes={r: b[r].shape for r in ("query", "key", "value")})
         return (out, weights), ([tout, None] if tout is not None else None)
 
@@ -324,36 +376,47 @@ class MHARule:
                              f"nn.MultiheadAttention feed the loss; the engine supports "
                              f"need_weights outputs that are not used downstream only")
 
-        def seq_first(t):
+        def tokens(t):
             if t is None:
                 return None
-            if not s.batched:
-                return t.unsqueeze(1)
-            return t.transpose(0, 1) if s.batch_first else t
+            return t.unsqueeze(1) if not s.batched else t
 
         s.osub.sync(ctx)
-        r = _LINEAR.backward(s.osub, seq_first(g_out), seq_first(c_out))[0]
+        r = _LINEAR.backward(s.osub, tokens(g_out), tokens(c_out))[0]
         go, co = r
 
-        def heads(t, n):
-            return None if t is None else t.reshape(n, N, H, hd).permute(1, 2, 0, 3)
+        bf = s.bf
 
-        def merge(t, n):  # (N, H, n, hd) -> (n, N, E)
-            return None if t is None else t.permute(2, 0, 1, 3).reshape(n, N, E)
+        def heads(t, n):  # tokens -> (N, H, n, hd)
+            if t is None:
+                return None
+            if bf:
+                return t.reshape(N, n, H, hd).permute(0, 2, 1, 3)
+            return t.reshape(n, N, H, hd).permute(1, 2, 0, 3)
+
+        def merge(gi, ci, n):  # (N, H, n, hd) -> tokens; both streams paired in one buffer
+            tok = (N, n, E) if bf else (n, N, E)
+            perm = (0, 2, 1, 3) if bf else (2, 0, 1, 3)
+            if gi is None:
+                return None, None
+            if ci is None:
+                return gi.permute(*perm).reshape(tok), None
+            a, b = halves(new_pair(gi.new_empty(tok)))
+            a.view(*tok[:2], H, hd).copy_(gi.permute(*perm))
+            b.view(*tok[:2], H, hd).copy_(ci.permute(*perm))
+            return a, b
 
         res = _AttentionCore.backward(s.st, ctx, heads(go, L), heads(co, L))
         out = [None] * s.n
         for (role, n), (gi, ci) in zip((("query", L), ("key", S), ("value", S)), res):
             sub = s.subs[role]
             sub.sync(ctx)
-            rr = _LINEAR.backward(sub, merge(gi, n), merge(ci, n))[0]
+            rr = _LINEAR.backward(sub, *merge(gi, ci, n))[0]
             slot = s.slot[role]
             if rr is not None and ctx.needs[slot]:
                 gx, cx = rr
                 if not s.batched:
                     gx, cx = gx.squeeze(1), (cx.squeeze(1) if cx is not None else None)
-                elif s.batch_first:
-                    gx, cx = gx.transpose(0, 1), (cx.transpose(0, 1) if cx is not None else None)
                 out[slot] = (gx, cx)
         if s.target:
             self._record(ctx, s)

@@ -53,9 +53,14 @@ def _gelu(x, o, d2):
             ddu = _SQRT_2_OVER_PI * 6 * k * x
             dd = sech2 * du + 0.5 * x * (sech2 * ddu - 2 * th * sech2 * du * du)
         return y, d1, dd
-    cdf = 0.5 * (1 + torch.erf(x * (1 / math.sqrt(2.0))))
-    pdf = torch.exp(-0.5 * x * x) * _SQRT_2PI_INV
-    return x * cdf, cdf + x * pdf, (pdf * (2 - x * x) if d2 else None)
+    # y and σ' = Φ(x) + x·φ(x) from ATen's fused gelu / gelu_backward (one pass each; the
+    # ten-op erf/exp formula was ~9% of a ViT's oba sweep on the CPU)
+    y = F.gelu(x)
+    d1 = torch.ops.aten.gelu_backward(torch.ones_like(x), x)
+    dd = None
+    if d2:
+        dd = torch.exp(-0.5 * x * x) * _SQRT_2PI_INV * (2 - x * x)
+    return y, d1, dd
 
 
 def _silu(x, o, d2):
@@ -123,7 +128,14 @@ class ActivationRule:
         y, d1, d2 = self.act(x, opts, want_d2)
         ctx.d1 = d1
         ctx.d2t = d2 * t if (want_d2 and d2 is not None) else None
-        return y, (d1 * t if t is not None else None)
+        if t is None:
+            return y, None
+        # y and T_y = σ'·T in the halves of one buffer (paired for the next Linear, which
+        # then stacks them without a torch.cat: one copy of y instead of a copy of both)
+        y_h, t_h = halves(new_pair(x))
+        y_h.copy_(y)
+        torch.mul(d1, t, out=t_h)
+        return y_h, t_h
 
     def backward(self, ctx, g, c):
         d1 = ctx.d1
