@@ -10,9 +10,13 @@ every output is compared per tensor to FLOAT64_RTOL:
 - backward, ``exact``: G and C — C = vjp(C) + the op's own second-order term;
 - backward, ``oba``: G and C against the *right* expectation: for a linear or elementwise op
   the linearized stream vjp(C) (what the generic rule computes); for a product of two
-  θ-dependent values (mul, matmul, bmm, einsum, F.linear/conv with a weight input) vjp(C) plus
-  the product-rule cross terms (= the generic ``exact`` stream, the op being bilinear); for
-  attention vjp(C) plus the cross terms of QKᵀ and AV with softmax linearized (SPEC §4).
+  θ-dependent values (mul, matmul, bmm, einsum, addcmul, addmm, bilinear, F.linear/conv with a
+  weight input) vjp(C) plus the product-rule cross terms (= the generic ``exact`` stream, the
+  op being bilinear); for products behind nonlinearities (attention, GLU, LSTM/GRU gates) the
+  generic ``exact`` term of the op written out with its softmax/sigmoid/tanh replaced by their
+  first-order expansion at the case's values (``Linearized``): exactly the cross terms;
+- discrete ops (comparisons, argmax, integer casts, *_like): the op's own value, no tangent,
+  no cotangent.
 
 A registry entry without a case here FAILS (``test_every_rule_has_a_case``), with a message
 saying what to add. To add a case: one line in CASES below, keyed by the entry's name as the
