@@ -57,7 +57,15 @@ class _TrailingProjection(_Projection):
     def __init__(self, x, dims, eps):
         self.dims = dims
         self.x, self.shape = x, list(x.shape[dims[0]:])
-        self.xhat, self.mu, self.r = torch.native_layer_norm(x, self.shape, None, None, eps)
+        self._xhat, self.mu, self.r = torch.native_layer_norm(x, self.shape, None, None, eps)
+
+    @property
+    def xhat(self):
+        """x̂; recomputed from (x, μ, r) after :meth:`drop_xhat` (the backward keeps x)."""
+        return self._xhat if self._xhat is not None else (self.x - self.mu) * self.r
+
+    def drop_xhat(self):
+        self._xhat = None
 
     def __call__(self, v):
         return torch.ops.aten.native_layer_norm_backward(
@@ -99,6 +107,8 @@ class _NormCore:
                 torch.mul(from_view(tdot), gamma, out=t_y)
             if beta is not None:
                 y.add_(beta)
+        if fused:
+            P.drop_xhat()  # the backward needs x, μ, r only (x̂ again for exact: recomputed)
         ctx.P, ctx.gamma, ctx.to_view, ctx.from_view = P, gamma, to_view, from_view
         if ctx.want_exact and t is not None:
             ctx.t_v, ctx.tdot = to_view(t), tdot
