@@ -469,3 +469,34 @@ def test_float32_against_curvlinops_resnet18():
     flat = lambda d: torch.cat([d[n].reshape(-1).double() for n in names])
     assert_matches(flat(ours), flat(ref), flat(peer), dtype=torch.float32,
                    what="resnet18 float32 Hv vs curvlinops")
+
+
+# ------------------------------------------------------------------------- criterion users
+def test_hessian_trace_through_obaimportance_and_cli(tmp_path):
+    """OBAImportance passes criterion_options through score_kwargs (same numbers as score());
+    the CLI scores with the criterion's defaults."""
+    tp = pytest.importorskip("torch_pruning")
+    from oba_ext import cli
+    from oba_ext.pruning import OBAImportance
+    model, shape, _ = CASES["cnn_bn_eval"]
+    model = copy.deepcopy(model).float()
+    data = [(x.float(), y) for x, y in _data(shape, n=1)]
+    opts = {"num_samples": 2, "seed": 5}
+    imp = OBAImportance(kind="hessian_trace", batches=data, model=model,
+                        score_kwargs={"criterion_options": opts})
+    res = imp.scores_for(model)
+    want = oba_ext.score(model, data, kind="hessian_trace", criterion_options=opts,
+                         progress=False)
+    for name in want:
+        assert torch.equal(res[name].out, want[name].out), name
+    pruner = tp.pruner.MetaPruner(model, data[0][0], importance=imp, pruning_ratio=0.25,
+                                  ignored_layers=[model.fc])
+    pruner.step()
+    assert model.conv1.out_channels < 3 or model.conv2.out_channels < 4
+    out = tmp_path / "s"
+    rc = cli.main(["score", "--model", "small_cnn", "--dataset", "synthetic", "--image-size", "8",
+                   "--batch-size", "4", "--num-batches", "1", "--no-progress", "--criterion",
+                   "hessian_trace", "--out", str(out)])
+    assert rc == 0
+    scores = torch.load(out / "scores.pt")
+    assert all(torch.isfinite(d["out"]).all() for d in scores.values())

@@ -64,6 +64,13 @@ class ConvRule(TwoStreamLayerRule):
             [False, True, False])
         return gw
 
+    def input_and_weight_grad(self, module, g, x, w):
+        stride, padding, dilation, groups = self._params(module)
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            g, x, w, None, stride, padding, dilation, False, [0] * (w.dim() - 2), groups,
+            [True, True, False])
+        return gx, gw
+
     def channel_dims(self, y):
         return 1, 1
 
