@@ -122,6 +122,10 @@ class ConvTransposeRule(ConvRule):
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
         return self._backward(module, g, x, w, [False, True, False])[1]
 
+    def input_and_weight_grad(self, module, g, x, w):
+        gx, gw, _ = self._backward(module, g, x, w, [True, True, False])
+        return gx, gw
+
     def weight_score(self, module, w, grads, inputs):
         return w * self.weight_product(module, w, grads, inputs)
 
