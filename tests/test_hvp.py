@@ -571,3 +571,28 @@ def test_embedding_target_falls_back_to_reference():
     with pytest.warns(UserWarning, match="fall back to the reference path"):
         got = oba_ext.hvp(model, data, v, impl="auto")
     _assert_dict(got, oba_ext.hvp(model, data, v, impl="reference"), "embedding fallback")
+
+
+def test_bench_scoring_curvature_providers_compute_the_same_thing():
+    """The benchmark's providers time the same products: the engine's Hv / GGN·v / Hutchinson
+    sample against torch.func and, when installed, curvlinops and BackPACK (float64)."""
+    from benchmarks import bench_scoring as bs
+    torch.manual_seed(0)
+    model = bs.TinyCNN(3).double().eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (3,), generator=g)
+    provs = bs.providers_for(model, x, y, "kernel", None)
+    names = list(bs._theta(model))
+    as_dict = lambda r: r if isinstance(r, dict) else dict(zip(names, r))
+    runs = {p: provs[p](None).fn() for p in provs
+            if p.startswith(("hvp[", "hessian_trace", "jvp_grad:h", "curvlinops", "backpack"))}
+    for kind, peer_prefix in (("exact", "hvp"), ("ggn", "ggn")):
+        ours = runs[f"hvp[{kind}]"]
+        peers = [p for p in runs if p.endswith(f":{peer_prefix}") and ":hessian" not in p]
+        assert peers, "no peer ran"
+        for p in peers:
+            _assert_dict(as_dict(runs[p]), ours, f"{p} vs hvp[{kind}]")
+    ours = {layer: d["exact"]["out"] for layer, d in runs["hessian_trace[out]"].items()}
+    for p in [p for p in runs if p.endswith("hessian_trace[out]") and p != "hessian_trace[out]"]:
+        _assert_dict(runs[p], ours, f"{p} vs hessian_trace[out]")
