@@ -322,7 +322,8 @@ def brute_matrices_one(case, data):
 
 def test_hutchinson_sample_is_exact_direction_score_and_weighting():
     """One Hutchinson sample is exactly score(kind="exact", direction=z) for the documented z
-    (so the estimator is unbiased by construction); weighted = unweighted × ‖θ_c‖²/n_c."""
+    (so the estimator is unbiased by construction), on both paths; weighted = unweighted ×
+    ‖θ_c‖²/n_c."""
     from oba_ext.curvature import rademacher_direction
     model, shape, _ = CASES["gelu_mlp"]
     data = _data(shape, n=2)
@@ -335,9 +336,13 @@ def test_hutchinson_sample_is_exact_direction_score_and_weighting():
                  for i, b in enumerate(data)]
     wres = oba_ext.score(model, data, kind="hessian_trace", granularity=("out", "in"),
                          progress=False, criterion_options={**opts, "weighted": True})
+    rres = oba_ext.score(model, data, kind="hessian_trace", granularity=("out", "in"),
+                         progress=False, criterion_options=opts, impl="reference")
     for name in res:
         assert_close_rel(res[name].out, (per_batch[0][name].out + per_batch[1][name].out) / 2,
                          f"{name} one sample")
+        assert_close_rel(rres[name].out, res[name].out, f"{name} reference path")
+        assert_close_rel(rres[name].inp, res[name].inp, f"{name} reference path (in)")
         w, b = theta[f"{name}.weight"], theta[f"{name}.bias"]
         norm_out = (w ** 2).sum(1) + b ** 2
         assert_close_rel(wres[name].out, res[name].out * norm_out / (w.shape[1] + 1),
