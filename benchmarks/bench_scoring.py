@@ -18,6 +18,19 @@ Providers (one batch; the model in eval mode; float32 unless --dtype):
 - ``double_backward:exact``: θ⊙Hθ by reverse-over-reverse ``∇_θ(∇_θL · sg(θ))`` (what
   FastOBA does).
 
+Curvature products along a fixed random direction ``v`` over the target parameters (README
+"Curvature products"):
+
+- ``hvp[exact]``, ``hvp[oba]``, ``hvp[ggn]``: ``scorer.hvp`` of the engine (``Hv``, ``Ĥv``,
+  ``J_zᵀH_lossJ_z v``); ``hessian_trace[out]``: one Hutchinson sample of the ``hessian_trace``
+  criterion at output channels (``score(kind="exact", direction=z)``, Rademacher ``z``);
+- peers: ``jvp_grad:hvp`` (``torch.func.jvp(grad)`` along v), ``jvp_grad:hessian_trace[out]``
+  (its Hz, then the per-channel reduction of ``z⊙Hz``); when installed (``pip install
+  .[bench]``): ``curvlinops:hvp``, ``curvlinops:ggn``, ``curvlinops:hessian_trace[out]``
+  (``HessianLinearOperator``/``GGNLinearOperator @ v``), ``backpack:hvp``, ``backpack:ggn``
+  (``backpack.hessianfree``). Peers run on torch's math attention backend (the fused CPU
+  kernel has neither forward-mode AD nor double backward).
+
 What is timed for the score kinds is the per-batch call of the scorer that ``oba_ext.score``
 builds (``scoring._make_scorer``): the one-time capture is excluded from the timing and
 recorded as ``config.setup_ms``. Rows: time (p20/p50/p80), peak memory, and
@@ -73,6 +86,11 @@ def build_model(name: str, args) -> Tuple[nn.Module, Tuple[int, int, int]]:
     if name == "tiny_cnn":
         return TinyCNN(args.classes), (3, args.image, args.image)
     import torchvision
+    if name == "vit6":  # timm ViT, 6 blocks of width 384, 6 heads, (image/patch)² + 1 tokens
+        from timm.models.vision_transformer import VisionTransformer as TimmViT
+        m = TimmViT(img_size=args.vit_image, patch_size=args.vit_patch, embed_dim=384, depth=6,
+                    num_heads=6, num_classes=args.classes)
+        return m, (3, args.vit_image, args.vit_image)
     if name == "vit_b_16":
         from torchvision.models import VisionTransformer
         m = VisionTransformer(image_size=args.vit_image, patch_size=args.vit_patch, num_layers=12,
@@ -157,12 +175,146 @@ def score_case(model, x, y, kind: str, gran, impl: str) -> harness.Case:
                                     "setup_ms": round(setup_ms, 1)})
 
 
+# ------------------------------------------------------------------ curvature products
+def _direction(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(p.shape, generator=g).to(p) for n, p in _theta(model).items()}
+
+
+def _rademacher(model):
+    from oba_ext.curvature import rademacher_direction
+    return rademacher_direction({n: p.detach() for n, p in _theta(model).items()}, 0, 0, 0)
+
+
+def _out_channel_sums(theta_names, z, hz, model):
+    """Σ over each output row (and its bias) of z⊙Hz: the per-sample Hutchinson value."""
+    out = {}
+    for n in theta_names:
+        layer, local = n.rsplit(".", 1)
+        t = (z[n] * hz[n])
+        t = t.reshape(t.shape[0], -1).sum(1) if local == "weight" else t
+        out[layer] = out[layer] + t if layer in out else t
+    return out
+
+
+def hvp_case(model, x, y, kind: str, impl: str) -> harness.Case:
+    from oba_ext import scoring
+    from oba_ext.curvature import make_curvature_scorer
+    from oba_ext.targets import find_layers
+    layers = find_layers(model)
+    loss = scoring.checked_loss(scoring.default_loss)
+    t0 = time.perf_counter()
+    scorer = make_curvature_scorer(model, layers, loss, impl, (x, y))
+    setup_ms = (time.perf_counter() - t0) * 1e3
+    state = scoring._snapshot_buffers(model)
+    v = _direction(model)
+
+    def call():
+        out = scorer.hvp(x, y, kind, v)
+        scoring._restore_buffers(model, state)
+        return out
+    return harness.Case(call, info={"impl": getattr(scorer, "impl", "reference"),
+                                    "impl_requested": impl, "setup_ms": round(setup_ms, 1)})
+
+
+def trace_case(model, x, y, impl: str) -> harness.Case:
+    from oba_ext import scoring
+    from oba_ext.curvature import make_curvature_scorer
+    from oba_ext.targets import find_layers
+    layers = find_layers(model)
+    loss = scoring.checked_loss(scoring.default_loss)
+    scorer = make_curvature_scorer(model, layers, loss, impl, (x, y))
+    state = scoring._snapshot_buffers(model)
+    z = _rademacher(model)
+
+    def call():
+        q = scorer(x, y, ("exact",), ("out",), direction=z)
+        scoring._restore_buffers(model, state)
+        return q
+    return harness.Case(call, info={"impl": getattr(scorer, "impl", "reference"),
+                                    "impl_requested": impl, "samples": 1})
+
+
+def jvp_grad_hvp_case(model, x, y, trace: bool) -> harness.Case:
+    theta = {k: v.detach() for k, v in _theta(model).items()}
+    rest = {k: v.detach() for k, v in model.named_parameters() if k not in theta}
+    buffers = dict(model.named_buffers())
+    v = _rademacher(model) if trace else _direction(model)
+
+    def loss_of(th):
+        out = torch.func.functional_call(model, {**rest, **buffers, **th}, (x,))
+        return F.cross_entropy(out, y)
+
+    def call():
+        with sdpa_kernel([SDPBackend.MATH]):
+            _, hv = torch.func.jvp(torch.func.grad(loss_of), (theta,), (v,))
+        return _out_channel_sums(list(theta), v, hv, model) if trace else hv
+    return harness.Case(call, info={"impl": "torch.func.jvp(grad)"})
+
+
+def curvlinops_case(model, x, y, which: str, trace: bool = False) -> harness.Case:
+    import curvlinops
+    theta = _theta(model)
+    names = list(theta)
+    params = [theta[n] for n in names]
+    cls = {"hvp": curvlinops.HessianLinearOperator, "ggn": curvlinops.GGNLinearOperator}[which]
+    with sdpa_kernel([SDPBackend.MATH]):
+        op = cls(model, nn.CrossEntropyLoss(), params, [(x, y)], check_deterministic=False)
+    d = _rademacher(model) if trace else _direction(model)
+    vec = [d[n] for n in names]
+
+    def call():
+        with sdpa_kernel([SDPBackend.MATH]):
+            hv = op @ vec
+        if trace:
+            return _out_channel_sums(names, d, dict(zip(names, hv)), model)
+        return hv
+    return harness.Case(call, info={"impl": f"curvlinops {curvlinops.__version__}"
+                                    if hasattr(curvlinops, "__version__") else "curvlinops"})
+
+
+def backpack_case(model, x, y, which: str) -> harness.Case:
+    from backpack.hessianfree.ggnvp import ggn_vector_product_from_plist
+    from backpack.hessianfree.hvp import hessian_vector_product
+    theta = _theta(model)
+    names = list(theta)
+    params = [theta[n] for n in names]
+    d = _direction(model)
+    vec = [d[n] for n in names]
+
+    def call():
+        with sdpa_kernel([SDPBackend.MATH]):
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            if which == "hvp":
+                return hessian_vector_product(loss, params, vec)
+            return ggn_vector_product_from_plist(loss, out, params, vec)
+    return harness.Case(call, info={"impl": "backpack.hessianfree"})
+
+
+def _installed(mod: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(mod) is not None
+
+
 def providers_for(model, x, y, impl: str, names) -> Dict[str, Callable]:
     provs: Dict[str, Callable] = {"gradient": lambda _: gradient_case(model, x, y)}
     for name, (kind, gran, override) in KIND_PROVIDERS.items():
         provs[name] = (lambda _, k=kind, g=gran, i=override or impl: score_case(model, x, y, k, g, i))
     provs["jvp_grad:exact"] = lambda _: jvp_grad_case(model, x, y)
     provs["double_backward:exact"] = lambda _: double_backward_case(model, x, y)
+    for kind in ("exact", "oba", "ggn"):
+        provs[f"hvp[{kind}]"] = lambda _, k=kind: hvp_case(model, x, y, k, impl)
+    provs["hessian_trace[out]"] = lambda _: trace_case(model, x, y, impl)
+    provs["jvp_grad:hvp"] = lambda _: jvp_grad_hvp_case(model, x, y, False)
+    provs["jvp_grad:hessian_trace[out]"] = lambda _: jvp_grad_hvp_case(model, x, y, True)
+    if _installed("curvlinops"):
+        provs["curvlinops:hvp"] = lambda _: curvlinops_case(model, x, y, "hvp")
+        provs["curvlinops:ggn"] = lambda _: curvlinops_case(model, x, y, "ggn")
+        provs["curvlinops:hessian_trace[out]"] = lambda _: curvlinops_case(model, x, y, "hvp", True)
+    if _installed("backpack"):
+        provs["backpack:hvp"] = lambda _: backpack_case(model, x, y, "hvp")
+        provs["backpack:ggn"] = lambda _: backpack_case(model, x, y, "ggn")
     unknown = [n for n in names or () if n not in provs]
     if unknown:
         raise SystemExit(f"--providers: unknown {unknown}; expected some of {list(provs)}")
@@ -190,7 +342,8 @@ def ratio_rows(rows, model_name: str):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"],
-                    help="resnet18 resnet50 vgg19_bn mobilenet_v2 vit_b_16 (any torchvision name) or tiny_cnn")
+                    help="resnet18 resnet50 vgg19_bn mobilenet_v2 vit_b_16 vit6 (timm, 6 blocks "
+                         "of width 384) (any torchvision name) or tiny_cnn")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--image", type=int, default=32, help="CNN input size (32 on CPU, 224 on GPU)")
     ap.add_argument("--vit-image", type=int, default=32)

@@ -15,6 +15,12 @@ the engine computes the base quantities. Base quantities, per parameter ``i`` on
 Structured scores are sums over a channel's parameters of the per-parameter quantity
 (SPEC §5), taken per batch *before* any nonlinearity a criterion applies (the Jacobian
 Criterion squares the per-batch channel sum, SPEC §6).
+
+Along a direction ``v`` (``score(direction=v)``, criteria with ``directional=True``: "oba",
+"exact") the second-order quantities are ``v_i (Ĥv)_i`` / ``v_i (Hv)_i``. A criterion with
+``options`` takes parameters from ``score(criterion_options={...})``; one with ``batch``
+computes a batch's quantities itself through the scorer's direction protocol
+(``hessian_trace``: Hutchinson samples, :func:`oba_ext.curvature.hutchinson_batch`).
 """
 from __future__ import annotations
 

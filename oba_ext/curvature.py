@@ -25,7 +25,8 @@ Products are per batch for the batch's mean loss and averaged over batches (like
 the reference path (``impl="reference"``) uses double backward (exact), the Φ-oracle along
 ``v`` (oba) and ``torch.func`` (``J_zᵀ H_loss J_z v``, ggn): :mod:`oba_ext.reference.hvp`.
 ``impl="auto"`` falls back to the reference path, with a warning, where the engine cannot run
-(an uncapturable model; nn.MultiheadAttention targets, which the engine moves along θ only).
+(an uncapturable model; nn.MultiheadAttention or nn.Embedding targets, whose rules move along θ
+only — the engine takes a direction at Linear, Conv and ConvTranspose targets).
 """
 from __future__ import annotations
 

@@ -64,6 +64,13 @@ class ConvRule(TwoStreamLayerRule):
             [False, True, False])
         return gw
 
+    def input_and_weight_grad(self, module, g, x, w):
+        stride, padding, dilation, groups = self._params(module)
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            g, x, w, None, stride, padding, dilation, False, [0] * (w.dim() - 2), groups,
+            [True, True, False])
+        return gx, gw
+
     def channel_dims(self, y):
         return 1, 1
 
@@ -114,6 +121,10 @@ class ConvTransposeRule(ConvRule):
         g = grads[0] if len(grads) == 1 else torch.cat(grads)
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
         return self._backward(module, g, x, w, [False, True, False])[1]
+
+    def input_and_weight_grad(self, module, g, x, w):
+        gx, gw, _ = self._backward(module, g, x, w, [True, True, False])
+        return gx, gw
 
     def weight_score(self, module, w, grads, inputs):
         return w * self.weight_product(module, w, grads, inputs)

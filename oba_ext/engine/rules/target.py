@@ -55,6 +55,12 @@ class TwoStreamLayerRule:
         """``Σ_k grads[k]ᵀ ⊛ inputs[k]``: the weight gradient, shaped like ``w`` (no ``⊙w``)."""
         raise NotImplementedError
 
+    def input_and_weight_grad(self, module, g, x, w):
+        """``(Wᵀ⊛g, gᵀ⊛x)``: the input gradient of ``g`` and the weight gradient of ``g``
+        against ``x`` (both batch-stacked), in one call where the op allows."""
+        return (self.input_grad(module, g, w, x.shape),
+                self.weight_product(module, w, [g], [x]))
+
     def channel_dims(self, y):  # (out channel dim of Y, in channel dim of X)
         raise NotImplementedError  # pragma: no cover - abstract
 
@@ -215,9 +221,16 @@ class TwoStreamLayerRule:
         need_x = ctx.needs[0]
         in_score = not ctx.product and "in" in keys and mode is not None
         gx = cx = vg = vc = None
+        ctx.fused_product = None
         if need_x:
             if mode is None or c is None:
                 gx = self.input_grad(m, g, w, ctx.x_shape)
+            elif ctx.product and "weight" in keys and ctx.t is not None:
+                # [WᵀG; WᵀC] and the product Σ GᵀT_X + CᵀX from one backward call on the
+                # stacked streams [G; C] against [T_X; X]
+                s, ctx.fused_product = self.input_and_weight_grad(
+                    m, stack_pair(g, c), stack_pair(ctx.t, ctx.x), w)
+                gx, cx = s[:n], s[n:]
             else:  # [WᵀG; WᵀC] in one GEMM/conv
                 s = self.input_grad(m, stack_pair(g, c), w, x_shape2)
                 gx, cx = s[:n], s[n:]
@@ -252,8 +265,10 @@ class TwoStreamLayerRule:
                     grads.append(g)
                     inputs.append(t)
             if ctx.product:
-                prod = (self.weight_product(m, w, grads, inputs) if grads
-                        else torch.zeros_like(w, dtype=acc))
+                prod = ctx.fused_product
+                if prod is None:
+                    prod = (self.weight_product(m, w, grads, inputs) if grads
+                            else torch.zeros_like(w, dtype=acc))
                 record(q_name, "weight", prod)
             elif V is None or not grads:
                 record(q_name, "weight", torch.zeros_like(w, dtype=acc))
