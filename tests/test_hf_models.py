@@ -27,7 +27,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import oba_ext
-from tolerances import FLOAT64_RTOL, assert_close_rel, assert_matches
+from tolerances import FLOAT64_RTOL, ZERO_BY_STRUCTURE, assert_close_rel, assert_matches
 
 transformers = pytest.importorskip("transformers")
 
@@ -213,7 +213,7 @@ def test_hf_exact_matches_forward_over_reverse(name):
             if key not in want:
                 continue
             got = getattr(res[layer], p)
-            if torch.linalg.vector_norm(want[key]) > 1e-9 * scale:
+            if torch.linalg.vector_norm(want[key]) > ZERO_BY_STRUCTURE * scale:
                 assert_close_rel(got, want[key], what=f"{name} exact {key}")
             else:  # key biases: θ⊙Hθ = 0 exactly (softmax is shift-invariant), both ~1e-17
                 err = torch.linalg.vector_norm(got - want[key]) / scale

@@ -19,7 +19,8 @@ import brute
 import oba_ext
 import tiny_models as tm
 from oba_ext.reference.structured import weight_in
-from tolerances import FLOAT64_RTOL, assert_close_rel, assert_matches
+from tolerances import (DEGENERATE, EIGSH_TOL, FLOAT64_RTOL, PSD_ROUNDING, ZERO_IN_PRODUCT,
+                        assert_close_rel, assert_matches)
 
 #: batches per data set: two for the MLP (products are averaged over batches), one elsewhere
 #: (the brute-force matrices dominate this file's time)
@@ -156,7 +157,7 @@ def _assert_dict(got, want, what):
     total = math.sqrt(sum(float(w.double().square().sum()) for w in want.values()))
     assert total > 0, f"{what}: the brute-force product is all zero (a vacuous check)"
     for n in want:
-        if float(want[n].double().norm()) <= 1e-13 * total:
+        if float(want[n].double().norm()) <= ZERO_IN_PRODUCT * total:
             assert float(got[n].double().norm()) <= FLOAT64_RTOL * total, f"{what} {n}: not ~0"
         else:
             assert_close_rel(got[n], want[n], f"{what} {n}")
@@ -170,7 +171,7 @@ def test_hvp_matches_full_matrices(case, kind, impl):
     model, shape, _ = CASES[case]
     bm = brute_matrix(case, kind)
     if kind == "oba":
-        assert bm["oba"].abs().max() > 1e-8, "degenerate case: Ĥ vanishes"
+        assert bm["oba"].abs().max() > DEGENERATE, "degenerate case: Ĥ vanishes"
     for seed, partial in ((0, False), (1, True)):
         v = _random_v(bm["params"], seed, partial)
         got = oba_ext.hvp(model, _case_data(case), v, kind=kind, impl=impl)
@@ -185,7 +186,7 @@ def test_brute_force_ggn_is_symmetric_psd(case):
     (cross-entropy's H_loss is)."""
     G = brute_matrix(case, "ggn")["ggn"]
     assert_close_rel(G, G.T, f"{case}: GGN symmetric")
-    assert torch.linalg.eigvalsh(G).min() > -1e-10 * G.abs().max()
+    assert torch.linalg.eigvalsh(G).min() > -PSD_ROUNDING * G.abs().max()
 
 
 # ------------------------------------------------------------------------- v = θ and scores
@@ -371,7 +372,7 @@ def test_operator_scipy_torch_and_eigsh():
     assert_close_rel(op @ x[:, 1], H @ x[:, 1], "torch @ vector")
     assert_close_rel(op @ x, H @ x, "torch @ matrix")
     assert_close_rel(torch.from_numpy(op.T @ x[:, 0].numpy()), H @ x[:, 0], "adjoint")
-    top = eigsh(op, k=2, which="LA", return_eigenvectors=False, tol=1e-12)
+    top = eigsh(op, k=2, which="LA", return_eigenvectors=False, tol=EIGSH_TOL)
     want = torch.linalg.eigvalsh(H)[-2:]
     assert_close_rel(torch.from_numpy(np.sort(top)), want, "top-2 Hessian eigenvalues")
     with pytest.raises(TypeError, match="one-shot"):

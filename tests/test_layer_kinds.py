@@ -13,7 +13,8 @@ from torch import nn
 import oba_ext
 from oba_ext.layers import KINDS, kind_of
 from oba_ext.report import channels_per_layer
-from tolerances import assert_close_rel
+from tolerances import (FLOAT32_SAME_FORMULA_RTOL, FLOAT64_SAME_FORMULA_RTOL,
+                        assert_close_rel)
 
 
 
@@ -223,7 +224,7 @@ def test_torch_pruning_groups_of_new_kinds_get_importance():
     got = imp(group)
     res = imp.last_result
     want = (res["0"].out.abs().float() + res["2"].inp.abs().float()) / 2
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got, want, rtol=FLOAT32_SAME_FORMULA_RTOL, atol=0)
     assert got.ne(0).all()
 
     torch.manual_seed(0)
@@ -236,7 +237,7 @@ def test_torch_pruning_groups_of_new_kinds_get_importance():
     got = imp(group)
     res = imp.last_result
     want = (res["emb"].out.abs().float() + res["fc1"].inp.abs().float()) / 2
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got, want, rtol=FLOAT32_SAME_FORMULA_RTOL, atol=0)
 
 
 def _direction(m, seed=5):
@@ -280,5 +281,5 @@ def test_embedding_directions_run_on_the_reference_path_with_the_padding_row_fro
             got = oba_ext.hvp(m, b, v, kind=kind, impl="auto")
         want = oba_ext.hvp(m, b, v0, kind=kind, impl="reference")
         for n in want:  # the padding row is a constant: moving it along v changes nothing
-            torch.testing.assert_close(got[n], want[n], rtol=1e-12, atol=0)
+            torch.testing.assert_close(got[n], want[n], rtol=FLOAT64_SAME_FORMULA_RTOL, atol=0)
         assert bool((got["emb.weight"][0] == 0).all())

@@ -35,7 +35,7 @@ import torch
 import oba_ext
 from brute import hessian_and_ggn_scores
 from random_models import generate
-from tolerances import FLOAT64_RTOL, rel_err
+from tolerances import FLOAT64_RTOL, ZERO_BY_STRUCTURE, rel_err
 
 #: seeds run by ``make test``: 0-19 and the first seeds after them that bring in what 0-19 miss
 #: (BatchNorm in train mode, SDPA causal/explicit-matmul attention, pooling, upsampling
@@ -59,7 +59,7 @@ def _check(got: dict, want: dict, scale: float, what: str, arch) -> None:
         g = got[key]
         assert g.shape == w.shape, f"{what} {key}: shape {tuple(g.shape)} != {tuple(w.shape)}"
         wn = torch.linalg.vector_norm(w).item()
-        if wn > 1e-9 * scale:
+        if wn > ZERO_BY_STRUCTURE * scale:
             err = rel_err(g, w)
         else:
             err = torch.linalg.vector_norm(g - w).item() / scale if scale > 0 else 0.0

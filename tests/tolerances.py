@@ -297,3 +297,31 @@ def train_bn_fed_layers(model: torch.nn.Module) -> set:
 #: ~1e-2 of its terms): up to ~4e-4 (1.5e-4 measured, CPU conv wgrad). 16-bit accumulation
 #: loses more than 1e-2 on the same sizes (each test asserts that too), 10× this bound.
 HALF_INPUT_FLOAT32_RTOL = 1e-3
+
+# ---------------------------------------------------------------------------------------------
+# Named thresholds of the newer test files (moved here so this table stays the only place)
+# ---------------------------------------------------------------------------------------------
+#: A brute-force tensor whose norm is ≤ this × the model's (or the product's) overall scale is
+#: zero by structure (key biases under softmax shift invariance, Ĥv at a last bias where C = 0):
+#: it is compared *absolutely* against the scale, to FLOAT64_RTOL, instead of relatively.
+#: Structural zeros come out at rounding level (~1e-17 of the scale); real values are ≥ 1e-6.
+ZERO_BY_STRUCTURE = 1e-9
+#: The same for one tensor of an hvp against the whole product's norm (brute force puts such
+#: tensors at ~1e-16 of it; a stricter cut than ZERO_BY_STRUCTURE because products are compared
+#: per tensor across very different layers).
+ZERO_IN_PRODUCT = 1e-13
+#: The same float32 formula evaluated twice in a different order (a Torch-Pruning group
+#: importance vs the hand-computed mean of float32 channel scores): a few float32 ulps.
+FLOAT32_SAME_FORMULA_RTOL = 1e-6
+#: float64 values that must agree to rounding (two exact routes to the same number).
+FLOAT64_SAME_FORMULA_RTOL = 1e-12
+#: float32 attention rows: the emulated 32-lane (xor-butterfly) sums and the serial sums add
+#: the same ≤ 70 terms in another order: ~√70 · 6e-8 relative, plus an absolute term for rows
+#: whose sum cancels to ~0.
+WARP_VS_SERIAL_RTOL, WARP_VS_SERIAL_ATOL = 1e-5, 1e-6
+#: A symmetric PSD matrix built in float64: its smallest eigenvalue may be negative by rounding
+#: only, ≤ this × max|entry|.
+PSD_ROUNDING = 1e-10
+#: eigsh's convergence tolerance in the Lanczos test (a solver setting, far below FLOAT64_RTOL
+#: so the solver's own error does not count against the comparison).
+EIGSH_TOL = 1e-12
