@@ -13,11 +13,11 @@ from torch.nn import functional as F
 
 from oba_ext.reference import channel as ref_channel
 from oba_ext.reference import weight as ref_weight
+from tolerances import HALF_16BIT_ACCUMULATION_LOSS as OLD_LOSS
 from tolerances import HALF_INPUT_FLOAT32_RTOL, rel_err
 
 HALF = [torch.float16, torch.bfloat16]
 IDS = ["fp16", "bf16"]
-OLD_LOSS = 1e-2  # what the old 16-bit accumulation loses on these sizes (at least)
 
 
 def randn(*shape, seed):
