@@ -210,6 +210,58 @@ def concrete_defaults(model: nn.Module, inputs) -> Dict[str, object]:
     return out
 
 
+def hook_refusal(model: nn.Module) -> Optional[str]:
+    """Why the engine cannot run ``model`` because of module hooks or a per-instance
+    ``forward`` (fx calls modules without their hooks, and the sweep computes its own
+    backward): a reason naming the module, or None. ``torch.nn.utils.prune`` pre-hooks are
+    allowed (a masked weight is scored at its effective value, :mod:`oba_ext.model_prep`)."""
+    from torch.nn.modules import module as M
+    from torch.nn.utils.prune import BasePruningMethod
+    for kind, d in (("forward", M._global_forward_hooks),
+                    ("forward pre-", M._global_forward_pre_hooks),
+                    ("backward", M._global_backward_hooks),
+                    ("backward pre-", getattr(M, "_global_backward_pre_hooks", {}))):
+        if d:
+            return (f"global module {kind}hooks are registered "
+                    f"(torch.nn.modules.module.register_module_{kind.strip('- ')}_hook); the "
+                    f"engine does not run hooks")
+    for name, m in model.named_modules():
+        label = f"module {name or '<root>'!r} ({type(m).__name__})"
+        pre = [h for h in m._forward_pre_hooks.values() if not isinstance(h, BasePruningMethod)]
+        hooks = list(m._forward_hooks.values()) + pre + list(m._backward_hooks.values()) + list(
+            getattr(m, "_backward_pre_hooks", {}).values())
+        if hooks:
+            names = ", ".join(getattr(h, "__name__", type(h).__name__) for h in hooks)
+            return f"{label} has hooks ({names}); the engine does not run module hooks"
+        if "forward" in m.__dict__:
+            return (f"{label}: its forward is replaced on the instance; the engine traces the "
+                    f"class's forward")
+    return None
+
+
+class _grad_mode_recorder:
+    """Records where a traced ``forward`` switches gradients off (fx drops grad-mode changes)."""
+
+    def __enter__(self):
+        import traceback
+        self.calls: List[str] = []
+        self._orig = torch._C._set_grad_enabled
+        orig, calls = self._orig, self.calls
+
+        def spy(mode):
+            if not mode and not calls:
+                frames = [f for f in traceback.extract_stack()[:-1]
+                          if "/torch/" not in f.filename and "/oba_ext/" not in f.filename]
+                calls.append(f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?")
+            return orig(mode)
+        torch._C._set_grad_enabled = spy
+        return self.calls
+
+    def __exit__(self, *exc):
+        torch._C._set_grad_enabled = self._orig
+        return False
+
+
 def capture(model: nn.Module, layers: Dict[str, "LayerSpec"], example=None) -> Program:  # noqa: F821
     """Trace ``model`` and compile its graph into :class:`Step` s; ``CaptureError`` if not possible.
 
@@ -218,13 +270,22 @@ def capture(model: nn.Module, layers: Dict[str, "LayerSpec"], example=None) -> P
     A ``CaptureError`` names, where it can, the line of the user's model that stopped capture.
     """
     R._load()
+    reason = hook_refusal(model)
+    if reason is not None:
+        raise CaptureError(reason)
     concrete = concrete_defaults(model, example[0]) if example is not None else {}
     try:
-        graph = _Tracer().trace(model, concrete_args=concrete or None)
+        with _grad_mode_recorder() as grad_off:
+            graph = _Tracer().trace(model, concrete_args=concrete or None)
     except Exception as e:  # fx raises many types (TraceError, TypeError, …) for untraceable code
         loc = user_location(e)
         raise CaptureError(f"torch.fx symbolic tracing of {type(model).__name__} failed"
                            + (f" at {loc}" if loc else "") + f": {type(e).__name__}: {e}") from e
+    if grad_off:
+        raise CaptureError(f"{type(model).__name__}.forward switches gradients off "
+                           f"(torch.no_grad / set_grad_enabled(False)) at "
+                           f"{grad_off[0]}: fx does not record grad mode, so the engine would "
+                           f"differentiate through that stop-gradient")
     try:
         return _compile(model, layers, graph)
     except CaptureError as e:

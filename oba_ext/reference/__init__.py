@@ -19,12 +19,39 @@ for _mod in ("baselines", "fastoba"):
             raise
 
 
+def refuse_reparametrized(layers) -> None:
+    """The reference path moves θ by substituting the target parameters (``functional_call``);
+    a weight recomputed from other tensors at every forward (``torch.nn.utils.parametrize``:
+    ``parametrizations.weight_norm`` / ``spectral_norm``; the old hook-based ``weight_norm`` /
+    ``spectral_norm``) would overwrite the substitution and every score would silently be 0.
+    Raises ``ValueError`` naming the layer (``torch.nn.utils.prune`` masks are handled by
+    scoring the effective weight, :mod:`oba_ext.model_prep`)."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.prune import BasePruningMethod
+    for name, spec in layers.items():
+        m = spec.module
+        if parametrize.is_parametrized(m):
+            which = sorted(m.parametrizations.keys())
+            raise ValueError(f"layer {name!r} ({type(m).__name__}): {which} are reparametrized "
+                             f"(torch.nn.utils.parametrize, e.g. weight_norm/spectral_norm); the "
+                             f"reference path cannot move such a weight. Use impl='kernel', or "
+                             f"remove the parametrization (parametrize.remove_parametrizations)")
+        hooks = [h for h in m._forward_pre_hooks.values() if not isinstance(h, BasePruningMethod)]
+        if hooks:
+            raise ValueError(f"layer {name!r} ({type(m).__name__}) has forward pre-hooks "
+                             f"({', '.join(type(h).__name__ for h in hooks)}), e.g. the old "
+                             f"weight_norm/spectral_norm, that may recompute its weight and would "
+                             f"override the reference path's substituted θ; remove them "
+                             f"(torch.nn.utils.remove_weight_norm) before scoring")
+
+
 class ReferenceScorer:
     """Batch scorer (protocol of :mod:`oba_ext.scoring`) on the exact autograd oracles."""
 
     impl = "reference"
 
     def __init__(self, model, layers, loss_fn):
+        refuse_reparametrized(layers)
         self.model, self.layers, self.loss_fn = model, layers, loss_fn
         self.include_norm = any(s.kind == "norm" for s in layers.values())
 
