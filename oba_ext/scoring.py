@@ -343,12 +343,23 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
                 else:
                     scorer = _make_scorer(model, layers, loss, impl, crit, (inputs, tgt))
             with torch.enable_grad():  # callers may hold no_grad (Torch-Pruning's pruners do)
-                if crit.batch is not None:
-                    q = crit.batch(scorer, inputs, tgt, keys, opts, index)
-                elif direction is not None:
-                    q = scorer(inputs, tgt, crit.quantities, keys, direction=direction)
-                else:
-                    q = scorer(inputs, tgt, crit.quantities, keys)
+                try:
+                    q = _score_batch(scorer, crit, inputs, tgt, keys, opts, index, direction)
+                except _engine_refusal() as e:
+                    # the engine met something it cannot compute only at run time (e.g. an op
+                    # refused in an oba pass, attention weights feeding the loss): under "auto"
+                    # this batch and the rest run on the reference path, which gives the same
+                    # numbers (SPEC §7); "kernel" raises, naming the reason
+                    if impl != "auto" or getattr(scorer, "impl", "") != "kernel":
+                        if impl == "kernel":
+                            raise RuntimeError(f"impl='kernel': {e}") from e
+                        raise
+                    warnings.warn(f"oba_ext.score: the fast engine cannot score "
+                                  f"{type(model).__name__} ({e}); falling back to the reference "
+                                  f"path from batch {index} on", stacklevel=2)
+                    _restore_buffers(model, state)
+                    scorer = _reference_scorer(model, layers, loss, curvature)
+                    q = _score_batch(scorer, crit, inputs, tgt, keys, opts, index, direction)
             acc.add(_apply_criterion(crit, q), index,
                     weight=_batch_size(inputs) if crit.per_sample_mean else 1.0)
             _restore_buffers(model, state)
@@ -377,6 +388,29 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
         num, total = _all_reduce(acc, process_group, model_device, layers)
     impl_ran = getattr(scorer, "impl", "reference") if scorer is not None else "reference"
     return _finish(acc, num, total, layers, crit, gran, impl_ran, model)
+
+
+def _engine_refusal():
+    from .engine import CaptureError
+    return CaptureError
+
+
+def _reference_scorer(model, layers, loss, curvature: bool):
+    if curvature:
+        from .reference.hvp import ReferenceCurvature
+        return ReferenceCurvature(model, layers, loss)
+    from .reference import ReferenceScorer
+    return ReferenceScorer(model, layers, loss)
+
+
+def _score_batch(scorer, crit, inputs, tgt, keys, opts, index, direction):
+    """One batch through ``scorer``: the criterion's own batch function, a direction, or the
+    plain quantities (the per-batch protocol in the module docstring)."""
+    if crit.batch is not None:
+        return crit.batch(scorer, inputs, tgt, keys, opts, index)
+    if direction is not None:
+        return scorer(inputs, tgt, crit.quantities, keys, direction=direction)
+    return scorer(inputs, tgt, crit.quantities, keys)
 
 
 def _check_not_empty(inputs, tgt, index: int) -> None:

@@ -121,3 +121,33 @@ def test_old_weight_norm_hook_is_refused_by_name_on_every_path():
             oba_ext.score(m, [(x, y)], kind="taylor", impl=impl, progress=False)
     with pytest.raises(RuntimeError, match="has hooks"):
         oba_ext.score(m, [(x, y)], kind="taylor", impl="kernel", progress=False)
+
+
+def test_runtime_refusal_under_auto_falls_back_for_the_remaining_batches():
+    """nn.MultiheadAttention's attention weights feeding the loss are found only while scoring:
+    "auto" warns and finishes on the reference path (same numbers), "kernel" raises by name."""
+    torch.manual_seed(0)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att, self.o = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3)
+
+        def forward(self, x):
+            y, w = self.att(x, x, x, need_weights=True, average_attn_weights=False)
+            return self.o(y.mean(1)) + w.sum((1, 2))[:, :3]
+
+    m = M().double()
+    g = torch.Generator().manual_seed(1)
+    b = [(torch.randn(2, 4, 8, generator=g, dtype=torch.float64), torch.tensor([0, 2]))
+         for _ in range(2)]
+    with pytest.warns(UserWarning, match="attention weights .* feed the loss.*falling back to "
+                                         "the reference path from batch 0"):
+        got = oba_ext.score(m, b, kind="oba", progress=False)
+    want = oba_ext.score(m, b, kind="oba", impl="reference", progress=False)
+    assert got.impl == "reference" and set(got) == set(want)
+    for name in want:
+        for key, t in want[name].tensors().items():
+            assert_close_rel(got[name].tensors()[key], t, f"{name}.{key}")
+    with pytest.raises(RuntimeError, match="impl='kernel': att: the attention weights"):
+        oba_ext.score(m, b, kind="oba", impl="kernel", progress=False)

@@ -372,7 +372,8 @@ class MHARule:
         g_out, g_w = (g[0], g[1]) if isinstance(g, (list, tuple)) else (g, None)
         c_out = c[0] if isinstance(c, (list, tuple)) else c
         if g_w is not None:
-            raise ValueError(f"{ctx.name}: the attention weights returned by "
+            from ..capture import CaptureError  # noqa: PLC0415 (capture imports the rules)
+            raise CaptureError(f"{ctx.name}: the attention weights returned by "
                              f"nn.MultiheadAttention feed the loss; the engine supports "
                              f"need_weights outputs that are not used downstream only")
 
