@@ -237,6 +237,10 @@ def add_head_scores(model: nn.Module, layers, sums: Dict[str, Dict[str, Tensor]]
     out = {name: dict(d) for name, d in sums.items()}
     if "head" in gran:
         groups, headless = _scan(model)
+        if not groups and not headless:
+            warnings.warn(f"granularity='head': {type(model).__name__} has no attention module "
+                          f"(no module with a head count), so there are no head scores",
+                          stacklevel=3)
         if headless:
             warnings.warn("granularity='head': no head scores for "
                           + "; ".join(f"{n!r}: {why}" for n, why in headless), stacklevel=3)

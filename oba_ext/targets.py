@@ -120,11 +120,33 @@ def find_layers(model: nn.Module, targets: Optional[Iterable[str]] = None,
             if spec is not None:
                 out[name] = spec
     out = _drop_tied(out, explicit=targets is not None)
+    if targets is None:
+        _warn_unscored(modules, out, is_ignored)
     if not any(s.kind != "norm" for s in out.values()):
         raise ValueError(f"model: {type(model).__name__} has no target layers to score "
                          f"({'/'.join(c.__name__ for c in LAYER_KINDS)}), after targets={targets!r} "
                          f"and ignore={ignore!r}")
     return out
+
+
+def _warn_unscored(modules, out, is_ignored) -> None:
+    """Say which leaf modules hold weight matrices/kernels (a parameter with ≥ 2 dims) but are
+    not of a target kind, so they are silently held fixed and get no scores (nn.Conv3d,
+    nn.LSTM, nn.Bilinear, transformers' Conv1D, ...)."""
+    scored = {id(p) for s in out.values() for p in s.module.parameters()}
+    unscored = []
+    for name, mod in modules.items():
+        if (name in out or next(mod.children(), None) is not None or is_ignored(name, mod)
+                or lookup_kind(mod, NORM_KINDS) is not None):
+            continue
+        if any(p.dim() >= 2 and id(p) not in scored for p in mod.parameters(recurse=False)):
+            unscored.append(f"{name} ({type(mod).__name__})")
+    if unscored:
+        shown = ", ".join(unscored[:8]) + (f", ... ({len(unscored)} in all)"
+                                            if len(unscored) > 8 else "")
+        warnings.warn(f"oba_ext: modules with weights that are not target layers are held fixed "
+                      f"and not scored: {shown}; target kinds: "
+                      f"{sorted({c.__name__ for c in LAYER_KINDS})}", stacklevel=3)
 
 
 def _drop_tied(out: Dict[str, LayerSpec], explicit: bool) -> Dict[str, LayerSpec]:

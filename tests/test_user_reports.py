@@ -151,3 +151,17 @@ def test_runtime_refusal_under_auto_falls_back_for_the_remaining_batches():
             assert_close_rel(got[name].tensors()[key], t, f"{name}.{key}")
     with pytest.raises(RuntimeError, match="impl='kernel': att: the attention weights"):
         oba_ext.score(m, b, kind="oba", impl="kernel", progress=False)
+
+
+def test_unscored_weighted_modules_and_headless_models_are_named():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv3d(2, 3, 2), nn.Tanh(), nn.Flatten(), nn.Linear(3, 3)).double()
+    x = torch.randn(2, 2, 2, 2, 2, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"not target layers are held fixed and not scored: "
+                                         r"0 \(Conv3d\)"):
+        res = oba_ext.score(m, [(x, torch.tensor([0, 1]))], progress=False)
+    assert list(res) == ["3"]
+    mlp = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    with pytest.warns(UserWarning, match="has no attention module .* no head scores"):
+        res = oba_ext.score(mlp, [_data()], granularity="head", progress=False)
+    assert all(not ls.tensors() for ls in res.values())
