@@ -233,7 +233,8 @@ def hook_refusal(model: nn.Module) -> Optional[str]:
         if hooks:
             names = ", ".join(getattr(h, "__name__", type(h).__name__) for h in hooks)
             return f"{label} has hooks ({names}); the engine does not run module hooks"
-        if "forward" in m.__dict__:
+        if "forward" in m.__dict__ and not hasattr(m, "_orig_mod"):  # torch.compile's wrapper
+            # sets forward on the instance; the engine traces its _orig_mod (model_prep)
             return (f"{label}: its forward is replaced on the instance; the engine traces the "
                     f"class's forward")
     return None
