@@ -584,6 +584,15 @@ MORE_CASES = {
     "torch.addcdiv": fn(lambda x, a, b: torch.addcdiv(x, a, b, value=0.5), X, X, X, positive=(2,)),
     "Tensor.addcdiv": fn(lambda x, a, b: x.addcdiv(a, b), X, X, X, positive=(2,)),
     "torch.outer": fn(lambda a, b: torch.outer(a, b), (3,), (4,), oba=BILINEAR),
+    # multilinear in their elements / matrices: all second-order terms are product-rule terms
+    "torch.prod": fn(lambda x: torch.prod(x, 1), X, oba=BILINEAR),
+    "Tensor.prod": fn(lambda x: x.prod(), (2, 3), oba=BILINEAR),
+    "torch.cumprod": fn(lambda x: torch.cumprod(x, 1), X, oba=BILINEAR),
+    "Tensor.cumprod": fn(lambda x: x.cumprod(-1), X, oba=BILINEAR),
+    "torch._C._linalg.linalg_multi_dot": fn(lambda a, b, c: torch.linalg.multi_dot([a, b, c]),
+                                             (3, 4), (4, 5), (5, 2), oba=BILINEAR),
+    "torch.chain_matmul": fn(lambda a, b, c: torch.chain_matmul(a, b, c), (3, 4), (4, 5), (5, 2),
+                             oba=BILINEAR),
     "torch.tensordot": fn(lambda a, b: torch.tensordot(a, b, dims=([1, 2], [0, 1])), X, (3, 4, 2),
                           oba=BILINEAR),
     "nn.LSTMCell": Case(lambda m, x, h, c: m(x, (h, c)), [(3, 4), (3, 5), (3, 5)],
@@ -781,6 +790,7 @@ def _graph(name, case, registry, key, inputs):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
+@torch.no_grad()  # as in the sweep (engine/sweep.py): rules run without autograd recording
 def test_rule_matches_the_generic_rule(name):
     entries = registry_entries()
     if name not in entries:
