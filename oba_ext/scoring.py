@@ -186,15 +186,24 @@ def _save_atomic(obj, path: str):
 
 
 def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = None, kind: str = "oba",
-          granularity: Union[str, Sequence[str]] = ("out", "in"), targets: Optional[Iterable[str]] = None,
-          ignore: Iterable = (), max_batches: Optional[int] = None, impl: str = "auto",
-          device=None, dtype: Optional[torch.dtype] = None, progress: bool = True,
-          keep_per_batch: bool = False, checkpoint: Optional[str] = None,
-          checkpoint_every: int = 10, distributed: Optional[bool] = None,
-          process_group=None, direction=None, criterion_options=None) -> ScoreResult:
+          *,
+          # what is scored
+          granularity: Union[str, Sequence[str]] = ("out", "in"),
+          targets: Optional[Iterable[str]] = None, ignore: Iterable = (),
+          direction=None, criterion_options=None,
+          # where and how it runs
+          max_batches: Optional[int] = None, impl: str = "auto",
+          device=None, dtype: Optional[torch.dtype] = None,
+          progress: bool = True, keep_per_batch: bool = False,
+          checkpoint: Optional[str] = None, checkpoint_every: int = 10,
+          distributed: Optional[bool] = None, process_group=None) -> ScoreResult:
     """Score the target layers of ``model`` over ``batches``.
 
-    Args:
+    Arguments after ``kind`` are keyword-only. They come in two groups: what is scored
+    (the mathematics) and where and how it runs (operations); the simple call is
+    ``score(model, batches)``.
+
+    Args (what is scored):
         model: any ``nn.Module``. It is scored in the mode it is in (``model.eval()`` for
             eval-mode BatchNorm; in train mode BN is scale-invariant per channel, so conv
             output-channel ``oba`` scores before a train-mode BN vanish, SPEC §7.3). The model
@@ -220,6 +229,14 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
         kind: a criterion of :mod:`oba_ext.criteria` ("oba", "exact", "taylor", ...).
         granularity: any of "out", "in", "weight", "head".
         targets / ignore: qualified module names to score / to leave out.
+        direction: ``{target parameter name: tensor}`` (missing names = 0): score
+            ``v ⊙ Hv`` / ``v ⊙ Ĥv`` along ``v`` instead of ``θ ⊙ Hθ`` (kinds "exact"/"oba";
+            README "Curvature products").
+        criterion_options: the criterion's own parameters, e.g. ``{"num_samples": 32,
+            "seed": 1, "weighted": True}`` for "hessian_trace" (``CRITERIA[kind].options``
+            lists them with their defaults; ``ValueError`` for an unknown one).
+
+    Args (where and how it runs):
         max_batches: stop after this many batches.
         impl: "reference" (exact autograd oracles), "kernel" (the two-stream engine) or
             "auto" (the engine when the model can be captured, else the reference path).
@@ -238,12 +255,8 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
             agree (one all-reduce of a status flag) and, if any rank failed or got no batch,
             every rank raises (``ValueError`` naming the ranks without batches) instead of
             leaving the others waiting.
-        direction: ``{target parameter name: tensor}`` (missing names = 0): score
-            ``v ⊙ Hv`` / ``v ⊙ Ĥv`` along ``v`` instead of ``θ ⊙ Hθ`` (kinds "exact"/"oba";
-            README "Curvature products").
-        criterion_options: the criterion's own parameters, e.g. ``{"num_samples": 32,
-            "seed": 1, "weighted": True}`` for "hessian_trace" (``CRITERIA[kind].options``
-            lists them with their defaults; ``ValueError`` for an unknown one).
+        process_group: the ``torch.distributed`` group to all-reduce over (default: the
+            world group).
 
     Returns: a :class:`ScoreResult` mapping layer names to :class:`LayerScores`, averaged over
         batches (per-batch sums of SPEC §2/§5, signed).

@@ -61,6 +61,16 @@ def test_bad_arguments(kw, match):
         oba_ext.score(small_cnn(), [_data()], progress=False, **kw)
 
 
+def test_options_after_kind_are_keyword_only():
+    """The simple call stays positional (model, batches, loss_fn, kind); everything after
+    ``kind`` (what is scored, then where and how it runs) must be named."""
+    data = [_data()]
+    res = oba_ext.score(small_cnn(), data, None, "taylor", progress=False)
+    assert set(res) == {"0", "4"}
+    with pytest.raises(TypeError, match="positional"):
+        oba_ext.score(small_cnn(), data, None, "taylor", ("out",))
+
+
 def test_no_target_layers():
     model = nn.Sequential(nn.BatchNorm1d(3), nn.ReLU())
     with pytest.raises(ValueError, match="model: Sequential has no target layers"):
