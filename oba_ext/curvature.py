@@ -38,6 +38,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
+from . import model_prep
 from .targets import find_layers, target_parameters
 
 KINDS = ("exact", "oba", "ggn")
@@ -120,9 +121,11 @@ class _Runner:
         _check_common(model, impl, max_batches, dtype, loss_fn)
         if kind not in KINDS:
             raise ValueError(f"kind: expected one of {list(KINDS)}, got {kind!r}")
+        model_prep.check_initialized(model)
         model_device = _check_devices(model)
         if device is not None or dtype is not None:
             dev = torch.device(device) if device is not None else model_device
+            model_prep.check_device_available(dev, "device")
             cur = next((p.dtype for p in model.parameters()), None)
             if dev != model_device or (dtype is not None and dtype != cur):
                 model = copy.deepcopy(model).to(device=dev, dtype=dtype)
@@ -137,7 +140,7 @@ class _Runner:
         self.num_batches = 0
 
     def __call__(self, v: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        from .scoring import _restore_buffers, _snapshot_buffers, _split_batch, _to
+        from .scoring import _batch_context, _restore_buffers, _snapshot_buffers, _split_batch, _to
         sums: Dict[str, Tensor] = {}
         n = 0
         state = _snapshot_buffers(self.model)
@@ -155,7 +158,7 @@ class _Runner:
                 if self.scorer is None:
                     self.scorer = make_curvature_scorer(self.model, self.layers, self.loss,
                                                         self.impl, (inputs, tgt))
-                with torch.enable_grad():
+                with torch.enable_grad(), _batch_context(index, inputs, tgt, self.model):
                     out = self.scorer.hvp(inputs, tgt, self.kind, v)
                 _restore_buffers(self.model, state)
                 for name, t in out.items():

@@ -178,6 +178,32 @@ def rank_device(device, model_device: Optional[torch.device], backend: Optional[
     return torch.device("cuda", local_rank)
 
 
+def check_device_available(dev: Optional[torch.device], what: str) -> None:
+    """``ValueError`` naming ``what`` when ``dev`` is a CUDA device this process cannot use (no
+    CUDA, or an index beyond ``torch.cuda.device_count()``), instead of a driver error later.
+    Touches CUDA only when ``dev`` is a CUDA device."""
+    if dev is None or dev.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"{what}: {str(dev)!r} requested, but CUDA is not available here "
+                         f"(torch.cuda.is_available() is False); score on 'cpu'")
+    n = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= n:
+        raise ValueError(f"{what}: {str(dev)!r} requested, but this process sees {n} CUDA "
+                         f"device(s) (cuda:0..cuda:{n - 1}; CUDA_VISIBLE_DEVICES may hide others)")
+
+
+def check_initialized(model: nn.Module) -> None:
+    """``ValueError`` naming the first lazy module (``nn.LazyLinear``, ``nn.LazyConv2d``, …)
+    whose parameters are not materialized yet: there is no θ to score before one forward."""
+    from torch.nn.modules.lazy import LazyModuleMixin
+    for name, m in model.named_modules():
+        if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
+            raise ValueError(f"model: module {name!r} ({type(m).__name__}) has uninitialized "
+                             f"parameters; run one forward pass (model(x)) to materialize them "
+                             f"before scoring")
+
+
 def local_rank(group=None) -> Optional[int]:
     """``LOCAL_RANK`` from the environment (torchrun sets it), else the global rank modulo the
     number of visible GPUs, else None."""
@@ -191,4 +217,5 @@ def local_rank(group=None) -> Optional[int]:
 
 
 __all__ = ["unwrap", "strip_prefix", "effective_weights", "detached_masked", "has_masks",
-           "rank_device", "local_rank"]
+           "rank_device", "local_rank", "check_device_available",
+           "check_initialized"]

@@ -18,6 +18,7 @@ per-batch criterion values, checks for NaN/Inf, shows progress, checkpoints and 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import os
@@ -264,6 +265,7 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     model, wrappers = _prep.unwrap(model)  # compile / DataParallel / DDP: score the inner module
+    _prep.check_initialized(model)
     targets, ignore = _prep.strip_prefix(targets, wrappers), _prep.strip_prefix(ignore, wrappers)
     crit = _criteria.get(kind)
     opts = _criteria.resolve_options(crit, criterion_options)
@@ -292,6 +294,7 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
     backend = torch.distributed.get_backend(process_group) if distributed else None
     dev = _prep.rank_device(device, model_device,
                             backend, _prep.local_rank(process_group) if distributed else None)
+    _prep.check_device_available(dev, "device")
     if dev is not None and dev.type == "cuda" and backend == "nccl":
         torch.cuda.set_device(dev)  # NCCL collectives run on the current device
     if dev != model_device or dtype is not None:
@@ -355,7 +358,8 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
                     scorer = make_curvature_scorer(model, layers, loss, impl, (inputs, tgt), crit)
                 else:
                     scorer = _make_scorer(model, layers, loss, impl, crit, (inputs, tgt))
-            with torch.enable_grad():  # callers may hold no_grad (Torch-Pruning's pruners do)
+            with torch.enable_grad(), _batch_context(index, inputs, tgt, model):
+                # (enable_grad: callers may hold no_grad, as Torch-Pruning's pruners do)
                 try:
                     q = _score_batch(scorer, crit, inputs, tgt, keys, opts, index, direction)
                 except _engine_refusal() as e:
@@ -401,6 +405,40 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
         num, total = _all_reduce(acc, process_group, model_device, layers)
     impl_ran = getattr(scorer, "impl", "reference") if scorer is not None else "reference"
     return _finish(acc, num, total, layers, crit, gran, impl_ran, model)
+
+
+@contextlib.contextmanager
+def _batch_context(index, inputs, tgt, model):
+    """Any error raised while scoring a batch (the model's own forward, the loss, a kernel)
+    keeps its type and message and gains a note (PEP 678) naming the batch, its inputs and
+    targets, and the model's dtype: a shape or dtype mismatch in user data is then
+    attributable without a debugger."""
+    try:
+        yield
+    except Exception as e:
+        if hasattr(e, "add_note"):
+            e.add_note(_describe_batch(index, inputs, tgt, model))
+        raise
+
+
+def _tensors_brief(x) -> str:
+    """"(6, 4) float64, (6,) int64": shapes and dtypes of the tensors in ``x`` (first four)."""
+    ts = [t for t in pytree.tree_leaves(x) if isinstance(t, torch.Tensor)]
+    parts = [f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in ts[:4]]
+    return ", ".join(parts + (["…"] if len(ts) > 4 else [])) or type(x).__name__
+
+
+def _describe_batch(index, inputs, tgt, model) -> str:
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    mdt = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes)) or "no floating"
+    floats = {t.dtype for t in pytree.tree_leaves(inputs)
+              if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    hint = ""
+    if floats and dtypes and not floats <= dtypes:
+        hint = (" (floating inputs and parameters differ in dtype: cast the batch, or pass "
+                "dtype= to score a copy of the model in the batch's dtype)")
+    return (f"oba_ext.score: while scoring batch {index}: inputs {_tensors_brief(inputs)}; "
+            f"targets {_tensors_brief(tgt)}; model parameters {mdt}{hint}")
 
 
 def _engine_refusal():

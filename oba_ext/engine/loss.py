@@ -23,6 +23,8 @@ from ..losses import default_loss
 def _ce(z: Tensor, t_z: Optional[Tensor], y: Tensor, exact: bool):
     if z.dim() != 2 or not (y.dim() == 1 and not y.is_floating_point() or y.shape == z.shape):
         return None
+    if y.shape[0] != z.shape[0]:
+        return None  # batch-size mismatch: let F.cross_entropy raise its own error (as reference)
     n = z.shape[0]
     p = torch.softmax(z, 1)
     if y.is_floating_point():
