@@ -5,6 +5,8 @@ kind and granularity; the reference path against brute force (full Hessian, expl
 masks) on tiny models; Torch-Pruning groups of these layers get an importance; refusals name
 the argument.
 """
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -186,6 +188,15 @@ def test_embedding_max_norm_refused_by_name():
     m.emb.max_norm = 1.0
     with pytest.raises(RuntimeError, match="max_norm"):
         oba_ext.score(m, _batches("emb"), impl="kernel", progress=False)
+    # the reference path used to score it and renormalize the user's weight in place
+    w0 = m.emb.weight.detach().clone()
+    for impl in ("reference", "auto"):
+        with pytest.raises(ValueError, match=r"module 'emb' \(Embedding, max_norm=1.0\) "
+                                             r"renormalizes its weight in place"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # auto: the engine's fallback warning first
+                oba_ext.score(m, _batches("emb"), impl=impl, progress=False)
+    assert torch.equal(m.emb.weight.detach(), w0)
 
 
 class ConvTOutputSize(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Dict, Iterable, Sequence
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from .quantities import QUANTITIES, BatchContext, register_quantity
 from .structured import reduce_layer
@@ -45,6 +45,19 @@ def refuse_reparametrized(layers) -> None:
                              f"(torch.nn.utils.remove_weight_norm) before scoring")
 
 
+def refuse_self_modifying(model) -> None:
+    """``nn.Embedding(max_norm=…)`` renormalizes the looked-up rows of its weight in place during
+    every forward (outside autograd): scoring would change the model, and the loss is not the
+    function of θ that autograd differentiates. Raises ``ValueError`` naming the module, on
+    every path (the engine refuses it at capture with the same reason)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding) and m.max_norm is not None:
+            raise ValueError(f"module {name!r} (Embedding, max_norm={m.max_norm}) renormalizes "
+                             f"its weight in place during forward; scoring would modify the "
+                             f"model and differentiate a different function. Set max_norm=None "
+                             f"(renormalize the weight once beforehand if needed) to score it")
+
+
 class ReferenceScorer:
     """Batch scorer (protocol of :mod:`oba_ext.scoring`) on the exact autograd oracles."""
 
@@ -52,6 +65,7 @@ class ReferenceScorer:
 
     def __init__(self, model, layers, loss_fn):
         refuse_reparametrized(layers)
+        refuse_self_modifying(model)
         self.model, self.layers, self.loss_fn = model, layers, loss_fn
         self.include_norm = any(s.kind == "norm" for s in layers.values())
 
