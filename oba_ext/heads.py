@@ -23,8 +23,9 @@ own name**, an entry of its own holding only ``head`` (unless that module is its
 - ``nn.MultiheadAttention`` ``m`` at ``name``: ``result[name].head``; q/k/v from its own
   "out" (3E,) rows, the output projection from ``name.out_proj``'s "in". The packed in_proj
   already reports ``parts["q.out"|"k.out"|"v.out"]``.
-- packed qkv (timm ``Attention``: ``qkv``/``proj``; GPT/nanoGPT: ``c_attn``/``c_proj``; both
-  ``nn.Linear``, E → 3E, and an int ``num_heads``/``n_head``): the packed Linear also reports
+- packed qkv (timm ``Attention``: ``qkv``/``proj``; GPT/nanoGPT/Hugging Face GPT-2:
+  ``c_attn``/``c_proj``; ``nn.Linear`` or ``transformers.Conv1D``, E → 3E, and an int
+  ``num_heads``/``n_head``): the packed projection also reports
   ``parts["q.out"|"k.out"|"v.out"]``.
 - separate projections (Hugging Face LLaMA/Mistral/OPT/BART style: ``q_proj``, ``k_proj``,
   ``v_proj`` Linears, ``o_proj``/``out_proj``/``dense``), with grouped-query attention: query
@@ -37,8 +38,7 @@ own name**, an entry of its own holding only ``head`` (unless that module is its
 
 Modules that look like attention (a ``num_heads``/``num_attention_heads``/``n_head``
 attribute) but match no layout get no head score; :func:`headless_attention` names them with
-the reason, and :func:`add_head_scores` warns once per call listing them (e.g. Hugging Face
-GPT-2, whose ``c_attn`` is ``transformers.Conv1D``, not a target layer).
+the reason, and :func:`add_head_scores` warns once per call listing them.
 
 Keys the user did not ask for ("out"/"in" computed only to form heads) are removed, except the
 ``parts.{q,k,v}.out`` of packed projections, which belong to the head report.
@@ -75,12 +75,22 @@ def _int_attr(m: nn.Module, *names) -> Optional[int]:
     return None
 
 
+def _dense_io(m) -> Optional[Tuple[int, int]]:
+    """(in, out) features of a dense projection — a target layer of kind "linear" or
+    "hf_conv1d" (transformers' Conv1D), read from its kind's shapes — else None."""
+    kind = kind_of(m, include_norm=False) if isinstance(m, nn.Module) else None
+    if kind is None or kind.name not in ("linear", "hf_conv1d"):
+        return None
+    return kind.shape(m, "in")[0], kind.shape(m, "out")[0]
+
+
 def _packed(name: str, m: nn.Module, qkv_attr: str, proj_attr: str) -> Optional[HeadGroup]:
     qkv, proj, H = getattr(m, qkv_attr, None), getattr(m, proj_attr, None), _int_attr(m, *_HEAD_ATTRS)
-    if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and H):
+    qkv_io, proj_io = _dense_io(qkv), _dense_io(proj)
+    if qkv_io is None or proj_io is None or not H:
         return None
-    E = proj.in_features
-    if qkv.out_features != 3 * E or E % H:
+    E = proj_io[0]
+    if qkv_io[1] != 3 * E or E % H:
         return None
     q = _join(name, qkv_attr)
     return HeadGroup(name, H, E, tuple((q, p, i * E, E, H) for i, p in enumerate("qkv")), q,

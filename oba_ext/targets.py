@@ -11,26 +11,54 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .layers import KINDS, MODULE_KINDS, LayerKind
+from .layers import KINDS, MODULE_KINDS, LayerKind, resolve_lazy
+
+
+class _KindView(Mapping):
+    """Read-only, live ``{module type: kind name}`` view of :data:`oba_ext.layers.MODULE_KINDS`
+    (target or normalization kinds), so lazily registered types appear once imported."""
+
+    def __init__(self, target: bool):
+        self._target = target
+
+    def _items(self):
+        resolve_lazy()
+        return {c: k.name for c, k in MODULE_KINDS.items() if k.target == self._target}
+
+    def __getitem__(self, cls):
+        return self._items()[cls]
+
+    def __iter__(self):
+        return iter(self._items())
+
+    def __len__(self):
+        return len(self._items())
+
+    def get(self, cls, default=None):
+        k = MODULE_KINDS.get(cls)
+        return k.name if k is not None and k.target == self._target else default
+
 
 #: module type -> layer kind name, target layers only (read-only view of oba_ext.layers):
 #: their weights and biases form θ (SPEC §1).
-LAYER_KINDS: Dict[type, str] = {c: k.name for c, k in MODULE_KINDS.items() if k.target}
+LAYER_KINDS: Mapping = _KindView(target=True)
 
 #: normalization layers: never moved by δθ, scored only by criteria with ``norm_layers=True``.
-NORM_KINDS: Dict[type, str] = {c: k.name for c, k in MODULE_KINDS.items() if not k.target}
+NORM_KINDS: Mapping = _KindView(target=False)
 
 #: parameter names (on the module itself) that are target parameters, per layer kind
 KIND_PARAMS: Dict[str, Tuple[str, ...]] = {n: k.params for n, k in KINDS.items()}
 
 
-def lookup_kind(module: nn.Module, table: Dict[type, str] = LAYER_KINDS) -> Optional[str]:
+def lookup_kind(module: nn.Module, table: Mapping = LAYER_KINDS) -> Optional[str]:
     """The kind name of ``module`` from ``table`` (first match along its MRO), or None."""
+    resolve_lazy()
     for cls in type(module).__mro__:
         kind = table.get(cls)
         if kind is not None:
@@ -73,7 +101,8 @@ def find_layers(model: nn.Module, targets: Optional[Iterable[str]] = None,
     """Resolve the target layers of ``model``.
 
     targets: qualified module names to score (default: every module of a target kind:
-        Linear, Conv1d/2d, ConvTranspose1d/2d, Embedding, MultiheadAttention). A name
+        Linear, Conv1d/2d, ConvTranspose1d/2d, Embedding, MultiheadAttention, transformers'
+        Conv1D once transformers is imported). A name
         that is not a module of the model, or whose module is not a supported target layer,
         raises ``ValueError`` naming it.
     ignore: module names or module objects to leave out (and their submodules' names).
@@ -132,7 +161,7 @@ def find_layers(model: nn.Module, targets: Optional[Iterable[str]] = None,
 def _warn_unscored(modules, out, is_ignored) -> None:
     """Say which leaf modules hold weight matrices/kernels (a parameter with ≥ 2 dims) but are
     not of a target kind, so they are silently held fixed and get no scores (nn.Conv3d,
-    nn.LSTM, nn.Bilinear, transformers' Conv1D, ...)."""
+    nn.LSTM, nn.Bilinear, ...)."""
     scored = {id(p) for s in out.values() for p in s.module.parameters()}
     unscored = []
     for name, mod in modules.items():

@@ -220,11 +220,6 @@ def test_hf_exact_matches_forward_over_reverse(name):
                 assert err <= FLOAT64_RTOL, f"{name} exact {key}: {err:.3e} of the model's scale"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LEAD: GPT-2's attention/MLP layers are transformers.pytorch_utils.Conv1D (a Linear with a "
-    "transposed (in, out) weight), which oba_ext.targets does not know: only the embeddings are "
-    "scored (lm_head is tied to wte). "
-    "Needs a 'conv1d_hf' layer kind in targets.py + reference reduction + engine rule"))
 def test_hf_gpt2_conv1d_layers_are_targets():
     model, _, _ = build("gpt2")
     names = set(oba_ext.find_layers(model))

@@ -72,7 +72,14 @@ def entry_name(registry: str, key) -> str:
     return f"{getattr(key, '__module__', '?')}.{getattr(key, '__qualname__', repr(key))}"
 
 
+try:  # rules for classes of optional packages join the registry once the package is imported
+    import transformers.pytorch_utils as _hf_utils
+except ImportError:  # pragma: no cover - transformers is a test dependency
+    _hf_utils = None
+
+
 def registry_entries():
+    R._resolve_lazy_rules()
     out = [("module", k, v) for k, v in R.MODULE_RULES.items()]
     out += [("function", k, v) for k, v in R.FUNCTION_RULES.items()]
     out += [("method", k, v) for k, v in R.METHOD_RULES.items()]
@@ -626,6 +633,8 @@ MORE_CASES = {
 CONST_W = torch.linspace(-1, 1, 5 * 4 * 2, dtype=torch.float64).reshape(5, 4, 2)
 CASES.update(MORE_CASES)
 CASES.update(_discrete_cases())
+if _hf_utils is not None:  # Hugging Face Conv1D(nf=5, nx=4): weight (4, 5), a transposed Linear
+    CASES["transformers.pytorch_utils.Conv1D"] = mod(lambda: _hf_utils.Conv1D(5, 4).double(), X)
 
 
 def test_every_rule_has_a_case():

@@ -7,23 +7,28 @@ channel reductions, the Torch-Pruning importance, head layouts and reports.
 Adding a kind: a file here defining ``KINDS = (LayerKind(...),)`` (its module types, target
 parameters, score keys and shapes, reductions, Torch-Pruning handlers), listed in
 :data:`_KIND_FILES`, plus its engine rule in :mod:`oba_ext.engine.rules` (and kernels, if any).
+A kind for a class of an optional package names it in ``lazy_types`` (see
+:func:`resolve_lazy`): ``hf_conv1d`` (Hugging Face ``transformers.Conv1D``) is one.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Dict, Optional
+import sys
+from typing import Dict, List, Optional, Tuple
 
 from torch import nn
 
 from .base import HeadGroup, LayerKind, weight_in, weight_out
 
 #: the files of this package that define kinds, in lookup order
-_KIND_FILES = ("dense", "mha", "norm", "conv_transpose", "embedding")
+_KIND_FILES = ("dense", "mha", "norm", "conv_transpose", "embedding", "hf_conv1d")
 
 #: kind name -> LayerKind
 KINDS: Dict[str, LayerKind] = {}
 #: module class -> LayerKind (looked up along the module's MRO)
 MODULE_KINDS: Dict[type, LayerKind] = {}
+#: (module path, class name, kind) of lazy types whose module has not been imported yet
+_LAZY: List[Tuple[str, str, LayerKind]] = []
 
 
 def register(kind: LayerKind) -> LayerKind:
@@ -37,12 +42,29 @@ def register(kind: LayerKind) -> LayerKind:
     KINDS[kind.name] = kind
     for cls in kind.module_types:
         MODULE_KINDS[cls] = kind
+    _LAZY.extend((mod, cls, kind) for mod, cls in kind.lazy_types)
     return kind
+
+
+def resolve_lazy() -> None:
+    """Add to :data:`MODULE_KINDS` the ``lazy_types`` whose defining module is imported now
+    (a model holding such a module can only exist once it is). Called by every lookup."""
+    if not _LAZY:
+        return
+    for entry in list(_LAZY):
+        mod = sys.modules.get(entry[0])
+        if mod is None:
+            continue
+        _LAZY.remove(entry)
+        cls = getattr(mod, entry[1], None)
+        if isinstance(cls, type):
+            MODULE_KINDS.setdefault(cls, entry[2])
 
 
 def kind_of(module: nn.Module, include_norm: bool = True) -> Optional[LayerKind]:
     """The kind of ``module`` (first class along its MRO with a kind), or None.
     ``include_norm=False``: only target kinds (normalization layers give None)."""
+    resolve_lazy()
     for cls in type(module).__mro__:
         k = MODULE_KINDS.get(cls)
         if k is not None:
@@ -54,5 +76,5 @@ for _f in _KIND_FILES:
     for _k in importlib.import_module(f"{__name__}.{_f}").KINDS:
         register(_k)
 
-__all__ = ["LayerKind", "HeadGroup", "KINDS", "MODULE_KINDS", "register", "kind_of",
+__all__ = ["LayerKind", "HeadGroup", "KINDS", "MODULE_KINDS", "register", "kind_of", "resolve_lazy",
            "weight_out", "weight_in"]

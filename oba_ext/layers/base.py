@@ -63,6 +63,9 @@ class LayerKind:
 
     name: the kind's name ("linear", "conv", ...), as in ``LayerSpec.kind``.
     module_types: the ``nn.Module`` classes of this kind (subclasses resolve along the MRO).
+    lazy_types: ``(module path, class name)`` of classes from optional packages (e.g.
+        ``("transformers.pytorch_utils", "Conv1D")``), added to the kind once their module has
+        been imported by the user (oba_ext never imports such a package itself).
     params: local names of target parameters, in order (missing/None ones are skipped).
     keys: score keys the scorers produce for this kind.
     shape: ``shape(module, key) -> shape or None``: the shape of key's scores, used to
@@ -94,6 +97,7 @@ class LayerKind:
     target: bool = True
     direction: Optional[Callable[[nn.Module, str, Tensor], Tensor]] = None
     engine_direction: bool = True
+    lazy_types: Tuple[Tuple[str, str], ...] = ()
 
 
 # ---------------------------------------------------------------- shared reductions (SPEC §5)

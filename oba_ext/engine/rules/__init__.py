@@ -75,6 +75,34 @@ def register_module(*classes):
     return deco
 
 
+#: (module path, class name, rule) for classes of optional packages, registered by
+#: :func:`register_module_lazy` once the user has imported that module
+_LAZY_MODULE_RULES: List[Any] = []
+
+
+def register_module_lazy(module_path: str, class_name: str):
+    """Like :func:`register_module` for a class of an optional package (e.g. transformers'
+    ``Conv1D``): it joins :data:`MODULE_RULES` once ``module_path`` has been imported."""
+    def deco(rule):
+        _LAZY_MODULE_RULES.append((module_path, class_name, rule))
+        return rule
+    return deco
+
+
+def _resolve_lazy_rules() -> None:
+    if not _LAZY_MODULE_RULES:
+        return
+    import sys
+    for entry in list(_LAZY_MODULE_RULES):
+        mod = sys.modules.get(entry[0])
+        if mod is None:
+            continue
+        _LAZY_MODULE_RULES.remove(entry)
+        cls = getattr(mod, entry[1], None)
+        if isinstance(cls, type):
+            MODULE_RULES.setdefault(cls, entry[2])
+
+
 def register_function(*fns):
     def deco(rule):
         for f in fns:
@@ -95,6 +123,7 @@ def module_rule(module: nn.Module):
     """The rule of the nearest registered class along the MRO — only if the module still runs
     that class's ``forward`` (a subclass that overrides it, e.g. torchvision's LayerNorm2d
     permuting around nn.LayerNorm, is traced through instead)."""
+    _resolve_lazy_rules()
     for cls in type(module).__mro__:
         r = MODULE_RULES.get(cls)
         if r is not None:
@@ -172,5 +201,5 @@ def _load():
     from . import discrete, products, random  # noqa: F401  (after shape: they override it)
 
 
-__all__ = ["MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES", "UNSUPPORTED", "Call", "lookup",
+__all__ = ["register_module_lazy", "MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES", "UNSUPPORTED", "Call", "lookup",
            "register_module", "register_function", "register_method", "operator"]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from . import register_module
+from . import register_module, register_module_lazy
 from .target import TwoStreamLayerRule
 
 
@@ -46,6 +46,28 @@ class LinearRule(TwoStreamLayerRule):
 
 
 register_module(nn.Linear)(LinearRule())
+
+
+class HFConv1DRule(LinearRule):
+    """Hugging Face ``transformers.pytorch_utils.Conv1D``: ``Y = X W + b`` with W (C_in, C_out),
+    the Linear rule on ``Wᵀ`` (kind ``hf_conv1d``, :mod:`oba_ext.layers.hf_conv1d`). Every
+    weight-shaped result is (C_in, C_out) like the module's weight; a direction ``V`` has that
+    shape too."""
+
+    def apply(self, module, x, w):
+        return torch.matmul(x, w)
+
+    def input_grad(self, module, g, w, x_shape):
+        return (g.reshape(-1, g.shape[-1]) @ w.t()).reshape(x_shape)
+
+    def weight_score(self, module, w, grads, inputs):
+        return kernels.linear_weight_score(w.t(), grads, inputs).t()
+
+    def weight_product(self, module, w, grads, inputs):
+        return super().weight_product(module, w.t(), grads, inputs).t()
+
+
+register_module_lazy("transformers.pytorch_utils", "Conv1D")(HFConv1DRule())
 
 
 class EmbeddingRule:
