@@ -13,11 +13,11 @@ A kind for a class of an optional package names it in ``lazy_types`` (see
 from __future__ import annotations
 
 import importlib
-import sys
 from typing import Dict, List, Optional, Tuple
 
 from torch import nn
 
+from .. import _lazy
 from .base import HeadGroup, LayerKind, weight_in, weight_out
 
 #: the files of this package that define kinds, in lookup order
@@ -49,16 +49,8 @@ def register(kind: LayerKind) -> LayerKind:
 def resolve_lazy() -> None:
     """Add to :data:`MODULE_KINDS` the ``lazy_types`` whose defining module is imported now
     (a model holding such a module can only exist once it is). Called by every lookup."""
-    if not _LAZY:
-        return
-    for entry in list(_LAZY):
-        mod = sys.modules.get(entry[0])
-        if mod is None:
-            continue
-        _LAZY.remove(entry)
-        cls = getattr(mod, entry[1], None)
-        if isinstance(cls, type):
-            MODULE_KINDS.setdefault(cls, entry[2])
+    if _LAZY:
+        _lazy.resolve(_LAZY, MODULE_KINDS)
 
 
 def kind_of(module: nn.Module, include_norm: bool = True) -> Optional[LayerKind]:

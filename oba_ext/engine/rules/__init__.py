@@ -56,6 +56,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ... import _lazy
+
 MODULE_RULES: Dict[type, Any] = {}
 FUNCTION_RULES: Dict[Any, Any] = {}
 METHOD_RULES: Dict[str, Any] = {}
@@ -90,17 +92,8 @@ def register_module_lazy(module_path: str, class_name: str):
 
 
 def _resolve_lazy_rules() -> None:
-    if not _LAZY_MODULE_RULES:
-        return
-    import sys
-    for entry in list(_LAZY_MODULE_RULES):
-        mod = sys.modules.get(entry[0])
-        if mod is None:
-            continue
-        _LAZY_MODULE_RULES.remove(entry)
-        cls = getattr(mod, entry[1], None)
-        if isinstance(cls, type):
-            MODULE_RULES.setdefault(cls, entry[2])
+    if _LAZY_MODULE_RULES:
+        _lazy.resolve(_LAZY_MODULE_RULES, MODULE_RULES)
 
 
 def register_function(*fns):
