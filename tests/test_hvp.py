@@ -566,17 +566,72 @@ def test_conv_transpose_matches_full_matrices(kind):
     _assert_dict(got, want, f"conv_transpose {kind}")
 
 
-def test_embedding_target_falls_back_to_reference():
+@pytest.mark.parametrize("padding_idx", [None, 2])
+@pytest.mark.parametrize("kind", ["exact", "oba", "ggn"])
+def test_embedding_matches_full_matrices(kind, padding_idx):
+    """nn.Embedding moves along any direction on the engine: (Mv)_W = Σ_{idx=v} C. Brute force
+    (torch.func Hessian / J_zᵀH_lossJ_z) for exact and ggn; oba against the Φ-oracle. The
+    padding_idx row is a constant (torch gives it no gradient): its direction entries are
+    ignored and its product row is 0 on both paths."""
     torch.manual_seed(0)
     model = EmbedNet().double().eval()
+    model.emb.padding_idx = padding_idx
     g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 7, (3, 5), generator=g)
+    idx[0, 0] = 2  # padding_idx is read
+    data = [(idx, torch.randint(0, 3, (3,), generator=g))]
+    (x, y), = data
+    tp = brute.target_params(model)
+    names, v0, unflat = brute.flat(tp)
+    v = _random_v(tp, 5)
+    got = oba_ext.hvp(model, data, v, kind=kind, impl="kernel")
+    if kind == "oba":
+        want = oba_ext.hvp(model, data, v, kind=kind, impl="reference")
+    else:
+        keep = torch.ones_like(tp["emb.weight"])
+        if padding_idx is not None:
+            keep[padding_idx] = 0  # a constant: no direction, no product
+
+        def params(w):
+            p = unflat(w)
+            p["emb.weight"] = p["emb.weight"] * keep + tp["emb.weight"].detach() * (1 - keep)
+            return p
+
+        def f(w):
+            return functional_call(model, params(w), (x,))
+        H = hessian(lambda w: F.cross_entropy(f(w), y))(v0)
+        z0 = f(v0).detach()
+        Hl = hessian(lambda z: F.cross_entropy(z, y))(z0).reshape(z0.numel(), z0.numel())
+        J = jacrev(f)(v0).reshape(-1, v0.numel())
+        M = H if kind == "exact" else J.T @ Hl @ J
+        want = unflat(M @ _flat(v, names))
+        ref = oba_ext.hvp(model, data, v, kind=kind, impl="reference")
+        _assert_dict(ref, want, f"embedding {kind} reference vs brute force")
+    _assert_dict(got, want, f"embedding {kind} padding_idx={padding_idx}")
+    if padding_idx is not None:
+        assert not got["emb.weight"][padding_idx].any()
+
+
+@pytest.mark.parametrize("kind", ["exact", "oba"])
+def test_embedding_scores_along_a_direction(kind):
+    """score(direction=v) on the engine equals the reference path for an Embedding target,
+    every key (out: embedding dims, in: vocabulary rows, weight)."""
+    torch.manual_seed(0)
+    model = EmbedNet().double().eval()
+    g = torch.Generator().manual_seed(3)
     data = [(torch.randint(0, 7, (3, 5), generator=g), torch.randint(0, 3, (3,), generator=g))]
-    v = _random_v(brute.target_params(model), 0)
-    with pytest.raises(RuntimeError, match="Embedding target 'emb'"):
-        oba_ext.hvp(model, data, v, impl="kernel")
-    with pytest.warns(UserWarning, match="fall back to the reference path"):
-        got = oba_ext.hvp(model, data, v, impl="auto")
-    _assert_dict(got, oba_ext.hvp(model, data, v, impl="reference"), "embedding fallback")
+    v = _random_v(brute.target_params(model), 6)
+    gran = ("out", "in", "weight")
+    got = oba_ext.score(model, data, kind=kind, direction=v, granularity=gran, impl="kernel",
+                        progress=False)
+    want = oba_ext.score(model, data, kind=kind, direction=v, granularity=gran,
+                         impl="reference", progress=False)
+    for layer in ("emb", "fc"):
+        for key, t in want[layer].tensors().items():
+            if kind == "oba" and (layer, key) == ("fc", "bias"):  # Ĥ: no loss curvature, 0
+                assert not getattr(got[layer], key).any() and not t.any()
+                continue
+            assert_close_rel(getattr(got[layer], key), t, f"{kind} {layer}.{key}")
 
 
 def test_bench_scoring_curvature_providers_compute_the_same_thing():

@@ -116,7 +116,7 @@ class EngineScorer:
     def direction_unsupported(self):
         """Why this model's curvature products along a general direction cannot run on the
         engine (a reason string), or None: a layer whose kind's rule moves it along δθ = θ
-        only (``LayerKind.engine_direction``: nn.MultiheadAttention, nn.Embedding)."""
+        only (``LayerKind.engine_direction``: nn.MultiheadAttention)."""
         for n, s in self.layers.items():
             if not KINDS[s.kind].engine_direction:
                 return (f"{type(s.module).__name__} target {n!r}: the engine moves it along "

@@ -38,7 +38,6 @@ EMBEDDING = LayerKind(
     keys=("out", "in", "weight"), shape=_shape, reduce=_reduce,
     # Torch-Pruning's embedding in-pruning function is the same object as the out one
     tp_handlers={"prune_embedding_out_channels": tp_out},
-    channels=lambda m: int(m.embedding_dim), direction=_direction,
-    engine_direction=False)  # EmbeddingRule moves W along δθ = θ only
+    channels=lambda m: int(m.embedding_dim), direction=_direction)
 
 KINDS = (EMBEDDING,)

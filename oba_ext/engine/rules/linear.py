@@ -97,19 +97,30 @@ class EmbeddingRule:
         m, idx = call.module, call.inputs[0]
         y = F.embedding(idx, m.weight, m.padding_idx)
         target = ctx.layer is not None
+        direction = getattr(ctx, "direction", None) if target else None
+        if direction is not None:  # δW = V (curvature products, README "Curvature products")
+            V = direction[0]
+            d = None if V is None else F.embedding(idx, V)
+            ctx.module, ctx.idx, ctx.y = m, idx, d  # y: the moved rows V[idx] (scores along V)
+            return y, (None if d is None else self._keep(m, idx, d))
         if not (target and ctx.tangents):
             t_y = None
-        elif m.padding_idx is None:
-            t_y = y
         else:
-            t_y = y * (idx != m.padding_idx).unsqueeze(-1)
+            t_y = self._keep(m, idx, y)
         if target:
             ctx.module, ctx.idx, ctx.y = m, idx, y
         return y, t_y
 
+    @staticmethod
+    def _keep(m, idx, t):
+        """``t`` with the positions reading ``padding_idx`` zeroed (that row never moves)."""
+        return t if m.padding_idx is None else t * (idx != m.padding_idx).unsqueeze(-1)
+
     def backward(self, ctx, g, c):
         if ctx.layer is None:
             return [None]
+        if getattr(ctx, "direction", None) is not None:
+            return self._backward_direction(ctx, g, c)
         m, idx, y, keys = ctx.module, ctx.idx, ctx.y, ctx.keys
         w = m.weight
         acc = torch.float64 if g.dtype == torch.float64 else torch.float32
@@ -136,6 +147,39 @@ class EmbeddingRule:
                 rows = torch.zeros(w.shape, dtype=s.dtype, device=w.device).index_add_(
                     0, flat_idx, s.reshape(-1, w.shape[1]))
                 ctx.record(q, "weight", w * rows)
+        return [None]
+
+
+    def _backward_direction(self, ctx, g, c):
+        """Along ``δW = V``: no input stream (T_X = 0), so ``(Mv)_W = Σ_{idx = v} C`` (the GGN:
+        the one backward stream, passed as ``g``); scores ``v_i (Mv)_i`` per key as above with
+        ``Y`` replaced by the moved rows ``V[idx]`` (``ctx.y``; None when V = 0)."""
+        m, idx, d, keys = ctx.module, ctx.idx, ctx.y, ctx.keys
+        w = m.weight
+        acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+        s = g if ctx.mode is None else c
+        if ctx.product:
+            rows = torch.zeros(w.shape, dtype=acc, device=w.device)
+            if s is not None:
+                rows.index_add_(0, idx.reshape(-1), self._keep(m, idx, s).reshape(-1, w.shape[1]).to(acc))
+            ctx.record("hvp", "weight", rows)
+            return [None]
+        zeros = {"out": (w.shape[1],), "in": (w.shape[0],), "weight": tuple(w.shape)}
+        for k in keys:
+            if s is None or d is None:
+                ctx.record(ctx.mode, k, torch.zeros(zeros[k], dtype=acc, device=w.device))
+                continue
+            sk = self._keep(m, idx, s)
+            if k == "out":
+                ctx.record(ctx.mode, k, (sk * d).reshape(-1, w.shape[1]).sum(0, dtype=acc))
+            elif k == "in":
+                ctx.record(ctx.mode, k, torch.zeros(w.shape[0], dtype=acc, device=w.device)
+                           .index_add_(0, idx.reshape(-1), (sk * d).sum(-1, dtype=acc).reshape(-1)))
+            elif k == "weight":
+                V = ctx.direction[0]
+                rows = torch.zeros(w.shape, dtype=s.dtype, device=w.device).index_add_(
+                    0, idx.reshape(-1), sk.reshape(-1, w.shape[1]))
+                ctx.record(ctx.mode, k, V * rows)
         return [None]
 
 
