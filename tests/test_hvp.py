@@ -539,6 +539,24 @@ class EmbedNet(nn.Module):
         return self.fc(torch.tanh(self.emb(idx)).mean(1))
 
 
+def _brute_product(model, x, y, v, kind, params):
+    """Brute-force ``M v`` ({name: tensor}) for kind "exact" (the torch.func Hessian of the
+    cross-entropy) or "ggn" (``J_zᵀ H_loss J_z``), with ``params(w)`` mapping the flat vector
+    of target parameters to the parameter dict of ``model``."""
+    names, v0, unflat = brute.flat(brute.target_params(model))
+
+    def f(w):
+        return functional_call(model, params(w), (x,))
+    if kind == "exact":
+        M = hessian(lambda w: F.cross_entropy(f(w), y))(v0)
+    else:
+        z0 = f(v0).detach()
+        Hl = hessian(lambda z: F.cross_entropy(z, y))(z0).reshape(z0.numel(), z0.numel())
+        J = jacrev(f)(v0).reshape(-1, v0.numel())
+        M = J.T @ Hl @ J
+    return unflat(M @ _flat(v, names))
+
+
 @pytest.mark.parametrize("kind", ["exact", "oba", "ggn"])
 def test_conv_transpose_matches_full_matrices(kind):
     torch.manual_seed(0)
@@ -546,23 +564,13 @@ def test_conv_transpose_matches_full_matrices(kind):
     data = _data((2, 2, 3, 3), n=1)
     (x, y), = data
     tp = brute.target_params(model)
-    names, v0, unflat = brute.flat(tp)
     v = _random_v(tp, 4)
-
-    def f(w):
-        return functional_call(model, unflat(w), (x,))
-    H = hessian(lambda w: F.cross_entropy(f(w), y))(v0)
-    z0 = f(v0).detach()
-    Hl = hessian(lambda z: F.cross_entropy(z, y))(z0).reshape(z0.numel(), z0.numel())
-    J = jacrev(f)(v0).reshape(-1, v0.numel())
+    got = oba_ext.hvp(model, data, v, kind=kind, impl="kernel")
     if kind == "oba":  # no linearized twin here: the Φ-oracle (checked against brute force on
         # the cases above) is the reference
-        got = oba_ext.hvp(model, data, v, kind=kind, impl="kernel")
         want = oba_ext.hvp(model, data, v, kind=kind, impl="reference")
     else:
-        got = oba_ext.hvp(model, data, v, kind=kind, impl="kernel")
-        M = H if kind == "exact" else J.T @ Hl @ J
-        want = unflat(M @ _flat(v, names))
+        want = _brute_product(model, x, y, v, kind, brute.flat(tp)[2])
     _assert_dict(got, want, f"conv_transpose {kind}")
 
 
@@ -582,7 +590,7 @@ def test_embedding_matches_full_matrices(kind, padding_idx):
     data = [(idx, torch.randint(0, 3, (3,), generator=g))]
     (x, y), = data
     tp = brute.target_params(model)
-    names, v0, unflat = brute.flat(tp)
+    unflat = brute.flat(tp)[2]
     v = _random_v(tp, 5)
     got = oba_ext.hvp(model, data, v, kind=kind, impl="kernel")
     if kind == "oba":
@@ -596,15 +604,7 @@ def test_embedding_matches_full_matrices(kind, padding_idx):
             p = unflat(w)
             p["emb.weight"] = p["emb.weight"] * keep + tp["emb.weight"].detach() * (1 - keep)
             return p
-
-        def f(w):
-            return functional_call(model, params(w), (x,))
-        H = hessian(lambda w: F.cross_entropy(f(w), y))(v0)
-        z0 = f(v0).detach()
-        Hl = hessian(lambda z: F.cross_entropy(z, y))(z0).reshape(z0.numel(), z0.numel())
-        J = jacrev(f)(v0).reshape(-1, v0.numel())
-        M = H if kind == "exact" else J.T @ Hl @ J
-        want = unflat(M @ _flat(v, names))
+        want = _brute_product(model, x, y, v, kind, params)
         ref = oba_ext.hvp(model, data, v, kind=kind, impl="reference")
         _assert_dict(ref, want, f"embedding {kind} reference vs brute force")
     _assert_dict(got, want, f"embedding {kind} padding_idx={padding_idx}")
