@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--criterion", default="oba", help="a name from oba_ext.CRITERIA (default: oba)")
     s.add_argument("--granularity", nargs="+", default=["out", "in"],
                    choices=["out", "in", "weight", "head"])
+    s.add_argument("--criterion-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a parameter of the criterion, repeatable, e.g. --criterion hessian_trace "
+                        "--criterion-option num_samples=64 --criterion-option weighted=true "
+                        "(oba_ext.CRITERIA[name].options lists them)")
     s.add_argument("--checkpoint", metavar="PATH", help="score-state file; an interrupted run resumes from it")
     s.add_argument("--checkpoint-every", type=int, default=10, metavar="K", help="save every K batches")
     s.add_argument("--distributed", action="store_true",

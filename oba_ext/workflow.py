@@ -61,6 +61,31 @@ def check_criterion(name: str) -> str:
     return name
 
 
+def criterion_options(criterion: str, items) -> Dict[str, object]:
+    """``--criterion-option KEY=VALUE`` flags -> the criterion's validated options (ints, floats
+    and true/false parsed; other values kept as strings). ``UsageError`` naming the flag."""
+    given: Dict[str, object] = {}
+    for item in items or ():
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--criterion-option: expected KEY=VALUE, got {item!r}")
+        value: object = raw
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        else:
+            for conv in (int, float):
+                try:
+                    value = conv(raw)
+                    break
+                except ValueError:
+                    continue
+        given[key.strip()] = value
+    try:
+        return _criteria.resolve_options(_criteria.get(criterion), given)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--criterion-option: {e}") from None
+
+
 def check_fraction(flag: str, value: Optional[float]) -> None:
     if value is not None and not 0.0 < value < 1.0:
         raise UsageError(f"{flag}: expected a fraction in (0, 1), got {value}")
@@ -114,6 +139,7 @@ def _macs_params(model, example):
 def run_score(args) -> dict:
     """``oba-ext score``: scores of every target layer, saved as ``scores.pt`` + ``scores.json``."""
     check_criterion(args.criterion)
+    options = criterion_options(args.criterion, getattr(args, "criterion_option", ()))
     rank, world = 0, 1
     if args.distributed:
         if "RANK" not in os.environ:
@@ -134,9 +160,10 @@ def run_score(args) -> dict:
                     checkpoint=(f"{args.checkpoint}.rank{rank}" if args.checkpoint and world > 1
                                 else args.checkpoint),
                     checkpoint_every=args.checkpoint_every,
-                    distributed=args.distributed)
+                    distributed=args.distributed, criterion_options=options)
         seconds = time.perf_counter() - t0
-        summary = {"model": args.model, "criterion": args.criterion, "impl": res.impl,
+        summary = {"model": args.model, "criterion": args.criterion,
+                   "criterion_options": options, "impl": res.impl,
                    "num_batches": res.num_batches, "world_size": world, "seconds": seconds,
                    "layers": {n: {k: list(t.shape) for k, t in ls.tensors().items()}
                               for n, ls in res.items()}}

@@ -209,3 +209,36 @@ def test_prune_on_a_cifar_folder_in_process(tmp_path, capsys):
             total += len(y)
     assert total == 8 and run_["acc_after_finetune"] == correct / total
     assert "taylor" in capsys.readouterr().out
+
+
+def test_score_criterion_options(tmp_path, capsys):
+    """--criterion-option KEY=VALUE reaches score(criterion_options=...): the saved Hutchinson
+    scores are oba_ext.score's with the same options (and differ from the defaults'); a bad
+    option exits 2 naming the flag and the criterion's options, writing nothing."""
+    import oba_ext
+    from oba_ext.cli import build_parser, main
+    from oba_ext.workflow import setup
+    out = tmp_path / "h"
+    argv = ["score", *TINY, "--out", str(out), "--criterion", "hessian_trace",
+            "--criterion-option", "num_samples=3", "--criterion-option", "seed=7",
+            "--criterion-option", "weighted=false"]
+    assert main(argv) == 0
+    saved = torch.load(out / "scores.pt")
+    assert json.loads((out / "scores.json").read_text())["criterion_options"] == {
+        "num_samples": 3, "seed": 7, "weighted": False}
+    model, _, _, batches, _, _ = setup(build_parser().parse_args(argv))
+    opts = {"num_samples": 3, "seed": 7, "weighted": False}
+    want = oba_ext.score(model, batches, kind="hessian_trace", impl="reference", progress=False,
+                         criterion_options=opts)
+    default = oba_ext.score(model, batches, kind="hessian_trace", impl="reference",
+                            progress=False)
+    for key, t in want["fc"].tensors().items():
+        assert_close_rel(saved["fc"][key], t, f"CLI hessian_trace fc.{key}", rtol=F32_REORDERED)
+    assert not torch.allclose(default["fc"].out, want["fc"].out)
+    for bad, msg in ((["--criterion-option", "samples=3"], "has no option 'samples'"),
+                     (["--criterion-option", "num_samples"], "expected KEY=VALUE")):
+        with pytest.raises(SystemExit) as e:
+            main(["score", *TINY, "--out", str(tmp_path / "bad"), "--criterion",
+                  "hessian_trace", *bad])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
