@@ -25,9 +25,8 @@ Products are per batch for the batch's mean loss and averaged over batches (like
 the reference path (``impl="reference"``) uses double backward (exact), the Φ-oracle along
 ``v`` (oba) and ``torch.func`` (``J_zᵀ H_loss J_z v``, ggn): :mod:`oba_ext.reference.hvp`.
 ``impl="auto"`` falls back to the reference path, with a warning, where the engine cannot run
-(an uncapturable model; nn.MultiheadAttention targets, whose rule moves along θ only — the
-engine takes a direction at Linear, Conv, ConvTranspose, Embedding and transformers.Conv1D
-targets).
+(an uncapturable model, or a layer kind whose rule moves along θ only,
+``LayerKind.engine_direction``; every built-in kind takes a direction on the engine).
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -422,27 +423,78 @@ def test_bad_arguments_are_named():
 
 
 class MHANet(nn.Module):
-    def __init__(self):
+    """Self-attention with a packed in_proj, or (``separate``) cross-attention whose key/value
+    width differs (q/k/v_proj_weight), optionally without biases."""
+
+    def __init__(self, separate=False, bias=True):
         super().__init__()
-        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        kw = dict(kdim=6, vdim=6) if separate else {}
+        self.separate = separate
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True, bias=bias, **kw)
         self.fc = nn.Linear(8, 3)
 
     def forward(self, x):
-        return self.fc(self.mha(x, x, x, need_weights=False)[0].mean(1))
+        k, v = (x[..., :6], x[..., 2:]) if self.separate else (x, x)
+        return self.fc(torch.tanh(self.mha(x, k, v, need_weights=False)[0]).mean(1))
 
 
-def test_multihead_attention_falls_back_or_refuses():
+@pytest.mark.parametrize("layout", ["packed", "separate", "packed-nobias"])
+@pytest.mark.parametrize("kind", ["exact", "oba", "ggn"])
+def test_multihead_attention_matches_full_matrices(kind, layout):
+    """nn.MultiheadAttention moves along any direction on the engine (its q/k/v projections
+    and out_proj): brute force for exact and ggn, the Φ-oracle for oba."""
+    torch.manual_seed(0)
+    model = MHANet(separate=layout == "separate", bias=layout != "packed-nobias").double().eval()
+    data = _data((2, 4, 8), n=1)
+    (x, y), = data
+    tp = brute.target_params(model)
+    v = _random_v(tp, 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback: the engine runs it
+        got = oba_ext.hvp(model, data, v, kind=kind, impl="kernel")
+    if kind == "oba":
+        want = oba_ext.hvp(model, data, v, kind=kind, impl="reference")
+    else:
+        want = _brute_product(model, x, y, v, kind, brute.flat(tp)[2])
+    assert set(got) == set(tp)
+    _assert_dict(got, want, f"mha {layout} {kind}")
+
+
+@pytest.mark.parametrize("kind", ["exact", "oba"])
+def test_multihead_attention_scores_along_a_direction(kind):
     torch.manual_seed(0)
     model = MHANet().double().eval()
     data = _data((2, 4, 8), n=1)
-    theta = brute.target_params(model)
-    v = _random_v(theta, 0)
-    with pytest.raises(RuntimeError, match="MultiheadAttention target 'mha'"):
+    v = _random_v(brute.target_params(model), 8)
+    kw = dict(kind=kind, direction=v, granularity=("out", "in", "weight"), progress=False)
+    got = oba_ext.score(model, data, impl="kernel", **kw)
+    want = oba_ext.score(model, data, impl="reference", **kw)
+    for layer in want:
+        for key, t in want[layer].tensors().items():
+            if kind == "oba" and (layer, key) == ("fc", "bias"):  # Ĥ: no loss curvature, 0
+                assert not getattr(got[layer], key).any() and not t.any()
+                continue
+            assert_close_rel(got[layer].tensors()[key], t, f"{kind} {layer}.{key}")
+
+
+def test_a_kind_without_engine_directions_falls_back_or_refuses(monkeypatch):
+    """LayerKind.engine_direction=False (a new kind whose rule moves along θ only): curvature
+    products fall back to the reference path under "auto" (warning naming the layer) and
+    raise under "kernel" — never a silent move along θ."""
+    import dataclasses
+
+    from oba_ext.layers import KINDS
+    monkeypatch.setitem(KINDS, "linear", dataclasses.replace(KINDS["linear"],
+                                                            engine_direction=False))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    data = _data((3, 4))
+    v = _random_v(brute.target_params(model), 9)
+    with pytest.raises(RuntimeError, match="Linear target '0': the engine moves it along"):
         oba_ext.hvp(model, data, v, impl="kernel")
     with pytest.warns(UserWarning, match="fall back to the reference path"):
         got = oba_ext.hvp(model, data, v, impl="auto")
-    want = oba_ext.hvp(model, data, v, impl="reference")
-    _assert_dict(got, want, "mha fallback")
+    _assert_dict(got, oba_ext.hvp(model, data, v, impl="reference"), "fallback")
 
 
 def test_model_state_untouched():
@@ -546,7 +598,8 @@ def _brute_product(model, x, y, v, kind, params):
     names, v0, unflat = brute.flat(brute.target_params(model))
 
     def f(w):
-        return functional_call(model, params(w), (x,))
+        with sdpa_kernel([SDPBackend.MATH]):  # the fused CPU SDPA kernel has no forward AD
+            return functional_call(model, params(w), (x,))
     if kind == "exact":
         M = hessian(lambda w: F.cross_entropy(f(w), y))(v0)
     else:

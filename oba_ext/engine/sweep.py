@@ -116,7 +116,8 @@ class EngineScorer:
     def direction_unsupported(self):
         """Why this model's curvature products along a general direction cannot run on the
         engine (a reason string), or None: a layer whose kind's rule moves it along δθ = θ
-        only (``LayerKind.engine_direction``: nn.MultiheadAttention)."""
+        only (``LayerKind.engine_direction`` False; every built-in kind moves along any
+        direction, the flag is for a new kind whose rule does not yet)."""
         for n, s in self.layers.items():
             if not KINDS[s.kind].engine_direction:
                 return (f"{type(s.module).__name__} target {n!r}: the engine moves it along "
@@ -131,6 +132,9 @@ class EngineScorer:
         out = {}
         for name, spec in self.layers.items():
             if spec.kind == "norm":
+                continue
+            if spec.kind == "mha":  # the attention rule splits its own parameters (q/k/v)
+                out[name] = {p: direction.get(spec.qualified(p)) for p in spec.params}
                 continue
             out[name] = (direction.get(spec.qualified("weight")),
                          direction.get(spec.qualified("bias")) if "bias" in spec.params else None)
@@ -276,12 +280,15 @@ class EngineScorer:
         return val, tan, ctxs
 
     def _sublayer(self, name, keys, recorder):
-        """(record, keys) for scored layer ``name`` run inside another node's rule (the
-        ``out_proj`` of nn.MultiheadAttention), or None when ``name`` is not scored."""
+        """(record, keys, direction) for scored layer ``name`` run inside another node's rule
+        (the ``out_proj`` of nn.MultiheadAttention), or None when ``name`` is not scored;
+        ``direction``: its ``(V, v_b)`` in a sweep along a direction, else None."""
         spec = self.layers.get(name)
         if spec is None:
             return None
-        return recorder(name), tuple(k for k in keys if k in _LAYER_KEYS.get(spec.kind, ()))
+        direction = self._direction.get(name) if self._direction is not None else None
+        return (recorder(name), tuple(k for k in keys if k in _LAYER_KEYS.get(spec.kind, ())),
+                direction)
 
     def _tuple_getitem_forward(self, st, leaves, val, tan, ctxs):
         node = st.node

@@ -74,7 +74,6 @@ MHA = LayerKind(
     keys=("out", "in", "weight", "bias"), shape=lambda m, k: None, reduce=_reduce,
     # prune_multihead_attention_in_channels is the same function as the out one
     tp_handlers={"prune_multihead_attention_out_channels": tp_mha_embed},
-    channels=lambda m: int(m.embed_dim), head_layout=_heads,
-    engine_direction=False)  # the attention rule moves its projections along δθ = θ only
+    channels=lambda m: int(m.embed_dim), head_layout=_heads)
 
 KINDS = (MHA,)

@@ -296,9 +296,12 @@ class MHARule:
         ws = (m.in_proj_weight.chunk(3) if packed
               else (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight))
         subs, proj, tproj = {}, {}, {}
+        dirs = self._qkv_directions(ctx, packed) if target else None
         for r, w, bb in zip(("query", "key", "value"), ws, (bq, bk, bv)):
             sub = _SubCtx(f"{name}[{r[0]}]", name if target else None, ctx.keys, tangents,
                           call.needs[slot[r]], _Collect())
+            if dirs is not None:
+                sub.direction, sub.product = dirs[r], ctx.product
             fake = SimpleNamespace(weight=w, bias=bb)
             y, ty = _LINEAR.forward(SimpleNamespace(module=fake, inputs=[x[r]], tangents=[tx[r]]),
                                     sub)
@@ -338,6 +341,8 @@ class MHARule:
         osub = _SubCtx(out_name, out_name if rec is not None else None,
                        rec[1] if rec is not None else (), tangents, True,
                        rec[0] if rec is not None else None)
+        if rec is not None and rec[2] is not None:  # a sweep along a direction
+            osub.direction, osub.product = rec[2], getattr(ctx, "product", False)
         out, tout = _LINEAR.forward(SimpleNamespace(module=m.out_proj, inputs=[o_in],
                                                     tangents=[od_in]), osub)
         weights = None
@@ -353,6 +358,22 @@ class MHARule:
                                   bf=bf, packed=packed, target=target,
                                   in_shapes={r: b[r].shape for r in ("query", "key", "value")})
         return (out, weights), ([tout, None] if tout is not None else None)
+
+    @staticmethod
+    def _qkv_directions(ctx, packed):
+        """{"query"|"key"|"value": (V, v_b)} of the in-projection in a sweep along a direction
+        (``ctx.direction``: {local parameter name: tensor or None}), or None."""
+        d = getattr(ctx, "direction", None)
+        if d is None:
+            return None
+        vb = d.get("in_proj_bias")
+        vbs = vb.chunk(3) if vb is not None else (None, None, None)
+        if packed:
+            V = d.get("in_proj_weight")
+            Vs = V.chunk(3) if V is not None else (None, None, None)
+        else:
+            Vs = tuple(d.get(f"{r}_proj_weight") for r in "qkv")
+        return dict(zip(("query", "key", "value"), zip(Vs, vbs)))
 
     @staticmethod
     def _weights(st, average):
@@ -427,6 +448,21 @@ class MHARule:
     def _record(ctx, s):
         """Assemble the virtual layers' scores into the keys of the reference path."""
         parts = {r[0]: s.subs[r].record.d for r in ("query", "key", "value")}
+        prod = {n: parts[n].get("hvp", {}) for n in "qkv"}
+        if any(prod.values()):  # a curvature product (Mv) per parameter of the module
+            for key, packed_name in (("weight", "in_proj_weight"), ("bias", "in_proj_bias")):
+                vals = [prod[n].get(key) for n in "qkv"]
+                if all(v is None for v in vals):
+                    continue
+                if s.packed or key == "bias":
+                    ref = next(v for v in vals if v is not None)
+                    ctx.record("hvp", packed_name, torch.cat(
+                        [v if v is not None else torch.zeros_like(ref) for v in vals]))
+                else:
+                    for n, v in zip("qkv", vals):
+                        if v is not None:
+                            ctx.record("hvp", f"{n}_proj_weight", v)
+            return
         for q in parts["q"]:
             p = {n: parts[n].get(q, {}) for n in "qkv"}
             for key in ("out", "in", "weight", "bias"):
