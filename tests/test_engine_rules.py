@@ -283,11 +283,6 @@ class _Enc(nn.Module):
         return self.head(self.enc(x).mean(1))
 
 
-@pytest.mark.xfail(strict=True, raises=CaptureError,
-                   reason="known engine limitation: torch.fx cannot trace the control flow of "
-                          "nn.TransformerEncoderLayer.forward (its fast-path checks), so the "
-                          "engine refuses it although attention rules exist; strict, so a fix "
-                          "turns this into a failure that asks for the xfail to be removed")
 def test_transformer_encoder_layer_is_traced_and_matches_oracles():
     """A torch.nn container (nn.TransformerEncoderLayer) must be traced through — its Linear
     layers and its attention scored by their rules — and match the oracles."""
@@ -296,23 +291,6 @@ def test_transformer_encoder_layer_is_traced_and_matches_oracles():
     x, y = _xy(4, 8, classes=3)
     compare(m, x, y)
     assert {"enc.linear1", "enc.linear2", "head"} <= set(find_layers(m))
-
-
-def test_transformer_encoder_layer_falls_back_to_the_reference_with_a_warning():
-    """Until the engine traces it: impl="kernel" refuses it by name, impl="auto" warns and
-    returns exactly the reference path's numbers (never an opaque leaf with missing scores)."""
-    torch.manual_seed(9)
-    m = _Enc().double().eval()
-    x, y = _xy(4, 8, classes=3)
-    with pytest.raises(CaptureError, match="_Enc"):
-        build_scorer(m, find_layers(m), checked_loss(default_loss), (x, y))
-    with pytest.warns(UserWarning, match="falling back to the reference path"):
-        auto = oba_ext.score(m, [(x, y)], kind="oba", impl="auto", progress=False)
-    ref = oba_ext.score(m, [(x, y)], kind="oba", impl="reference", progress=False)
-    assert auto.impl == "reference" and set(auto) == set(ref) >= {"enc.linear1", "enc.linear2"}
-    for name in ref:
-        for field, r in ref[name].tensors().items():
-            assert torch.equal(auto[name].tensors()[field], r), (name, field)
 
 
 def test_tied_target_parameter_is_refused():

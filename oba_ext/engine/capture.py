@@ -17,14 +17,14 @@ and needs cotangents) and which earlier values can be freed after it.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 import os
 import re
+import itertools
 import traceback
 from typing import Dict, List, Optional
-
-import itertools
 
 import torch
 from torch import fx, nn
@@ -41,6 +41,37 @@ _INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itru
 
 class CaptureError(Exception):
     """The model cannot be captured by the engine (the message says why)."""
+
+
+def _encoder_layer_forward(m, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+    """``nn.TransformerEncoderLayer.forward`` as fx can trace it: its slow path, the one
+    autograd runs whenever a parameter requires grad (so the reference path computes this very
+    function). Left out: the fast-path checks (Python branches on tensor attributes) and
+    ``F._canonical_mask`` (dtype checks on the mask); the attention rule reads bool and
+    additive masks itself."""
+    x = src
+    if m.norm_first:
+        x = x + m._sa_block(m.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+        return x + m._ff_block(m.norm2(x))
+    x = m.norm1(x + m._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+    return m.norm2(x + m._ff_block(x))
+
+
+def _encoder_forward(m, src, mask=None, src_key_padding_mask=None, is_causal=None):
+    """``nn.TransformerEncoder.forward`` without its fast path and nested-tensor conversion:
+    the layers in turn, then the final norm. ``is_causal`` is only a hint to the layers; with
+    a mask the attention rule uses the mask itself."""
+    out = src
+    for layer in m.layers:
+        out = layer(out, src_mask=mask, is_causal=bool(is_causal),
+                    src_key_padding_mask=src_key_padding_mask)
+    return m.norm(out) if m.norm is not None else out
+
+
+#: forwards fx cannot trace (data-dependent fast-path checks) -> a traceable equivalent,
+#: used when the module's class does not override them
+_TRACEABLE_FORWARDS = {nn.TransformerEncoderLayer.forward: _encoder_layer_forward,
+                       nn.TransformerEncoder.forward: _encoder_forward}
 
 
 class _Tracer(fx.Tracer):
@@ -88,6 +119,9 @@ class _Tracer(fx.Tracer):
                     f"the model) has its own parameters/buffers {own[:3]}; make it a submodule "
                     f"(assign it in __init__)") from None
             return forward(*args, **kwargs)
+        sub = _TRACEABLE_FORWARDS.get(type(m).forward)
+        if sub is not None:
+            forward = functools.partial(sub, m)
         return super().call_module(m, forward, args, kwargs)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:

@@ -442,6 +442,8 @@ class MHARule:
                 out[slot] = (gx, cx)
         if s.target:
             self._record(ctx, s)
+            for role in ("query", "key", "value"):  # recorded: the next pass (oba, then exact,
+                s.subs[role].record.d.clear()       # in one call) must not record them again
         return out
 
     @staticmethod
