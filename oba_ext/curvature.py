@@ -86,14 +86,19 @@ def make_curvature_scorer(model, layers, loss, impl: str, example, crit=None):
     sc = _make_scorer(model, layers, loss, impl, crit, example)
     if getattr(sc, "impl", "reference") == "kernel":
         reason = sc.direction_unsupported()
-        if reason is None:
-            return sc
-        if impl == "kernel":
-            raise RuntimeError(f"impl='kernel': the engine cannot move this model along a "
-                               f"direction ({reason})")
-        warnings.warn(f"oba_ext: {reason}; curvature products fall back to the reference path",
-                      stacklevel=3)
-    return ReferenceCurvature(model, layers, loss)
+        if reason is not None:
+            if impl == "kernel":
+                raise RuntimeError(f"impl='kernel': the engine cannot move this model along a "
+                                   f"direction ({reason})")
+            warnings.warn(f"oba_ext: {reason}; curvature products fall back to the reference "
+                          f"path", stacklevel=3)
+            sc = None
+    else:
+        sc = None
+    if sc is None:
+        sc = ReferenceCurvature(model, layers, loss)
+    masks = model_prep.parameter_masks(layers)
+    return model_prep.MaskedDirections(sc, masks) if masks else sc
 
 
 def _check_common(model, impl, max_batches, dtype, loss_fn):
@@ -121,6 +126,9 @@ class _Runner:
         _check_common(model, impl, max_batches, dtype, loss_fn)
         if kind not in KINDS:
             raise ValueError(f"kind: expected one of {list(KINDS)}, got {kind!r}")
+        model, wrappers = model_prep.unwrap(model)  # as score(): compile / DataParallel / DDP
+        targets = model_prep.strip_prefix(targets, wrappers)
+        ignore = model_prep.strip_prefix(ignore, wrappers)
         model_prep.check_initialized(model)
         model_device = _check_devices(model)
         if device is not None or dtype is not None:
@@ -128,7 +136,9 @@ class _Runner:
             model_prep.check_device_available(dev, "device")
             cur = next((p.dtype for p in model.parameters()), None)
             if dev != model_device or (dtype is not None and dtype != cur):
-                model = copy.deepcopy(model).to(device=dev, dtype=dtype)
+                with model_prep.detached_masked(model):  # deepcopy refuses the prune hook's weight
+                    model = model_prep.refresh_masked(copy.deepcopy(model).to(device=dev,
+                                                                               dtype=dtype))
             model_device = dev
         self.model, self.batches, self.kind = model, batches, kind
         self.device, self.dtype = model_device, dtype
@@ -148,6 +158,8 @@ class _Runner:
         if self.progress:
             from tqdm.auto import tqdm
             bar = tqdm(desc=f"oba_ext.hvp[{self.kind}]", unit="batch", dynamic_ncols=True)
+        prepared = model_prep.prepared(self.model)  # masked θ = orig ⊙ mask; eager compiled
+        prepared.__enter__()
         try:
             for index, batch in enumerate(self.batches):
                 if self.max_batches is not None and index >= self.max_batches:
@@ -175,6 +187,7 @@ class _Runner:
             _restore_buffers(self.model, state)
             if bar is not None:
                 bar.close()
+            prepared.__exit__(None, None, None)
         if n == 0:
             raise ValueError("batches: the iterable yielded no batch (nothing to average)")
         self.num_batches = n

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -137,6 +137,42 @@ def effective_weights(model: nn.Module):
         for mod, hooks in saved_hooks.values():
             mod._forward_pre_hooks.clear()
             mod._forward_pre_hooks.update(hooks)
+
+
+def parameter_masks(layers) -> Dict[str, torch.Tensor]:
+    """``{qualified target parameter name: its torch.nn.utils.prune mask}`` for the masked
+    target parameters of ``layers`` ({name: LayerSpec}); empty for an unmasked model."""
+    out: Dict[str, torch.Tensor] = {}
+    for spec in layers.values():
+        for p in spec.params:  # prune keeps <p>_orig and <p>_mask (also while its hook is lifted)
+            mask = getattr(spec.module, p + "_mask", None)
+            if isinstance(mask, torch.Tensor) and hasattr(spec.module, p + "_orig"):
+                out[spec.qualified(p)] = mask
+    return out
+
+
+class MaskedDirections:
+    """A curvature scorer (the direction protocol of :mod:`oba_ext.curvature`) for a model with
+    masked target parameters: a masked entry is not a parameter that moves (θ = orig ⊙ mask,
+    SPEC §8), so every direction is applied as ``v ⊙ mask`` and every product ``Mv`` is
+    reported as ``(M (v ⊙ mask)) ⊙ mask``. Other attributes are the wrapped scorer's."""
+
+    def __init__(self, scorer, masks: Dict[str, torch.Tensor]):
+        self._scorer, self._masks = scorer, masks
+
+    def __getattr__(self, name):
+        return getattr(self._scorer, name)
+
+    def _masked(self, v):
+        if v is None:
+            return None
+        return {n: (t * self._masks[n].to(t) if n in self._masks else t) for n, t in v.items()}
+
+    def __call__(self, inputs, targets, quantities, keys, direction=None):
+        return self._scorer(inputs, targets, quantities, keys, direction=self._masked(direction))
+
+    def hvp(self, inputs, targets, kind, direction):
+        return self._masked(self._scorer.hvp(inputs, targets, kind, self._masked(direction)))
 
 
 def _optimized_module_type():
