@@ -170,7 +170,8 @@ class _Runner:
                 if self.scorer is None:
                     self.scorer = make_curvature_scorer(self.model, self.layers, self.loss,
                                                         self.impl, (inputs, tgt))
-                with torch.enable_grad(), _batch_context(index, inputs, tgt, self.model):
+                with torch.enable_grad(), _batch_context(index, inputs, tgt, self.model,
+                                                         "oba_ext.hvp"):
                     out = self.scorer.hvp(inputs, tgt, self.kind, v)
                 _restore_buffers(self.model, state)
                 for name, t in out.items():

@@ -408,16 +408,19 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
 
 
 @contextlib.contextmanager
-def _batch_context(index, inputs, tgt, model):
-    """Any error raised while scoring a batch (the model's own forward, the loss, a kernel)
-    keeps its type and message and gains a note (PEP 678) naming the batch, its inputs and
-    targets, and the model's dtype: a shape or dtype mismatch in user data is then
-    attributable without a debugger."""
+def _batch_context(index, inputs, tgt, model, caller="oba_ext.score"):
+    """Any error raised while ``caller`` handles a batch (the model's own forward, the loss, a
+    kernel) keeps its type and message and gains a note (PEP 678 ``__notes__``, printed with the
+    traceback from Python 3.11) naming the batch, its inputs and targets, and the model's
+    dtype: a shape or dtype mismatch in user data is then attributable without a debugger."""
     try:
         yield
     except Exception as e:
+        note = _describe_batch(index, inputs, tgt, model, caller)
         if hasattr(e, "add_note"):
-            e.add_note(_describe_batch(index, inputs, tgt, model))
+            e.add_note(note)
+        else:  # Python < 3.11: the attribute alone (tracebacks do not print it there)
+            e.__notes__ = list(getattr(e, "__notes__", [])) + [note]
         raise
 
 
@@ -428,7 +431,7 @@ def _tensors_brief(x) -> str:
     return ", ".join(parts + (["…"] if len(ts) > 4 else [])) or type(x).__name__
 
 
-def _describe_batch(index, inputs, tgt, model) -> str:
+def _describe_batch(index, inputs, tgt, model, caller="oba_ext.score") -> str:
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     mdt = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes)) or "no floating"
     floats = {t.dtype for t in pytree.tree_leaves(inputs)
@@ -437,7 +440,7 @@ def _describe_batch(index, inputs, tgt, model) -> str:
     if floats and dtypes and not floats <= dtypes:
         hint = (" (floating inputs and parameters differ in dtype: cast the batch, or pass "
                 "dtype= to score a copy of the model in the batch's dtype)")
-    return (f"oba_ext.score: while scoring batch {index}: inputs {_tensors_brief(inputs)}; "
+    return (f"{caller}: while scoring batch {index}: inputs {_tensors_brief(inputs)}; "
             f"targets {_tensors_brief(tgt)}; model parameters {mdt}{hint}")
 
 

@@ -41,6 +41,7 @@ class _KindView(Mapping):
         return len(self._items())
 
     def get(self, cls, default=None):
+        resolve_lazy()
         k = MODULE_KINDS.get(cls)
         return k.name if k is not None and k.target == self._target else default
 

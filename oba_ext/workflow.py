@@ -67,11 +67,14 @@ def criterion_options(criterion: str, items) -> Dict[str, object]:
     given: Dict[str, object] = {}
     for item in items or ():
         key, sep, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
         if not sep or not key:
             raise UsageError(f"--criterion-option: expected KEY=VALUE, got {item!r}")
         value: object = raw
         if raw.lower() in ("true", "false"):
             value = raw.lower() == "true"
+        elif raw.lower() == "none":
+            value = None
         else:
             for conv in (int, float):
                 try:
@@ -79,7 +82,7 @@ def criterion_options(criterion: str, items) -> Dict[str, object]:
                     break
                 except ValueError:
                     continue
-        given[key.strip()] = value
+        given[key] = value
     try:
         return _criteria.resolve_options(_criteria.get(criterion), given)
     except (TypeError, ValueError) as e:

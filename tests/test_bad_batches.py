@@ -26,7 +26,11 @@ def test_label_batch_size_mismatch_is_torchs_error_with_the_batch_named(impl):
     x, y = torch.randn(6, 4), torch.arange(4) % 3
     with pytest.raises(ValueError, match=r"batch_size \(6\).*target batch_size \(4\)") as e:
         oba_ext.score(_mlp(), [(x, y)], impl=impl, progress=False)
-    assert "while scoring batch 0: inputs (6, 4) float32; targets (4,) int64" in _notes(e)
+    assert "oba_ext.score: while scoring batch 0: inputs (6, 4) float32; targets (4,) int64" \
+        in _notes(e)
+    with pytest.raises(ValueError, match="target batch_size") as e:
+        oba_ext.hvp(_mlp(), [(x, y)], {}, impl=impl)
+    assert "oba_ext.hvp: while scoring batch 0" in _notes(e)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

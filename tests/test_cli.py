@@ -235,6 +235,9 @@ def test_score_criterion_options(tmp_path, capsys):
     for key, t in want["fc"].tensors().items():
         assert_close_rel(saved["fc"][key], t, f"CLI hessian_trace fc.{key}", rtol=F32_REORDERED)
     assert not torch.allclose(default["fc"].out, want["fc"].out)
+    from oba_ext.workflow import criterion_options
+    assert criterion_options("hessian_trace", [" num_samples = 5", "weighted= TRUE"]) == {
+        "num_samples": 5, "seed": 0, "weighted": True}
     for bad, msg in ((["--criterion-option", "samples=3"], "has no option 'samples'"),
                      (["--criterion-option", "num_samples"], "expected KEY=VALUE")):
         with pytest.raises(SystemExit) as e:

@@ -55,7 +55,7 @@ def test_conv1d_is_a_target_layer_kind():
     layers = oba_ext.find_layers(hf)
     assert sorted(layers) == ["fc1", "fc2", "gate", "head"]
     assert {s.kind for s in layers.values()} == {"hf_conv1d"}
-    assert Conv1D in oba_ext.LAYER_KINDS
+    assert Conv1D in oba_ext.LAYER_KINDS and oba_ext.LAYER_KINDS.get(Conv1D) == "hf_conv1d"
 
 
 @pytest.mark.parametrize("kind", ["oba", "exact", "taylor"])
@@ -74,6 +74,7 @@ def test_conv1d_scores_equal_the_transposed_linear(kind, impl):
         assert_close_rel(g.out, w.out, f"{impl} {kind} {name}.out")
         assert_close_rel(g.inp, w.inp, f"{impl} {kind} {name}.in")
         assert_close_rel(g.weight, w.weight.t(), f"{impl} {kind} {name}.weight")
+        assert g.weight.is_contiguous()  # like the module's weight, not a transposed view
         if name == "head" and kind == "oba":
             # b ⊙ Σ C with C = 0 at the loss for oba (SPEC §3): zero by structure on both
             assert not g.bias.any() and not w.bias.any()

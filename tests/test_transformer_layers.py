@@ -1,6 +1,7 @@
-"""torch.nn's transformer layers on the engine (nn.TransformerEncoderLayer, nn.TransformerEncoder,
-nn.TransformerDecoderLayer): their fast-path checks cannot be traced by fx, so capture traces the
-slow path, the function autograd (and so the reference path) runs. Every quantity and key in
+"""torch.nn's transformer modules on the engine (nn.TransformerEncoderLayer/Encoder,
+nn.TransformerDecoderLayer/Decoder, nn.Transformer): fx cannot trace the encoder's fast-path
+checks, the decoder stack's causal-mask detection or nn.Transformer's size checks, so capture
+traces an equivalent without them, the function autograd (and so the reference path) runs. Every quantity and key in
 float64 per tensor against the reference (SPEC §7), with masks, both norm placements, both
 batch layouts; and the three quantities in one engine call (two second-order passes), which
 once double-recorded the attention's in-projection scores."""
@@ -89,3 +90,59 @@ def test_decoder_layer_matches_the_reference():
     model = DecoderNet().double().eval()
     assert {"dec.self_attn", "dec.multihead_attn", "dec.linear1", "mem"} <= set(find_layers(model))
     compare(model, *_xy(1))
+
+
+@pytest.mark.parametrize("which", ["layer", "encoder"])
+def test_bare_encoder_as_the_root_model(which):
+    """The layer itself as the model (capture's root): traced through the same equivalent."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, 2, dim_feedforward=12, dropout=0.0, batch_first=True)
+    model = (layer if which == "layer" else
+             nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)).double().eval()
+    x, _ = _xy(2)
+    y = torch.randn(B, T, E, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    compare(model, x, y, loss_fn=torch.nn.functional.mse_loss)
+    assert type(model) in (nn.TransformerEncoderLayer, nn.TransformerEncoder)  # restored
+
+
+class Seq2Seq(nn.Module):
+    """nn.Transformer (encoder-decoder stacks) with a causal target mask and padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.t = nn.Transformer(E, 2, num_encoder_layers=1, num_decoder_layers=2,
+                                dim_feedforward=12, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(E, 3)
+        self.register_buffer("causal", torch.ones(T, T, dtype=torch.bool).triu(1))
+        pad = torch.zeros(B, T, dtype=torch.bool)
+        pad[1, -1] = True
+        self.register_buffer("pad", pad)
+
+    def forward(self, x):
+        h = self.t(x, torch.tanh(x), tgt_mask=self.causal, src_key_padding_mask=self.pad,
+                   memory_key_padding_mask=self.pad)
+        return self.head(h.mean(1))
+
+
+def test_full_transformer_matches_the_reference():
+    torch.manual_seed(0)
+    model = Seq2Seq().double().eval()
+    layers = find_layers(model)
+    assert {"t.encoder.layers.0.self_attn", "t.decoder.layers.1.multihead_attn",
+            "t.decoder.layers.1.linear2", "head"} <= set(layers)
+    compare(model, *_xy(3))
+
+
+def test_plain_mha_all_quantities_in_one_call():
+    """taylor, oba and exact from one engine call (two second-order passes): the attention's
+    in-projection scores are recorded once per pass (they were recorded again, doubled)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(E, 2, batch_first=True)
+            self.head = nn.Linear(E, 3)
+
+        def forward(self, x):
+            return self.head(self.mha(x, x, x, need_weights=False)[0].mean(1))
+    torch.manual_seed(0)
+    compare(Net().double().eval(), *_xy(4))

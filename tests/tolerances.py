@@ -277,6 +277,9 @@ def train_bn_fed_layers(model: torch.nn.Module) -> set:
     train mode (ANALYTIC_ZERO["bn_train"]); found with torch.fx."""
     import torch.fx
     from torch import nn
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+               for m in model.modules()):
+        return set()  # nothing to find (and no need to trace: fx cannot trace every model)
     gm = torch.fx.symbolic_trace(model)
     mods = dict(gm.named_modules())
     out = set()

@@ -68,10 +68,41 @@ def _encoder_forward(m, src, mask=None, src_key_padding_mask=None, is_causal=Non
     return m.norm(out) if m.norm is not None else out
 
 
-#: forwards fx cannot trace (data-dependent fast-path checks) -> a traceable equivalent,
-#: used when the module's class does not override them
+def _decoder_forward(m, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+                     memory_key_padding_mask=None, tgt_is_causal=None, memory_is_causal=False):
+    """``nn.TransformerDecoder.forward`` without its causal-mask detection (a comparison of
+    the mask's values): the layers in turn, then the final norm (``tgt_is_causal`` is a hint;
+    with a mask the attention rule uses the mask)."""
+    out = tgt
+    for layer in m.layers:
+        out = layer(out, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                    tgt_key_padding_mask=tgt_key_padding_mask,
+                    memory_key_padding_mask=memory_key_padding_mask,
+                    tgt_is_causal=bool(tgt_is_causal), memory_is_causal=memory_is_causal)
+    return m.norm(out) if m.norm is not None else out
+
+
+def _transformer_forward(m, src, tgt, src_mask=None, tgt_mask=None, memory_mask=None,
+                         src_key_padding_mask=None, tgt_key_padding_mask=None,
+                         memory_key_padding_mask=None, src_is_causal=None, tgt_is_causal=None,
+                         memory_is_causal=False):
+    """``nn.Transformer.forward`` without its shape checks (Python comparisons of sizes):
+    encoder, then decoder."""
+    memory = m.encoder(src, mask=src_mask, src_key_padding_mask=src_key_padding_mask,
+                       is_causal=src_is_causal)
+    return m.decoder(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                     tgt_key_padding_mask=tgt_key_padding_mask,
+                     memory_key_padding_mask=memory_key_padding_mask,
+                     tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
+
+
+#: forwards fx cannot trace (data-dependent fast-path checks, mask-value detection, size
+#: checks) -> a traceable equivalent with the same signature, used for a module (submodule or
+#: the root) whose class does not override them. nn.TransformerDecoderLayer needs none.
 _TRACEABLE_FORWARDS = {nn.TransformerEncoderLayer.forward: _encoder_layer_forward,
-                       nn.TransformerEncoder.forward: _encoder_forward}
+                       nn.TransformerEncoder.forward: _encoder_forward,
+                       nn.TransformerDecoder.forward: _decoder_forward,
+                       nn.Transformer.forward: _transformer_forward}
 
 
 class _Tracer(fx.Tracer):
@@ -99,10 +130,19 @@ class _Tracer(fx.Tracer):
             return orig.__get__(None, cls)(*args, **kwargs)
 
         Function.apply = classmethod(apply)
+        # a root whose forward needs a traceable equivalent: trace it through a subclass whose
+        # forward is that equivalent (fx reads the class's forward), for the time of the trace
+        cls = type(root)
+        sub = _TRACEABLE_FORWARDS.get(cls.forward) if isinstance(root, nn.Module) else None
+        if sub is not None:
+            root.__class__ = type(cls.__name__, (cls,), {"forward": sub,
+                                                         "__module__": cls.__module__})
         try:
             return super().trace(root, concrete_args)
         finally:
             Function.apply = orig
+            if sub is not None:
+                root.__class__ = cls
 
     def call_module(self, m, forward, args, kwargs):
         inner = getattr(m, "_orig_mod", None)

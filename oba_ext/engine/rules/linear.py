@@ -61,10 +61,10 @@ class HFConv1DRule(LinearRule):
         return (g.reshape(-1, g.shape[-1]) @ w.t()).reshape(x_shape)
 
     def weight_score(self, module, w, grads, inputs):
-        return kernels.linear_weight_score(w.t(), grads, inputs).t()
+        return kernels.linear_weight_score(w.t(), grads, inputs).t().contiguous()
 
     def weight_product(self, module, w, grads, inputs):
-        return super().weight_product(module, w.t(), grads, inputs).t()
+        return super().weight_product(module, w.t(), grads, inputs).t().contiguous()
 
 
 register_module_lazy("transformers.pytorch_utils", "Conv1D")(HFConv1DRule())
