@@ -43,7 +43,7 @@ from .results import GRANULARITIES, LayerScores, ScoreResult
 from .targets import LayerSpec, find_layers, target_parameters
 
 _IMPLS = ("auto", "reference", "kernel")
-_CKPT_VERSION = 2  # 2: total_weight (per-sample-mean criteria)
+_CKPT_VERSION = 3  # 2: total_weight (per-sample-mean criteria); 3: sha256 fingerprints
 
 
 def _normalize_granularity(granularity) -> Tuple[str, ...]:
@@ -248,6 +248,8 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
         checkpoint: path of a score-state file, saved atomically every ``checkpoint_every``
             batches and at the end; when it exists, scoring resumes after the batches it holds
             (the first ``num_batches`` items of ``batches`` are skipped), with identical results.
+            A checkpoint of another run (kind, granularity, layers, options, or the sha256 of
+            the direction or of the model's state differ) raises ``ValueError``.
         distributed: all-reduce the accumulated sums over ``torch.distributed`` (default: when
             a process group is initialized with more than one rank). Each rank passes its own
             shard of batches; the result is the average over all ranks' batches. Under NCCL
@@ -316,8 +318,10 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
             "layers": sorted(layers)}
     if opts:
         meta["options"] = opts
-    if direction is not None:  # a fingerprint: names and sums of squares
-        meta["direction"] = {n: float(t.double().square().sum()) for n, t in direction.items()}
+    if direction is not None:
+        meta["direction"] = _fingerprint(direction)
+    if checkpoint is not None:  # a resumed run must score the same function of the same θ
+        meta["model"] = _fingerprint(model.state_dict(keep_vars=False))
     skip = 0
     if checkpoint is not None and os.path.exists(checkpoint):
         st = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -442,6 +446,21 @@ def _describe_batch(index, inputs, tgt, model, caller="oba_ext.score") -> str:
                 "dtype= to score a copy of the model in the batch's dtype)")
     return (f"{caller}: while scoring batch {index}: inputs {_tensors_brief(inputs)}; "
             f"targets {_tensors_brief(tgt)}; model parameters {mdt}{hint}")
+
+
+def _fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of the names, dtypes, shapes and values of ``tensors`` (a checkpoint's identity
+    for a direction or a model's state: any change of a value changes it)."""
+    import hashlib
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _engine_refusal():

@@ -57,3 +57,31 @@ def test_checkpoint_for_another_run_is_refused(tmp_path):
     oba_ext.score(model, batches[:2], kind="taylor", impl="reference", progress=False, checkpoint=ckpt)
     with pytest.raises(ValueError, match="checkpoint"):
         oba_ext.score(model, batches, kind="oba", impl="reference", progress=False, checkpoint=ckpt)
+
+
+def test_checkpoint_for_another_direction_or_other_weights_is_refused(tmp_path):
+    """The fingerprint is of the values (sha256), not of a norm: a direction with some signs
+    flipped (the same norm) or a model whose weights changed since the interruption is another
+    run (a fresh-user probe resumed both silently before)."""
+    model, batches = _setup()
+    g = torch.Generator().manual_seed(2)
+    v = {n: torch.randn(p.shape, generator=g, dtype=torch.float64)
+         for n, p in model.named_parameters()}
+    kw = dict(kind="exact", impl="reference", progress=False)
+    ckpt = str(tmp_path / "dir.ckpt")
+    oba_ext.score(model, batches[:2], direction=v, checkpoint=ckpt, **kw)
+    flipped = {n: t.clone() for n, t in v.items()}
+    flipped["0.weight"][0] *= -1
+    assert torch.equal(flipped["0.weight"].square().sum(), v["0.weight"].square().sum())
+    with pytest.raises(ValueError, match="checkpoint: .* different run"):
+        oba_ext.score(model, batches, direction=flipped, checkpoint=ckpt, **kw)
+    resumed = oba_ext.score(model, batches, direction=v, checkpoint=ckpt, **kw)  # same run: ok
+    assert resumed.num_batches == len(batches)
+    ckpt2 = str(tmp_path / "w.ckpt")
+    oba_ext.score(model, batches[:2], kind="oba", impl="reference", progress=False,
+                  checkpoint=ckpt2)
+    with torch.no_grad():
+        model[3].weight.mul_(2.0)
+    with pytest.raises(ValueError, match="checkpoint: .* different run"):
+        oba_ext.score(model, batches, kind="oba", impl="reference", progress=False,
+                      checkpoint=ckpt2)
