@@ -20,6 +20,7 @@ from typing import Dict, Iterable, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 from . import ReferenceScorer
 from .oracles import BilinearRecorder, FunctionalModel, _call, exact_hvp, oba_hvp
@@ -37,7 +38,7 @@ def full_direction(params: Dict[str, Tensor], direction: Dict[str, Tensor]) -> D
             for n, p in params.items()}
 
 
-def model_outputs(fm: FunctionalModel, values: Dict[str, Tensor]) -> Tensor:
+def model_outputs(fm: FunctionalModel, values: Dict[str, Tensor]):
     """``f_θ(x)`` with ``values`` substituted, under the same buffers (cloned), RNG replay and
     attention decomposition as :meth:`FunctionalModel.loss`."""
     bufs = {n: b.clone() for n, b in fm.buffers.items()}
@@ -47,22 +48,39 @@ def model_outputs(fm: FunctionalModel, values: Dict[str, Tensor]) -> Tensor:
 
 def ggn_vp(fm: FunctionalModel, params: Dict[str, Tensor],
            direction: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """``J_zᵀ H_loss J_z v`` restricted to ``params`` (``direction`` as :func:`full_direction`)."""
+    """``J_zᵀ H_loss J_z v`` restricted to ``params`` (``direction`` as :func:`full_direction`).
+
+    ``z`` is every floating tensor in the model's output — a tensor, or a tuple/dict/
+    ``ModelOutput`` of them (other leaves, e.g. a key/value cache object, are held fixed) — and
+    ``H_loss`` the Hessian of ``loss_fn(outputs, targets)`` in those tensors jointly."""
     p0 = {n: p.detach() for n, p in params.items()}
     d = full_direction(params, direction)
+    leaves, spec = pytree.tree_flatten(model_outputs(fm, p0))
+    slots = [i for i, t in enumerate(leaves)
+             if isinstance(t, Tensor) and t.is_floating_point()]
+    if not slots:
+        raise ValueError(f"kind='ggn': the model's output ({type(leaves[0]).__name__ if leaves else 'empty'}) "
+                         f"holds no floating tensor to take the loss's Hessian in")
 
-    def f(vals):
-        return model_outputs(fm, vals)
+    def rebuild(zs):
+        full = list(leaves)
+        for i, z in zip(slots, zs):
+            full[i] = z
+        return pytree.tree_unflatten(full, spec)
+
+    def f(vals):  # θ -> the output's floating tensors (a tuple)
+        out = pytree.tree_leaves(model_outputs(fm, vals))
+        return tuple(out[i] for i in slots)
 
     z, jv = torch.func.jvp(f, (p0,), (d,))
-    z, jv = z.detach(), jv.detach()
+    z, jv = tuple(t.detach() for t in z), tuple(t.detach() for t in jv)
 
     def grad_loss(zz):
-        return torch.func.grad(lambda u: fm.loss_fn(u, fm.targets))(zz)
+        return torch.func.grad(lambda u: fm.loss_fn(rebuild(u), fm.targets))(zz)
 
     _, hjv = torch.func.jvp(grad_loss, (z,), (jv,))
     _, pullback = torch.func.vjp(f, p0)
-    (out,) = pullback(hjv.detach())
+    (out,) = pullback(tuple(t.detach() for t in hjv))
     return {n: out[n].detach() for n in params}
 
 
