@@ -45,9 +45,11 @@ KINDS = ("exact", "oba", "ggn")
 
 
 # --------------------------------------------------------------------------------- helpers
-def check_direction(params: Mapping[str, Tensor], v, what: str = "v") -> Dict[str, Tensor]:
+def check_direction(params: Mapping[str, Tensor], v, what: str = "v",
+                    model: Optional[nn.Module] = None) -> Dict[str, Tensor]:
     """Validate a direction ``v`` ({target parameter name: tensor of its shape}) against
-    ``params`` and return it on the parameters' device and dtype (detached).
+    ``params`` and return it on the parameters' device and dtype (detached). ``model``: to name
+    the canonical name of a tied parameter passed under another owner's name.
 
     Raises ``TypeError`` (not a mapping / a value not a tensor) or ``ValueError`` (a name that
     is not a target parameter, a shape mismatch, a non-floating or non-finite tensor).
@@ -58,6 +60,11 @@ def check_direction(params: Mapping[str, Tensor], v, what: str = "v") -> Dict[st
     out = {}
     for name, t in v.items():
         if name not in params:
+            alias = _tied_alias(model, params, name)
+            if alias is not None:
+                raise ValueError(f"{what}: {name!r} is the same parameter as {alias!r} (tied "
+                                 f"weights are one parameter, named after its first owner); "
+                                 f"pass it as {alias!r}")
             known = list(params)
             raise ValueError(f"{what}: {name!r} is not a target parameter of the model; "
                              f"expected names like {known[:4]}{' ...' if len(known) > 4 else ''}")
@@ -73,6 +80,14 @@ def check_direction(params: Mapping[str, Tensor], v, what: str = "v") -> Dict[st
             raise ValueError(f"{what}[{name!r}]: contains NaN or Inf")
         out[name] = t.detach().to(device=p.device, dtype=p.dtype)
     return out
+
+
+def _tied_alias(model, params: Mapping[str, Tensor], name: str) -> Optional[str]:
+    """The name in ``params`` of the tensor ``model`` also calls ``name`` (tied weights)."""
+    if model is None:
+        return None
+    t = dict(model.named_parameters(remove_duplicate=False)).get(name)
+    return next((n for n, p in params.items() if p is t), None) if t is not None else None
 
 
 def make_curvature_scorer(model, layers, loss, impl: str, example, crit=None):
@@ -224,7 +239,7 @@ def hvp(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], kind: str 
     """
     r = _Runner(model, batches, kind, loss_fn, targets, ignore, max_batches, impl, device,
                 dtype, progress)
-    return r(check_direction(r.params, v))
+    return r(check_direction(r.params, v, model=r.model))
 
 
 # --------------------------------------------------------------------------------- operator

@@ -189,6 +189,11 @@ def _scan(model: nn.Module):
             covered.add(name)
         elif _int_attr(m, *_HEAD_ATTRS) is not None and kind_of(m) is None:
             headless.append((name, _why_headless(m)))
+    # a container whose head count is only its config's (GPT2LMHeadModel, GPT2Model) is not an
+    # attention block of its own when attention blocks were found inside it
+    headless = [(n, why) for n, why in headless
+                if not any(g.key == n or (g.key.startswith(n + ".") if n else True)
+                           for g in groups)]
     return groups, headless
 
 

@@ -311,7 +311,7 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
     curvature = direction is not None or crit.batch is not None
     if direction is not None:
         from .curvature import check_direction  # scipy stays unloaded unless curvature is used
-        direction = check_direction(target_parameters(layers), direction, "direction")
+        direction = check_direction(target_parameters(layers), direction, "direction", model)
 
     acc = _Accumulator(keep_per_batch)
     meta = {"version": _CKPT_VERSION, "kind": crit.name, "granularity": gran,

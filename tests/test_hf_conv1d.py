@@ -128,3 +128,12 @@ def test_gpt2_scores_its_conv1d_layers_and_heads():
                         + attn.out[16 + i * 4:16 + (i + 1) * 4].sum() + proj[i * 4:(i + 1) * 4].sum()
                         for i in range(2)])
     assert_close_rel(h, want, "gpt2 head = q/k/v out + c_proj in")
+
+
+def test_gpt2_heads_without_a_false_headless_warning():
+    """GPT2LMHeadModel and GPT2Model carry n_head only through their config: they are
+    containers of the attention blocks, not headless attention (a warning said so before)."""
+    from oba_ext.heads import headless_attention
+    cfg = transformers.GPT2Config(vocab_size=13, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(cfg)
+    assert headless_attention(model) == []

@@ -710,3 +710,27 @@ def test_bench_scoring_curvature_providers_compute_the_same_thing():
     ours = {layer: d["exact"]["out"] for layer, d in runs["hessian_trace[out]"].items()}
     for p in [p for p in runs if p.endswith("hessian_trace[out]") and p != "hessian_trace[out]"]:
         _assert_dict(runs[p], ours, f"{p} vs hessian_trace[out]")
+
+
+def test_tied_parameter_named_by_its_second_owner():
+    """A direction for a tied LM head names the parameter it shares (one parameter, scored and
+    moved under its first owner)."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(6, 4)
+            self.head = nn.Linear(4, 6, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, i):
+            return self.head(torch.tanh(self.emb(i)).mean(1))
+    m = Tied().double()
+    data = [(torch.randint(0, 6, (3, 4)), torch.randint(0, 6, (3,)))]
+    v = {"head.weight": torch.randn(6, 4, dtype=torch.float64)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tied: scored once under its first owner
+        with pytest.raises(ValueError, match="'head.weight' is the same parameter as "
+                                             "'emb.weight'.*pass it as 'emb.weight'"):
+            oba_ext.hvp(m, data, v)
+        with pytest.raises(ValueError, match="pass it as 'emb.weight'"):
+            oba_ext.score(m, data, kind="exact", direction=v, progress=False)
