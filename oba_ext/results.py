@@ -48,6 +48,11 @@ class LayerScores:
         d.update({f"parts.{k}": v for k, v in self.parts.items()})
         return d
 
+    def by_key(self) -> Dict[str, Tensor]:
+        """:meth:`tensors` keyed by score-key name, as strings name them everywhere
+        (granularity, ``per_batch``, the CLI's scores.pt/scores.json): ``"in"``, not ``"inp"``."""
+        return {("in" if k == "inp" else k): v for k, v in self.tensors().items()}
+
 
 class ScoreResult(Mapping[str, LayerScores]):
     """Mapping ``layer name -> LayerScores`` plus run metadata.
@@ -84,7 +89,7 @@ class ScoreResult(Mapping[str, LayerScores]):
         """A per-layer table: shapes and mean |score| per granularity."""
         rows = [f"{'layer':<32} {'gran':<8} {'shape':<18} {'mean|s|':>11} {'max|s|':>11}"]
         for name, ls in self.layers.items():
-            for g, t in ls.tensors().items():
+            for g, t in ls.by_key().items():
                 a = t.detach().abs().double()
                 rows.append(f"{name:<32} {g:<8} {str(tuple(t.shape)):<18} "
                             f"{a.mean().item():>11.4e} {a.max().item():>11.4e}")

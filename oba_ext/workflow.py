@@ -168,11 +168,11 @@ def run_score(args) -> dict:
         summary = {"model": args.model, "criterion": args.criterion,
                    "criterion_options": options, "impl": res.impl,
                    "num_batches": res.num_batches, "world_size": world, "seconds": seconds,
-                   "layers": {n: {k: list(t.shape) for k, t in ls.tensors().items()}
+                   "layers": {n: {k: list(t.shape) for k, t in ls.by_key().items()}
                               for n, ls in res.items()}}
         with staged_output(args.out, enabled=rank == 0) as tmp:
             if tmp is not None:
-                torch.save({n: ls.tensors() for n, ls in res.items()}, os.path.join(tmp, "scores.pt"))
+                torch.save({n: ls.by_key() for n, ls in res.items()}, os.path.join(tmp, "scores.pt"))
                 write_json(summary, os.path.join(tmp, "scores.json"))
         if rank == 0:
             print(res.summary())

@@ -177,7 +177,7 @@ def test_summary_and_progress(capsys):
     assert r.impl == "reference"
     lines = r.summary().splitlines()
     assert lines[0].split() == ["layer", "gran", "shape", "mean|s|", "max|s|"]
-    want = [(name, g, t) for name in r for g, t in r[name].tensors().items()]
+    want = [(name, g, t) for name in r for g, t in r[name].by_key().items()]
     assert len(lines) == 1 + len(want) and len(want) >= 4
     for line, (name, g, t) in zip(lines[1:], want):
         cols = line.split()
