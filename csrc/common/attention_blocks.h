@@ -109,6 +109,25 @@ struct Common {
   at::Tensor madd;  // additive mask expanded to (B, H, N_q, N_k), acc dtype, or undefined
 };
 
+inline Common make_common(const char* op, const Shapes& s, const at::Tensor& q,
+                          const c10::optional<at::Tensor>& mask,
+                          const c10::optional<double>& scale) {
+  Common c;
+  c.s = s;
+  c.Hkv = s.Hkv;
+  c.rep = s.Hkv > 0 ? s.H / s.Hkv : 1;
+  c.G = s.B * s.Hkv;
+  c.scale = resolve_scale(scale, s.D);
+  c.madd = additive_mask(op, mask, s, acc_dtype(q.scalar_type()), q.device());
+  return c;
+}
+
+// A dtype as a value, for the generic lambdas of Rows::dispatch.
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
 template <typename scalar_t, typename acc_t>
 rows::RowParams<scalar_t, acc_t> row_params(const Common& c, int64_t g0, int64_t ng, int64_t r0,
                                             int64_t R, bool causal) {
@@ -288,6 +307,45 @@ backward_blocks(Rows& rows_impl, const Common& c, const at::Tensor& q, const at:
     }
   }
   return {GQ, GK, GV, CQ, CK, CV};
+}
+
+// The two ops' bodies for both backends (arguments already checked): Common from the
+// arguments, then the blocks in q's dtype. `Rows::dispatch(dtype, f)` calls
+// f(TypeTag<scalar_t>{}) for the dtypes its backend supports.
+template <typename Rows>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(
+    Rows& rows_impl, const char* op, const Shapes& s, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const c10::optional<at::Tensor>& q_dot,
+    const c10::optional<at::Tensor>& k_dot, const c10::optional<at::Tensor>& v_dot,
+    const c10::optional<at::Tensor>& mask, bool is_causal, const c10::optional<double>& scale,
+    int64_t block_elems) {
+  const Common c = make_common(op, s, q, mask, scale);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  Rows::dispatch(q.scalar_type(), [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    out = forward_blocks<scalar_t>(rows_impl, c, q, k, v, q_dot, k_dot, v_dot, is_causal,
+                                   block_elems);
+  });
+  return out;
+}
+
+template <typename Rows>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
+    Rows& rows_impl, const char* op, const Shapes& s, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const c10::optional<at::Tensor>& q_dot,
+    const c10::optional<at::Tensor>& k_dot, const c10::optional<at::Tensor>& v_dot,
+    const at::Tensor& G_O, const c10::optional<at::Tensor>& C_O,
+    const c10::optional<at::Tensor>& mask, bool is_causal, const c10::optional<double>& scale,
+    const at::Tensor& lse, bool exact, int64_t block_elems) {
+  check_backward_extras(op, s, q, G_O, C_O, lse);
+  const Common c = make_common(op, s, q, mask, scale);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+  Rows::dispatch(q.scalar_type(), [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    out = backward_blocks<scalar_t>(rows_impl, c, q, k, v, q_dot, k_dot, v_dot, G_O, C_O, lse,
+                                    is_causal, exact, block_elems);
+  });
+  return out;
 }
 
 }  // namespace attention

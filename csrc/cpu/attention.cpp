@@ -29,51 +29,44 @@ struct CpuRows {
   template <typename T>
   using acc = at::opmath_type<T>;
 
-  template <typename scalar_t, typename acc_t>
-  void forward(const attention::rows::RowParams<scalar_t, acc_t>& p, int64_t nrows) {
+  template <typename F>
+  static void dispatch(at::ScalarType t, F&& f) {
+    AT_DISPATCH_FLOATING_TYPES(t, "attention_cpu", [&] { f(attention::TypeTag<scalar_t>{}); });
+  }
+
+  template <typename P, typename RowFn>
+  static void each_row(const P& p, int64_t nrows, RowFn row) {
     const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, p.geom.Nk));
     at::parallel_for(0, nrows, grain, [&](int64_t b, int64_t e) {
       const Lanes L{};
-      for (int64_t rho = b; rho < e; ++rho) attention::rows::forward_row(L, p, rho);
+      for (int64_t rho = b; rho < e; ++rho) row(L, p, rho);
+    });
+  }
+
+  template <typename scalar_t, typename acc_t>
+  void forward(const attention::rows::RowParams<scalar_t, acc_t>& p, int64_t nrows) {
+    each_row(p, nrows, [](const Lanes& L, const auto& q, int64_t rho) {
+      attention::rows::forward_row(L, q, rho);
     });
   }
 
   template <typename scalar_t, typename acc_t>
   void backward(const attention::rows::RowParams<scalar_t, acc_t>& p, int64_t nrows) {
-    const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, p.geom.Nk));
-    at::parallel_for(0, nrows, grain, [&](int64_t b, int64_t e) {
-      const Lanes L{};
-      for (int64_t rho = b; rho < e; ++rho) attention::rows::backward_row(L, p, rho);
+    each_row(p, nrows, [](const Lanes& L, const auto& q, int64_t rho) {
+      attention::rows::backward_row(L, q, rho);
     });
   }
 };
 
 Shapes check_cpu(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const c10::optional<at::Tensor>& q_dot, const c10::optional<at::Tensor>& k_dot,
-                 const c10::optional<at::Tensor>& v_dot) {
+                 const c10::optional<at::Tensor>& v_dot, int64_t block_elems) {
   Shapes s = attention::check_qkv(op, q, k, v, q_dot, k_dot, v_dot);
   TORCH_CHECK(q.device().is_cpu(), op, ": q must be a CPU tensor, got ", q.device());
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, op,
               ": the CPU kernel supports float32/float64, got ", q.scalar_type());
-  return s;
-}
-
-attention::Common common(const char* op, const Shapes& s, const at::Tensor& q,
-                         const c10::optional<at::Tensor>& mask,
-                         const c10::optional<double>& scale) {
-  attention::Common c;
-  c.s = s;
-  c.Hkv = s.Hkv;
-  c.rep = s.Hkv > 0 ? s.H / s.Hkv : 1;
-  c.G = s.B * s.Hkv;
-  c.scale = attention::resolve_scale(scale, s.D);
-  c.madd = attention::additive_mask(op, mask, s, attention::acc_dtype(q.scalar_type()),
-                                    q.device());
-  return c;
-}
-
-void check_block_elems(const char* op, int64_t block_elems) {
   TORCH_CHECK(block_elems >= 1, op, ": block_elems must be >= 1, got ", block_elems);
+  return s;
 }
 
 template <typename Lanes>
@@ -82,16 +75,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const c10::optional<at::Tensor>& q_dot, const c10::optional<at::Tensor>& k_dot,
     const c10::optional<at::Tensor>& v_dot, const c10::optional<at::Tensor>& mask,
     bool is_causal, c10::optional<double> scale, int64_t block_elems) {
-  const Shapes s = check_cpu(op, q, k, v, q_dot, k_dot, v_dot);
-  check_block_elems(op, block_elems);
-  const attention::Common c = common(op, s, q, mask, scale);
+  const Shapes s = check_cpu(op, q, k, v, q_dot, k_dot, v_dot, block_elems);
   CpuRows<Lanes> rows;
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_two_stream_forward", [&] {
-    out = attention::forward_blocks<scalar_t>(rows, c, q, k, v, q_dot, k_dot, v_dot, is_causal,
-                                              block_elems);
-  });
-  return out;
+  return attention::run_forward(rows, op, s, q, k, v, q_dot, k_dot, v_dot, mask, is_causal,
+                                scale, block_elems);
 }
 
 template <typename Lanes>
@@ -102,17 +89,10 @@ backward_impl(const char* op, const at::Tensor& q, const at::Tensor& k, const at
               const c10::optional<at::Tensor>& C_O, const c10::optional<at::Tensor>& mask,
               bool is_causal, c10::optional<double> scale, const at::Tensor& lse, bool exact,
               int64_t block_elems) {
-  const Shapes s = check_cpu(op, q, k, v, q_dot, k_dot, v_dot);
-  check_block_elems(op, block_elems);
-  attention::check_backward_extras(op, s, q, G_O, C_O, lse);
-  const attention::Common c = common(op, s, q, mask, scale);
+  const Shapes s = check_cpu(op, q, k, v, q_dot, k_dot, v_dot, block_elems);
   CpuRows<Lanes> rows;
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_second_order_backward", [&] {
-    out = attention::backward_blocks<scalar_t>(rows, c, q, k, v, q_dot, k_dot, v_dot, G_O, C_O,
-                                               lse, is_causal, exact, block_elems);
-  });
-  return out;
+  return attention::run_backward(rows, op, s, q, k, v, q_dot, k_dot, v_dot, G_O, C_O, mask,
+                                 is_causal, scale, lse, exact, block_elems);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_two_stream_forward_cpu(

@@ -75,45 +75,49 @@ struct WarpLanes {
   }
 };
 
-// A whole warp takes the same branch (its row index is uniform), so the shuffles stay full.
-template <typename scalar_t, typename acc_t>
+// One warp per row; a whole warp takes the same branch (its row index is uniform), so the
+// shuffles stay full.
+template <bool kBackward, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
-    attn_rows_forward_kernel(const rows::RowParams<scalar_t, acc_t> p, int64_t nrows) {
+    attn_rows_kernel(const rows::RowParams<scalar_t, acc_t> p, int64_t nrows) {
   const int64_t rho = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (rho >= nrows) return;
-  rows::forward_row(WarpLanes{static_cast<int>(threadIdx.x & 31)}, p, rho);
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32)
-    attn_rows_backward_kernel(const rows::RowParams<scalar_t, acc_t> p, int64_t nrows) {
-  const int64_t rho = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-  if (rho >= nrows) return;
-  rows::backward_row(WarpLanes{static_cast<int>(threadIdx.x & 31)}, p, rho);
+  const WarpLanes L{static_cast<int>(threadIdx.x & 31)};
+  if (kBackward) {
+    rows::backward_row(L, p, rho);
+  } else {
+    rows::forward_row(L, p, rho);
+  }
 }
 
 struct CudaRows {
   template <typename T>
   using acc = at::opmath_type<T>;
 
-  static dim3 grid(int64_t nrows) {
+  template <typename F>
+  static void dispatch(at::ScalarType t, F&& f) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "attention_cuda",
+                                    [&] { f(attention::TypeTag<scalar_t>{}); });
+  }
+
+  template <bool kBackward, typename scalar_t, typename acc_t>
+  static void launch(const rows::RowParams<scalar_t, acc_t>& p, int64_t nrows) {
     const int64_t blocks = (nrows + kWarpsPerBlock - 1) / kWarpsPerBlock;
     TORCH_CHECK(blocks <= INT32_MAX, "attention: ", nrows, " rows in one block is too many");
-    return dim3(static_cast<unsigned>(blocks));
+    attn_rows_kernel<kBackward, scalar_t, acc_t>
+        <<<dim3(static_cast<unsigned>(blocks)), kWarpsPerBlock * 32, 0,
+           c10::cuda::getCurrentCUDAStream()>>>(p, nrows);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
   template <typename scalar_t, typename acc_t>
   void forward(const rows::RowParams<scalar_t, acc_t>& p, int64_t nrows) {
-    attn_rows_forward_kernel<scalar_t, acc_t>
-        <<<grid(nrows), kWarpsPerBlock * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(p, nrows);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch<false>(p, nrows);
   }
 
   template <typename scalar_t, typename acc_t>
   void backward(const rows::RowParams<scalar_t, acc_t>& p, int64_t nrows) {
-    attn_rows_backward_kernel<scalar_t, acc_t>
-        <<<grid(nrows), kWarpsPerBlock * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(p, nrows);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch<true>(p, nrows);
   }
 };
 
@@ -128,20 +132,6 @@ Shapes check_cuda(const char* op, const at::Tensor& q, const at::Tensor& k, cons
   return s;
 }
 
-attention::Common common(const char* op, const Shapes& s, const at::Tensor& q,
-                         const c10::optional<at::Tensor>& mask,
-                         const c10::optional<double>& scale) {
-  attention::Common c;
-  c.s = s;
-  c.Hkv = s.Hkv;
-  c.rep = s.Hkv > 0 ? s.H / s.Hkv : 1;
-  c.G = s.B * s.Hkv;
-  c.scale = attention::resolve_scale(scale, s.D);
-  c.madd = attention::additive_mask(op, mask, s, attention::acc_dtype(q.scalar_type()),
-                                    q.device());
-  return c;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_two_stream_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const c10::optional<at::Tensor>& q_dot, const c10::optional<at::Tensor>& k_dot,
@@ -150,15 +140,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_two_stream_forward_cuda
   const char* op = "attention_two_stream_forward";
   const Shapes s = check_cuda(op, q, k, v, q_dot, k_dot, v_dot);
   const c10::cuda::CUDAGuard guard(q.device());
-  const attention::Common c = common(op, s, q, mask, scale);
   CudaRows rows;
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
-                                  "attention_two_stream_forward", [&] {
-    out = attention::forward_blocks<scalar_t>(rows, c, q, k, v, q_dot, k_dot, v_dot, is_causal,
-                                              attention::kCudaBlockElems);
-  });
-  return out;
+  return attention::run_forward(rows, op, s, q, k, v, q_dot, k_dot, v_dot, mask, is_causal,
+                                scale, attention::kCudaBlockElems);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -170,17 +154,10 @@ attention_second_order_backward_cuda(
     c10::optional<double> scale, const at::Tensor& lse, bool exact) {
   const char* op = "attention_second_order_backward";
   const Shapes s = check_cuda(op, q, k, v, q_dot, k_dot, v_dot);
-  attention::check_backward_extras(op, s, q, G_O, C_O, lse);
   const c10::cuda::CUDAGuard guard(q.device());
-  const attention::Common c = common(op, s, q, mask, scale);
   CudaRows rows;
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
-                                  "attention_second_order_backward", [&] {
-    out = attention::backward_blocks<scalar_t>(rows, c, q, k, v, q_dot, k_dot, v_dot, G_O, C_O,
-                                               lse, is_causal, exact, attention::kCudaBlockElems);
-  });
-  return out;
+  return attention::run_backward(rows, op, s, q, k, v, q_dot, k_dot, v_dot, G_O, C_O, mask,
+                                 is_causal, scale, lse, exact, attention::kCudaBlockElems);
 }
 
 }  // namespace
