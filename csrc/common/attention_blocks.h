@@ -4,9 +4,12 @@
 // softmax, softmax tangent and product-rule terms are one fused elementwise pass
 // (attention_rows.h). Only that elementwise pass differs per backend: `Rows` is
 //   struct { template <class scalar_t, class acc_t>
-//            void forward(const rows::RowParams<scalar_t, acc_t>&, int64_t nrows);
-//            ... backward(...) }
-// (csrc/cpu/attention.cpp: a loop over rows; csrc/cuda/attention.cu: one warp per row).
+//            void forward(const Common&, const RowBlock<scalar_t, acc_t>&);
+//            ... backward(...); static void dispatch(dtype, f) }
+// (csrc/cuda/attention.cu: the fused kernel of attention_rows.h, one warp per row;
+// csrc/cpu/attention.cpp: the same mathematics as whole-block ATen ops, vectorized by
+// ATen's runtime ISA dispatch, and, for the tests, the fused row functions of
+// attention_rows.h in the GPU's 32-lane decomposition).
 //
 // Blocking: the B·H_kv (batch, key/value head) groups and the N_q query rows are cut into
 // blocks of ng groups × R rows (× the rep = H/H_kv query heads of each group) with
@@ -36,10 +39,11 @@
 namespace oba_ext {
 namespace attention {
 
-// Default block budget: 2^16 score elements (256 KB per float32 buffer; the backward holds
-// four) keeps a CPU block in L2. The GPU wants bigger blocks to fill the device with GEMM
-// work: 2^24 elements (64 MB per float32 buffer).
-constexpr int64_t kCpuBlockElems = int64_t(1) << 16;
+// Default block budget. CPU: 2^17 score elements (512 KB per float32 buffer; the backward
+// holds four and a scratch), measured faster than 2^16 at N = 4096 (one thread: 15-25%, the
+// GEMMs pack K and V once per block) and no slower at N = 65 / 1024. The GPU wants bigger
+// blocks to fill the device with GEMM work: 2^24 elements (64 MB per float32 buffer).
+constexpr int64_t kCpuBlockElems = int64_t(1) << 17;
 constexpr int64_t kCudaBlockElems = int64_t(1) << 24;
 
 struct Blocking {
@@ -145,6 +149,23 @@ rows::RowParams<scalar_t, acc_t> row_params(const Common& c, int64_t g0, int64_t
   return p;
 }
 
+// One row block as a row pass sees it: the raw pointers of the fused kernels
+// (attention_rows.h) and the same buffers as (ng, rep·R, N_k) tensors (undefined where the
+// pointer is null), for a row pass built of ATen ops; lse as the block's (ng, rep, R) view of
+// the (B, H, N_q) lse.
+template <typename scalar_t, typename acc_t>
+struct RowBlock {
+  rows::RowParams<scalar_t, acc_t> p;
+  at::Tensor s, sd, ga, ca, lse;
+  int64_t nrows() const { return s.size(0) * s.size(1); }
+};
+
+// the block's (ng, rep, R) view of a contiguous (B, H, N_q) lse
+inline at::Tensor lse_rows(const Common& c, const at::Tensor& lse, int64_t g0, int64_t ng,
+                           int64_t r0, int64_t R) {
+  return lse.view({c.G, c.rep, c.s.Nq}).narrow(0, g0, ng).narrow(2, r0, R);
+}
+
 template <typename scalar_t, typename Rows>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_blocks(
     Rows& rows_impl, const Common& c, const at::Tensor& q, const at::Tensor& k,
@@ -187,11 +208,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_blocks(
         raw_d = bmm_or_undef(qdg.defined() ? rows_of(qdg, g0, ng, r0, R) : at::Tensor(), kbT);
         raw_d = bmm_add(raw_d, qb, kdbT);
       }
-      auto p = row_params<scalar_t, acc_t>(c, g0, ng, r0, R, is_causal);
-      p.s = raw.data_ptr<scalar_t>();
-      p.sd = raw_d.defined() ? raw_d.data_ptr<scalar_t>() : nullptr;
-      p.lse = lse.data_ptr<acc_t>();
-      rows_impl.template forward<scalar_t, acc_t>(p, raw.size(0) * raw.size(1));
+      RowBlock<scalar_t, acc_t> blk{row_params<scalar_t, acc_t>(c, g0, ng, r0, R, is_causal),
+                                    raw, raw_d, at::Tensor(), at::Tensor(),
+                                    lse_rows(c, lse, g0, ng, r0, R)};
+      blk.p.s = raw.data_ptr<scalar_t>();
+      blk.p.sd = raw_d.defined() ? raw_d.data_ptr<scalar_t>() : nullptr;
+      blk.p.lse = lse.data_ptr<acc_t>();
+      rows_impl.forward(c, blk);
       write_rows(Og, g0, ng, r0, R, at::bmm(raw, vb));
       if (tangent) {
         at::Tensor od = bmm_or_undef(raw_d, vb);
@@ -262,14 +285,15 @@ backward_blocks(Rows& rows_impl, const Common& c, const at::Tensor& q, const at:
         ca = bmm_add(ca, gob, vdbT);
         if (!ca.defined()) ca = at::zeros_like(raw);  // exact with Ȧ but C_A = 0
       }
-      auto p = row_params<scalar_t, acc_t>(c, g0, ng, r0, R, is_causal);
-      p.s = raw.data_ptr<scalar_t>();
-      p.sd = raw_d.defined() ? raw_d.data_ptr<scalar_t>() : nullptr;
-      p.ga = ga.data_ptr<scalar_t>();
-      p.ca = ca.defined() ? ca.data_ptr<scalar_t>() : nullptr;
-      p.lse = const_cast<acc_t*>(lse.data_ptr<acc_t>());
-      p.exact = exact;
-      rows_impl.template backward<scalar_t, acc_t>(p, raw.size(0) * raw.size(1));
+      RowBlock<scalar_t, acc_t> blk{row_params<scalar_t, acc_t>(c, g0, ng, r0, R, is_causal),
+                                    raw, raw_d, ga, ca, lse_rows(c, lse, g0, ng, r0, R)};
+      blk.p.s = raw.data_ptr<scalar_t>();
+      blk.p.sd = raw_d.defined() ? raw_d.data_ptr<scalar_t>() : nullptr;
+      blk.p.ga = ga.data_ptr<scalar_t>();
+      blk.p.ca = ca.defined() ? ca.data_ptr<scalar_t>() : nullptr;
+      blk.p.lse = const_cast<acc_t*>(lse.data_ptr<acc_t>());
+      blk.p.exact = exact;
+      rows_impl.backward(c, blk);
       // now raw = A, raw_d = Ȧ, ga = G_S, ca = C_S
       const at::Tensor& A = raw;
       const at::Tensor& GS = ga;

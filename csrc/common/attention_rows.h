@@ -15,8 +15,9 @@
 // Loop decomposition: a row is processed by `nl` lanes; lane l owns the columns
 // j = l, l + nl, l + 2nl, ... and row sums are lane partial sums combined by an xor
 // butterfly. The CUDA kernel runs one warp per row (nl = 32, the butterfly is __shfl_xor_sync);
-// the CPU kernel runs nl = 1 (plain loops); the CPU test op runs nl = 32 with the butterfly
-// emulated lane by lane (EmulatedWarp below), i.e. the GPU's arithmetic in the GPU's order.
+// the CPU test ops run nl = 32 with the butterfly emulated lane by lane (EmulatedWarp below),
+// i.e. the GPU's arithmetic in the GPU's order. (The public CPU ops compute the same
+// mathematics as whole-block ATen ops, vectorized: csrc/cpu/attention.cpp.)
 // All arithmetic is in acc_t (float32, or float64 for float64 inputs); buffers are scalar_t.
 #pragma once
 
@@ -226,17 +227,6 @@ template <typename T>
 OBA_HD T max2(T a, T b) {
   return a > b ? a : b;
 }
-
-// One lane covering the whole row (the CPU kernel).
-struct SerialLane {
-  static constexpr int n = 1;
-  template <typename F>
-  auto sum(F&& f) const { return f(0); }
-  template <typename F>
-  auto max(F&& f) const { return f(0); }
-  template <typename F>
-  void each(F&& f) const { f(0); }
-};
 
 // 32 lanes run one after the other, combined by the xor butterfly of a warp all-reduce
 // (offsets 16, 8, 4, 2, 1: x_l ← x_l ⊕ x_{l^o}); every lane ends with the same bits.

@@ -111,13 +111,13 @@ struct CudaRows {
   }
 
   template <typename scalar_t, typename acc_t>
-  void forward(const rows::RowParams<scalar_t, acc_t>& p, int64_t nrows) {
-    launch<false>(p, nrows);
+  void forward(const attention::Common&, const attention::RowBlock<scalar_t, acc_t>& b) {
+    launch<false>(b.p, b.nrows());
   }
 
   template <typename scalar_t, typename acc_t>
-  void backward(const rows::RowParams<scalar_t, acc_t>& p, int64_t nrows) {
-    launch<true>(p, nrows);
+  void backward(const attention::Common&, const attention::RowBlock<scalar_t, acc_t>& b) {
+    launch<true>(b.p, b.nrows());
   }
 };
 

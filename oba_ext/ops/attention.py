@@ -11,17 +11,19 @@ Layout (the same in ``oba_ext.reference.attention``, the pure-PyTorch twins):
     scale: s (None = 1/sqrt(D)). Tangents and ``C_O`` may be None (= zero).
 
 Kernels (``csrc/common/attention_blocks.h``, one host routine for both devices): blocks of
-(batch, key/value head) groups × query rows, at most 2^16 (CPU) / 2^24 (CUDA) score elements
+(batch, key/value head) groups × query rows, at most 2^17 (CPU) / 2^24 (CUDA) score elements
 each; per block the products (QKᵀ, Ṡ, G_O Vᵀ, C_A, then O, Ȯ and the gradients) are ATen
-GEMMs (BLAS / cuBLAS) and the row-wise softmax, its tangent and the product-rule terms one
-fused elementwise pass (``csrc/common/attention_rows.h``; a loop over rows on the CPU, one
-warp per row on the GPU). Extra memory: a few block-sized buffers, never N×N per head.
+GEMMs (BLAS / cuBLAS). The row-wise softmax, its tangent and the product-rule terms are one
+fused elementwise kernel on the GPU (``csrc/common/attention_rows.h``, one warp per row) and
+the same mathematics as whole-block ATen ops on the CPU (vectorized by ATen's run-time ISA
+dispatch). Extra memory: a few block-sized buffers, never N×N per head.
 CPU: float32/float64. CUDA: float32/float64/float16/bfloat16 (row arithmetic and ``lse`` in
 float32); compiled, not yet run on a GPU.
 
 ``torch.ops.oba_ext._attention_forward_config`` / ``_attention_backward_config`` (CPU only,
 for tests) are the same ops with two extra arguments: ``block_elems`` (the block budget) and
-``emulate_warp`` (run the row pass in the CUDA kernel's 32-lane decomposition).
+``emulate_warp`` (run the row pass as the CUDA kernel's own row functions, in its 32-lane
+decomposition, instead of the CPU's ATen ops).
 """
 from __future__ import annotations
 
