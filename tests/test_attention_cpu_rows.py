@@ -13,14 +13,14 @@ from test_attention_blocks import BLOCKS, SHAPES, _ids, run
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
-@pytest.mark.parametrize("mask_kind,causal", [(None, False), ("bool_head", False),
-                                              ("bool_batch", True), ("add", True)],
-                         ids=["nomask", "bool_head", "bool_batch+causal", "add+causal"])
-def test_cpu_row_pass_matches_twin(shape, mask_kind, causal, kernels):
+def test_cpu_row_pass_matches_twin(shape, kernels):
+    """No mask, per-head bool, per-batch bool + causal, additive + causal; every block budget."""
     kernels("cpu")
-    for block in BLOCKS:
-        run(shape, mask_kind, causal, exact=True, block=block, emulate=False)
-    run(shape, mask_kind, causal, exact=False, block=100, emulate=False)
+    for mask_kind, causal in ((None, False), ("bool_head", False), ("bool_batch", True),
+                              ("add", True)):
+        for block in BLOCKS:
+            run(shape, mask_kind, causal, exact=True, block=block, emulate=False)
+        run(shape, mask_kind, causal, exact=False, block=100, emulate=False)
 
 
 @pytest.mark.parametrize("block", [1, 3000, 1 << 16], ids=lambda b: f"block{b}")

@@ -26,24 +26,22 @@ namespace {
 using attention::present;
 using attention::Shapes;
 
-template <typename F>
-void dispatch_cpu(at::ScalarType t, F&& f) {
-  AT_DISPATCH_FLOATING_TYPES(t, "attention_cpu", [&] { f(attention::TypeTag<scalar_t>{}); });
-}
-
-// The row pass of the CPU ops: the mathematics of attention_rows.h (see there) as ATen ops over
-// the whole (ng, rep·R, N_k) block, in place over its buffers. ATen runs each op with the
-// vector ISA it picks at run time (AVX2 / AVX-512 exp, products and row sums) and its
-// intra-op threads; row sums are ATen's (a different rounding order than the GPU's lanes).
-struct AtenRows {
+// What both CPU row passes share: float32/float64, arithmetic in the input dtype.
+struct CpuRowsBase {
   template <typename T>
   using acc = at::opmath_type<T>;
 
   template <typename F>
   static void dispatch(at::ScalarType t, F&& f) {
-    dispatch_cpu(t, std::forward<F>(f));
+    AT_DISPATCH_FLOATING_TYPES(t, "attention_cpu", [&] { f(attention::TypeTag<scalar_t>{}); });
   }
+};
 
+// The row pass of the CPU ops: the mathematics of attention_rows.h (see there) as ATen ops over
+// the whole (ng, rep·R, N_k) block, in place over its buffers. ATen runs each op with the
+// vector ISA it picks at run time (AVX2 / AVX-512 exp, products and row sums) and its
+// intra-op threads; row sums are ATen's (a different rounding order than the GPU's lanes).
+struct AtenRows : CpuRowsBase {
   at::Tensor tmp;  // block-sized scratch of the row sums
 
   // Σ_j a_ij b_ij as (ng, rows, 1)
@@ -125,15 +123,7 @@ struct AtenRows {
 // The fused row functions of attention_rows.h in the CUDA kernel's decomposition (32 lanes
 // per row, an emulated xor butterfly), rows in parallel: the tests' view of the GPU's
 // arithmetic.
-struct EmulatedWarpRows {
-  template <typename T>
-  using acc = at::opmath_type<T>;
-
-  template <typename F>
-  static void dispatch(at::ScalarType t, F&& f) {
-    dispatch_cpu(t, std::forward<F>(f));
-  }
-
+struct EmulatedWarpRows : CpuRowsBase {
   template <typename P, typename RowFn>
   static void each_row(const P& p, int64_t nrows, RowFn row) {
     const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, p.geom.Nk));
