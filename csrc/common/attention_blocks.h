@@ -1,8 +1,8 @@
 // The host routine of the attention ops (SPEC §4), one for both backends: row blocks whose
 // products are ATen GEMMs (BLAS on the CPU, cuBLAS on the GPU: tensor cores for fp16/bf16,
 // and TF32 for float32 when torch.backends.cuda.matmul.allow_tf32 is set) and whose row-wise
-// softmax, softmax tangent and product-rule terms are one fused elementwise pass
-// (attention_rows.h). Only that elementwise pass differs per backend: `Rows` is
+// softmax, softmax tangent and product-rule terms are one elementwise row pass per block
+// (the mathematics of attention_rows.h). Only that row pass differs per backend: `Rows` is
 //   struct { template <class scalar_t, class acc_t>
 //            void forward(const Common&, const RowBlock<scalar_t, acc_t>&);
 //            ... backward(...); static void dispatch(dtype, f) }
