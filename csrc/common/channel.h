@@ -1,14 +1,17 @@
 // Host-side entry logic of channel_score_reduce, channel_score_reduce_add_ and
 // channel_first_order_reduce, shared by the CPU and CUDA files: argument checks, output
-// allocation, empty inputs, layout normalisation. Each backend only supplies
+// allocation, empty inputs, layout normalisation, and the dispatcher registration of the three
+// ops. Each backend only supplies
 //   reduce_into(const ChannelProblem&, const at::Tensor& second, const at::Tensor& first,
 //               bool accumulate)
-// (second is undefined for the first-order reduction).
+// (second is undefined for the first-order reduction) and calls
+// register_channel_ops<reduce_into>(m) from its TORCH_LIBRARY_IMPL block.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <torch/library.h>
 
 #include <optional>
 #include <tuple>
@@ -112,6 +115,40 @@ at::Tensor channel_first_order_reduce_entry(const at::Tensor& a, const at::Tenso
   reduce_into(make_channel_problem(a, std::nullopt, std::nullopt, d, dim, /*second=*/false),
               at::Tensor(), first, /*accumulate=*/false);
   return first;
+}
+
+// A backend's reduction of a non-empty, normalised problem (see the top of this file).
+using ChannelReduceIntoFn = void (*)(const ChannelProblem& prob, const at::Tensor& second,
+                                     const at::Tensor& first, bool accumulate);
+
+// The three ops of the backend whose reduction is ReduceInto, as the dispatcher calls them.
+template <ChannelReduceIntoFn ReduceInto>
+struct ChannelBackendOps {
+  static std::tuple<at::Tensor, at::Tensor> score_reduce(const at::Tensor& a,
+                                                         const std::optional<at::Tensor>& b,
+                                                         const std::optional<at::Tensor>& c,
+                                                         const at::Tensor& d, int64_t channel_dim) {
+    return channel_score_reduce_entry(a, b, c, d, channel_dim, ReduceInto);
+  }
+  static void score_reduce_add_(const at::Tensor& a, const std::optional<at::Tensor>& b,
+                                const std::optional<at::Tensor>& c, const at::Tensor& d,
+                                int64_t channel_dim, at::Tensor& second_acc, at::Tensor& first_acc) {
+    channel_score_reduce_add_entry(a, b, c, d, channel_dim, second_acc, first_acc, ReduceInto);
+  }
+  static at::Tensor first_order_reduce(const at::Tensor& a, const at::Tensor& d,
+                                       int64_t channel_dim) {
+    return channel_first_order_reduce_entry(a, d, channel_dim, ReduceInto);
+  }
+};
+
+// Registers channel_score_reduce, channel_score_reduce_add_ and channel_first_order_reduce
+// (defined in csrc/registration.cpp) for the dispatch key of `m`.
+template <ChannelReduceIntoFn ReduceInto>
+void register_channel_ops(torch::Library& m) {
+  using Ops = ChannelBackendOps<ReduceInto>;
+  m.impl("channel_score_reduce", &Ops::score_reduce);
+  m.impl("channel_score_reduce_add_", &Ops::score_reduce_add_);
+  m.impl("channel_first_order_reduce", &Ops::first_order_reduce);
 }
 
 // The output pointers of a reduction (second may be undefined: first-order only).

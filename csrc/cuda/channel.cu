@@ -131,31 +131,6 @@ void channel_reduce_into_cuda(const ChannelProblem& prob, const at::Tensor& seco
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> channel_score_reduce_cuda(const at::Tensor& a,
-                                                             const std::optional<at::Tensor>& b,
-                                                             const std::optional<at::Tensor>& c,
-                                                             const at::Tensor& d,
-                                                             int64_t channel_dim) {
-  return channel_score_reduce_entry(a, b, c, d, channel_dim, channel_reduce_into_cuda);
-}
-
-void channel_score_reduce_add__cuda(const at::Tensor& a, const std::optional<at::Tensor>& b,
-                                    const std::optional<at::Tensor>& c, const at::Tensor& d,
-                                    int64_t channel_dim, at::Tensor& second_acc,
-                                    at::Tensor& first_acc) {
-  channel_score_reduce_add_entry(a, b, c, d, channel_dim, second_acc, first_acc,
-                                 channel_reduce_into_cuda);
-}
-
-at::Tensor channel_first_order_reduce_cuda(const at::Tensor& a, const at::Tensor& d,
-                                           int64_t channel_dim) {
-  return channel_first_order_reduce_entry(a, d, channel_dim, channel_reduce_into_cuda);
-}
-
-TORCH_LIBRARY_IMPL(oba_ext, CUDA, m) {
-  m.impl("channel_score_reduce", &channel_score_reduce_cuda);
-  m.impl("channel_score_reduce_add_", &channel_score_reduce_add__cuda);
-  m.impl("channel_first_order_reduce", &channel_first_order_reduce_cuda);
-}
+TORCH_LIBRARY_IMPL(oba_ext, CUDA, m) { register_channel_ops<channel_reduce_into_cuda>(m); }
 
 }  // namespace oba_ext
