@@ -48,24 +48,42 @@ struct ChannelAcc<double> {
   using type = double;
 };
 
+// The terms of one index, for any value type V with +, -, * (a float, or a SIMD vector of
+// float64 lanes in the CPU kernels of csrc/cpu/channel_cpu_kernels.h): load(x, idx) reads input x
+// at idx as V. Every product, the difference b − d and the running sums are in V.
+template <typename Terms, typename V, typename Load, typename scalar_t>
+OBA_HD inline void channel_terms(const ChannelReduceParams<scalar_t>& p, int64_t idx,
+                                 const Load& load, V& s2, V& s1) {
+  const V av = load(p.a, idx);
+  const V dv = load(p.d, idx);
+  if constexpr (Terms::second) {
+    V t;
+    if constexpr (Terms::has_b) {
+      t = av * (load(p.b, idx) - dv);
+    } else {
+      t = -(av * dv);
+    }
+    if constexpr (Terms::has_c) t += load(p.c, idx) * dv;
+    s2 += t;
+  }
+  s1 += av * dv;
+}
+
+// Reads one input element converted to acc_t.
+template <typename acc_t>
+struct ChannelScalarLoad {
+  template <typename scalar_t>
+  OBA_HD acc_t operator()(const scalar_t* x, int64_t idx) const {
+    return static_cast<acc_t>(x[idx]);
+  }
+};
+
 // The terms of one element: every input is converted to acc_t first, so each product, the
 // difference b − d and the running sums are in acc_t (never in float16/bfloat16).
 template <typename Terms, typename acc_t, typename scalar_t>
 OBA_HD inline void channel_element(const ChannelReduceParams<scalar_t>& p, int64_t idx, acc_t& s2,
                                    acc_t& s1) {
-  const acc_t av = static_cast<acc_t>(p.a[idx]);
-  const acc_t dv = static_cast<acc_t>(p.d[idx]);
-  if constexpr (Terms::second) {
-    acc_t t;
-    if constexpr (Terms::has_b) {
-      t = av * (static_cast<acc_t>(p.b[idx]) - dv);
-    } else {
-      t = -(av * dv);
-    }
-    if constexpr (Terms::has_c) t += static_cast<acc_t>(p.c[idx]) * dv;
-    s2 += t;
-  }
-  s1 += av * dv;
+  channel_terms<Terms>(p, idx, ChannelScalarLoad<acc_t>{}, s2, s1);
 }
 
 // ---- launch plan -----------------------------------------------------------------------------
