@@ -138,12 +138,41 @@ def _channel_view(p, x):
     return None if p is None else p.view((1, -1) + (1,) * (x.dim() - 2))
 
 
-def _record_norm_out(ctx, g, y, channel_dims_to_keep):
+def _keep_for_score(ctx, y, channel_dims):
+    """For a scored norm layer (``ctx.layer`` set), keep its output y and the dims of y that
+    index its channels, for :func:`_record_norm_out` in the backward."""
+    if ctx.layer is not None:
+        ctx.y, ctx.norm_channel_dims = y, channel_dims
+
+
+def _record_norm_out(ctx, g):
+    """Record ``out_k = Σ [G⊙y]_k`` (module docstring; ``g`` the output gradient G, shaped as
+    y) over the dims kept by :func:`_keep_for_score`, once per sweep; no-op for an unscored
+    layer."""
     if ctx.layer is None or not (ctx.mode is None or ctx.first):
         return
-    keep = set(d % y.dim() for d in channel_dims_to_keep)
+    y = ctx.y
+    keep = set(d % y.dim() for d in ctx.norm_channel_dims)
     dims = [i for i in range(y.dim()) if i not in keep]
     ctx.record("taylor", "out", (g * y).sum(dims).reshape(-1))
+
+
+def _norm_backward(ctx, g, c):
+    """:meth:`_NormCore.backward` (``G_x``, ``C_x``), then the channel score of a scored layer."""
+    gx, cx = _NormCore.backward(ctx, g, c)
+    _record_norm_out(ctx, g)
+    return gx, cx
+
+
+def _layer_norm_forward(ctx, x, t, k, eps, weight, bias):
+    """LayerNorm (module or functional) over x's ``k`` trailing dims: ``(y, T_y)`` of
+    :meth:`_NormCore.forward` on ATen's fused kernels; a scored layer's channels are those
+    ``k`` dims (``weight``/``bias`` have their shape)."""
+    dims = list(range(x.dim() - k, x.dim()))
+    y, t_y = _NormCore.forward(ctx, x, t, dims, eps, weight, bias, _ident, _ident,
+                               layer_norm=True)
+    _keep_for_score(ctx, y, dims)
+    return y, t_y
 
 
 def _bn_forward(ctx, x, t, batch_stats, running_mean, running_var, weight, bias, eps):
@@ -170,8 +199,7 @@ def _bn_forward(ctx, x, t, batch_stats, running_mean, running_var, weight, bias,
             y = x * s + h
             t_y = t * s if t is not None else None
         ctx.s = s
-    if ctx.layer is not None:
-        ctx.y = y
+    _keep_for_score(ctx, y, (1,))
     return y, t_y
 
 
@@ -185,8 +213,7 @@ def _bn_backward(ctx, g, c):
         else:
             gx = g * ctx.s
             cx = c * ctx.s if c is not None else None
-    if ctx.layer is not None:
-        _record_norm_out(ctx, g, ctx.y, (1,))
+    _record_norm_out(ctx, g)
     return gx, cx
 
 
@@ -234,22 +261,11 @@ class FunctionalBatchNormRule:
 class LayerNormRule:
     def forward(self, call, ctx):
         m = call.module
-        x, t = call.inputs[0], call.tangents[0]
-        k = len(m.normalized_shape)
-        dims = list(range(x.dim() - k, x.dim()))
-        ctx.k = k
-        y, t_y = _NormCore.forward(ctx, x, t, dims, m.eps, m.weight, m.bias, _ident, _ident,
-                                   layer_norm=True)
-        if ctx.layer is not None:
-            ctx.y = y
-        return y, t_y
+        return _layer_norm_forward(ctx, call.inputs[0], call.tangents[0],
+                                   len(m.normalized_shape), m.eps, m.weight, m.bias)
 
     def backward(self, ctx, g, c):
-        gx, cx = _NormCore.backward(ctx, g, c)
-        if ctx.layer is not None:
-            y = ctx.y
-            _record_norm_out(ctx, g, y, range(y.dim() - ctx.k, y.dim()))
-        return [(gx, cx)]
+        return [_norm_backward(ctx, g, c)]
 
 
 class GroupNormRule:
@@ -262,15 +278,11 @@ class GroupNormRule:
         y, t_y = _NormCore.forward(ctx, x, t, dims, m.eps, _channel_view(m.weight, x),
                                    _channel_view(m.bias, x), lambda v: v.reshape(grouped),
                                    lambda v: v.reshape(shape))
-        if ctx.layer is not None:
-            ctx.y = y
+        _keep_for_score(ctx, y, (1,))
         return y, t_y
 
     def backward(self, ctx, g, c):
-        gx, cx = _NormCore.backward(ctx, g, c)
-        if ctx.layer is not None:
-            _record_norm_out(ctx, g, ctx.y, (1,))
-        return [(gx, cx)]
+        return [_norm_backward(ctx, g, c)]
 
 
 class FunctionalLayerNormRule:
@@ -283,21 +295,12 @@ class FunctionalLayerNormRule:
     def forward(self, call, ctx):
         a = _functional_args(call, ctx, ("input", "normalized_shape", "weight", "bias", "eps"),
                              "F.layer_norm")
-        x, t = call.inputs[0], call.tangents[0]
-        k = len(tuple(a["normalized_shape"]))
-        dims = list(range(x.dim() - k, x.dim()))
-        ctx.k = k
-        y, t_y = _NormCore.forward(ctx, x, t, dims, a.get("eps", 1e-5), a.get("weight"),
-                                   a.get("bias"), _ident, _ident, layer_norm=True)
-        if ctx.layer is not None:
-            ctx.y = y
-        return y, t_y
+        return _layer_norm_forward(ctx, call.inputs[0], call.tangents[0],
+                                   len(tuple(a["normalized_shape"])), a.get("eps", 1e-5),
+                                   a.get("weight"), a.get("bias"))
 
     def backward(self, ctx, g, c):
-        gx, cx = _NormCore.backward(ctx, g, c)
-        if ctx.layer is not None:
-            _record_norm_out(ctx, g, ctx.y, range(ctx.y.dim() - ctx.k, ctx.y.dim()))
-        return [(gx, cx)] + [None] * (ctx.n_inputs - 1)
+        return [_norm_backward(ctx, g, c)] + [None] * (ctx.n_inputs - 1)
 
 
 register_module(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)(BatchNormRule())
