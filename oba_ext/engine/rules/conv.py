@@ -41,12 +41,17 @@ class ConvRule(TwoStreamLayerRule):
         return torch.ops.aten.convolution(x, w, None, stride, padding, dilation, False,
                                           [0] * (w.dim() - 2), groups)
 
-    def input_grad(self, module, g, w, x_shape):
+    def _backward(self, module, g, x, w, output_mask):
+        """``aten.convolution_backward`` of this (bias-free, not transposed) convolution:
+        ``(Wᵀ⊛g, gᵀ⊛x, None)``, each computed only where ``output_mask`` (3 bools) asks."""
         stride, padding, dilation, groups = self._params(module)
+        return torch.ops.aten.convolution_backward(
+            g, x, w, None, stride, padding, dilation, False, [0] * (w.dim() - 2), groups,
+            output_mask)
+
+    def input_grad(self, module, g, w, x_shape):
         x_like = g.new_empty(()).expand(x_shape)
-        gx, _, _ = torch.ops.aten.convolution_backward(
-            g, x_like, w, None, stride, padding, dilation, False, [0] * (w.dim() - 2), groups,
-            [True, False, False])
+        gx, _, _ = self._backward(module, g, x_like, w, [True, False, False])
         return gx
 
     def weight_score(self, module, w, grads, inputs):
@@ -55,20 +60,14 @@ class ConvRule(TwoStreamLayerRule):
 
     def weight_product(self, module, w, grads, inputs):
         # one weight-gradient convolution over the batch-stacked streams (aten's own wgrad)
-        stride, padding, dilation, groups = self._params(module)
         g = grads[0] if len(grads) == 1 else torch.cat(grads, 0)
         x = inputs[0] if len(inputs) == 1 else stack_pair(*inputs) if len(inputs) == 2 else \
             torch.cat(inputs, 0)
-        _, gw, _ = torch.ops.aten.convolution_backward(
-            g, x, w, None, stride, padding, dilation, False, [0] * (w.dim() - 2), groups,
-            [False, True, False])
+        _, gw, _ = self._backward(module, g, x, w, [False, True, False])
         return gw
 
     def input_and_weight_grad(self, module, g, x, w):
-        stride, padding, dilation, groups = self._params(module)
-        gx, gw, _ = torch.ops.aten.convolution_backward(
-            g, x, w, None, stride, padding, dilation, False, [0] * (w.dim() - 2), groups,
-            [True, True, False])
+        gx, gw, _ = self._backward(module, g, x, w, [True, True, False])
         return gx, gw
 
     def channel_dims(self, y):
@@ -108,23 +107,17 @@ class ConvTransposeRule(ConvRule):
         return torch.ops.aten.convolution(x, w, None, stride, padding, dilation, True, out_pad,
                                           groups)
 
-    def _backward(self, module, g, x, w, mask):
+    def _backward(self, module, g, x, w, output_mask):
+        """``aten.convolution_backward(transposed=True)``; what :meth:`ConvRule.input_grad` and
+        :meth:`ConvRule.input_and_weight_grad` call."""
         stride, padding, dilation, out_pad, groups = self._params(module)
         return torch.ops.aten.convolution_backward(g, x, w, None, stride, padding, dilation, True,
-                                                   out_pad, groups, mask)
-
-    def input_grad(self, module, g, w, x_shape):
-        x_like = g.new_empty(()).expand(x_shape)
-        return self._backward(module, g, x_like, w, [True, False, False])[0]
+                                                   out_pad, groups, output_mask)
 
     def weight_product(self, module, w, grads, inputs):
         g = grads[0] if len(grads) == 1 else torch.cat(grads)
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
         return self._backward(module, g, x, w, [False, True, False])[1]
-
-    def input_and_weight_grad(self, module, g, x, w):
-        gx, gw, _ = self._backward(module, g, x, w, [True, True, False])
-        return gx, gw
 
     def weight_score(self, module, w, grads, inputs):
         return w * self.weight_product(module, w, grads, inputs)

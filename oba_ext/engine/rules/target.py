@@ -137,22 +137,10 @@ class TwoStreamLayerRule:
         keys, mode, first = ctx.keys, ctx.mode, ctx.first
         if "out" in keys:
             od, _ = self.channel_dims(ctx.y)
-            if mode is None:
-                ctx.record("taylor", "out", kernels.channel_first_order_reduce(g, ctx.y, od))
-            else:
-                second, fst = kernels.channel_score_reduce(g, ctx.t_y, c, ctx.y, od)
-                ctx.record(mode, "out", second)
-                if first:
-                    ctx.record("taylor", "out", fst)
+            _record_channel_scores(ctx, "out", g, ctx.t_y, c, ctx.y, od)
         if "in" in keys and not skip_in:
             _, idim = self.channel_dims(ctx.x)
-            if mode is None:
-                ctx.record("taylor", "in", kernels.channel_first_order_reduce(gx, ctx.x, idim))
-            else:
-                second, fst = kernels.channel_score_reduce(gx, ctx.t, cx, ctx.x, idim)
-                ctx.record(mode, "in", second)
-                if first:
-                    ctx.record("taylor", "in", fst)
+            _record_channel_scores(ctx, "in", gx, ctx.t, cx, ctx.x, idim)
         if "weight" in keys:
             if mode is not None:
                 grads, inputs = [], []
@@ -306,6 +294,21 @@ class TwoStreamLayerRule:
             if s is None:
                 s = torch.zeros(x.shape[idim], dtype=acc, device=x.device)
             record(mode, "in", s)
+
+
+def _record_channel_scores(ctx, key, grad, tangent, cot, value, dim):
+    """Record the channel scores of ``key`` ("out": ``grad, tangent, cot, value = G, T_Y, C, Y``;
+    "in": ``G_X, T_X, C_X, X``) summed over every dim but ``dim`` (module docstring):
+    ``Σ [grad⊙(tangent−value) + cot⊙value]`` under ``ctx.mode`` and, on the first sweep, the
+    first-order ``Σ [grad⊙value]`` under "taylor"; with ``ctx.mode = None`` the first-order one
+    only (``tangent``/``cot`` unused). ``None`` streams are zeros."""
+    if ctx.mode is None:
+        ctx.record("taylor", key, kernels.channel_first_order_reduce(grad, value, dim))
+        return
+    second, fst = kernels.channel_score_reduce(grad, tangent, cot, value, dim)
+    ctx.record(ctx.mode, key, second)
+    if ctx.first:
+        ctx.record("taylor", key, fst)
 
 
 def _acc_dtype(x):
