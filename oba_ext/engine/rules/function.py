@@ -23,6 +23,7 @@ from torch.autograd import forward_ad as fwAD
 from torch.utils import _pytree as pytree
 
 from ...reference import functions as _fn
+from .autodiff import is_float, unpack_duals
 
 
 class FunctionApply:
@@ -50,16 +51,12 @@ class FunctionApply:
         return f"<autograd.Function {_fn.function_name(self.cls)}.apply>"
 
 
-def _floating(t) -> bool:
-    return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
-
-
 class FunctionRule:
     def forward(self, call, ctx):
         cls = call.fn.cls
         n = len(call.inputs)
-        diff = [i for i in range(n) if _floating(call.inputs[i]) and call.needs[i]]
-        tan_in = [i for i in range(n) if call.tangents[i] is not None and _floating(call.inputs[i])]
+        diff = [i for i in range(n) if is_float(call.inputs[i]) and call.needs[i]]
+        tan_in = [i for i in range(n) if call.tangents[i] is not None and is_float(call.inputs[i])]
         ctx.cls, ctx.diff = cls, diff
         leaves, spec, slots, fn = call._leaves, call._spec, call._slots, call.fn
 
@@ -85,15 +82,7 @@ class FunctionRule:
                 vals[i] = fwAD.make_dual(vals[i], call.tangents[i].to(vals[i].dtype))
             out = invoke(vals)
             flat, spec_out = pytree.tree_flatten(out)
-            prim, tan = [], []
-            for o in flat:
-                if isinstance(o, torch.Tensor):
-                    u = fwAD.unpack_dual(o)
-                    prim.append(u.primal)
-                    tan.append(u.tangent)
-                else:
-                    prim.append(o)
-                    tan.append(None)
+            prim, tan = unpack_duals(flat)
         y = pytree.tree_unflatten(prim, spec_out)
         if isinstance(y, torch.Tensor):
             return y, tan[0]
@@ -116,7 +105,7 @@ class FunctionRule:
             out = invoke(vals)
             flat, spec_out = pytree.tree_flatten(out)
             idx = [k for k, o in enumerate(flat)
-                   if isinstance(o, torch.Tensor) and _floating(o) and o.requires_grad]
+                   if isinstance(o, torch.Tensor) and is_float(o) and o.requires_grad]
             tan = [None] * len(flat)
             if idx:
                 us = [torch.zeros_like(flat[k]).requires_grad_(True) for k in idx]
@@ -158,7 +147,7 @@ class FunctionRule:
             gl = g if isinstance(g, (list, tuple)) else [g]
             cl = (c if isinstance(c, (list, tuple)) else [c]) if c is not None else [None] * len(gl)
             outs = [(o, gi, ci) for o, gi, ci in zip(flat_out, gl, cl)
-                    if isinstance(o, torch.Tensor) and o.requires_grad and _floating(o)]
+                    if isinstance(o, torch.Tensor) and o.requires_grad and is_float(o)]
             if not outs:
                 return result
             go = [gi if gi is not None else torch.zeros_like(o) for o, gi, _ in outs]

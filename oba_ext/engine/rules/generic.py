@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .autodiff import is_float, op_of, streamed_inputs
+
 _WARNED = set()
 
 # ---------------------------------------------------------------------------------------------
@@ -165,15 +167,23 @@ def op_name(call) -> str:
     return _target_name(node)
 
 
-def _is_random(node, module) -> bool:
+def _node_in(node, module, module_test, methods, functions) -> bool:
+    """Whether an fx ``node`` is one of a set of ops: a module call whose ``module`` passes
+    ``module_test``, a method call named in ``methods``, or a function call whose target is in
+    ``functions`` (an unhashable target is in none)."""
     if node.op == "call_module":
-        return isinstance(module, RANDOM_MODULES) and module.training
+        return module_test(module)
     if node.op == "call_method":
-        return node.target in RANDOM_METHODS
+        return node.target in methods
     try:
-        return node.target in RANDOM_FUNCTIONS
+        return node.target in functions
     except TypeError:
         return False
+
+
+def _is_random(node, module) -> bool:
+    return _node_in(node, module, lambda m: isinstance(m, RANDOM_MODULES) and m.training,
+                    RANDOM_METHODS, RANDOM_FUNCTIONS)
 
 
 def _safe_kind(node, module) -> Optional[str]:
@@ -288,15 +298,8 @@ def warn_once(call, mode_note: str):
 def _has_own_rule(call) -> bool:
     """Whether the node has a registered rule (which then delegated to this one)."""
     from . import FUNCTION_RULES, METHOD_RULES, module_rule
-    node = call.node
-    if node.op == "call_module":
-        return module_rule(call.module) is not None
-    if node.op == "call_method":
-        return node.target in METHOD_RULES
-    try:
-        return node.target in FUNCTION_RULES
-    except TypeError:
-        return False
+    return _node_in(call.node, call.module, lambda m: module_rule(m) is not None, METHOD_RULES,
+                    FUNCTION_RULES)
 
 
 def _capture_error(msg):
@@ -314,10 +317,6 @@ def _fill(cot, ref):
     return cot
 
 
-def _is_float(v) -> bool:
-    return isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
-
-
 class GenericRule:
     """``GenericRule(warn)``: the fallback (``warn=True``: checks the op against the allow-list
     and the random ops, warns once) or a registered rule's delegate (``warn=False``)."""
@@ -333,22 +332,14 @@ class GenericRule:
             if reason is not None:
                 raise _capture_error(reason)
             n_streams = sum(1 for x, t, n in zip(call.inputs, call.tangents, call.needs)
-                            if _is_float(x) and (t is not None or n))
+                            if is_float(x) and (t is not None or n))
             ctx.oba_reason = oba_refusal(call.node, call.module, n_streams)
             warn_once(call, "exact for taylor and exact" + (
                 "; an oba run refuses it" if ctx.oba_reason else
                 ", and for oba: it holds no product of two θ-dependent values"))
-        active = [i for i, x in enumerate(call.inputs) if _is_float(x)]
-        active = [i for i in active if call.tangents[i] is not None or call.needs[i]]
-        base = list(call.inputs)
+        active = streamed_inputs(call)
         ctx.n_inputs = len(call.inputs)
-
-        def invoke(*xs):
-            vals = list(base)
-            for i, v in zip(active, xs):
-                vals[i] = v
-            return call.invoke(vals)
-
+        invoke = op_of(call, active)
         primals = tuple(call.inputs[i] for i in active)
         if not primals:  # nothing to differentiate
             ctx.primals = ()
@@ -356,7 +347,7 @@ class GenericRule:
         # differentiate only the floating leaves of the output: masks and indices carry nothing
         y = invoke(*primals)
         leaves, spec = pytree.tree_flatten(y)
-        float_pos = [k for k, v in enumerate(leaves) if _is_float(v)]
+        float_pos = [k for k, v in enumerate(leaves) if is_float(v)]
         ctx.out_spec, ctx.out_leaves, ctx.float_pos = spec, len(leaves), float_pos
         if not float_pos:
             ctx.primals = ()

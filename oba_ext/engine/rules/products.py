@@ -35,10 +35,7 @@ from torch.utils import _pytree as pytree
 
 from . import register_function, register_method, register_module
 from .arith import BilinearRule
-
-
-def _is_float(v) -> bool:
-    return isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
+from .autodiff import is_float, op_of, streamed_inputs, unpack_duals
 
 
 class _Rng:
@@ -73,16 +70,8 @@ class DecomposedRule:
     def forward(self, call, ctx):
         from ...reference.oracles import BilinearRecorder
 
-        active = [i for i, x in enumerate(call.inputs)
-                  if _is_float(x) and (call.tangents[i] is not None or call.needs[i])]
-        base = list(call.inputs)
-
-        def f(*xs):
-            vals = list(base)
-            for i, v in zip(active, xs):
-                vals[i] = v
-            return call.invoke(vals)
-
+        active = streamed_inputs(call)
+        f = op_of(call, active)
         primals = tuple(call.inputs[i] for i in active)
         tangents = [call.tangents[i] for i in active]
         ctx.f, ctx.active, ctx.primals, ctx.n_inputs = f, active, primals, len(call.inputs)
@@ -97,15 +86,7 @@ class DecomposedRule:
                 with rec:
                     out = f(*duals)
                 leaves, spec = pytree.tree_flatten(out)
-                ys, ts = [], []
-                for v in leaves:
-                    if isinstance(v, torch.Tensor):
-                        u = fwAD.unpack_dual(v)
-                        ys.append(u.primal)
-                        ts.append(u.tangent if _is_float(v) else None)
-                    else:
-                        ys.append(v)
-                        ts.append(None)
+                ys, ts = unpack_duals(leaves)
             y = pytree.tree_unflatten(ys, spec)
             t_y = ts[0] if isinstance(y, torch.Tensor) else pytree.tree_unflatten(ts, spec)
             ctx.tnodes = rec.nodes
@@ -115,7 +96,7 @@ class DecomposedRule:
                 y = f(*primals)
             t_y = None
         leaves, spec = pytree.tree_flatten(y)
-        ctx.out_spec, ctx.float_pos = spec, [k for k, v in enumerate(leaves) if _is_float(v)]
+        ctx.out_spec, ctx.float_pos = spec, [k for k, v in enumerate(leaves) if is_float(v)]
         ctx.n_out = len(leaves)
         return y, t_y
 
