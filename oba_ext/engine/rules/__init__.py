@@ -69,12 +69,20 @@ METHOD_RULES: Dict[str, Any] = {}
 UNSUPPORTED: Dict[Any, str] = {}
 
 
-def register_module(*classes):
+def _registrar(table: Dict, keys):
+    """A decorator ``deco(rule) -> rule`` storing ``rule`` under each of ``keys`` in ``table``
+    (a later registration of the same key replaces the earlier one)."""
     def deco(rule):
-        for c in classes:
-            MODULE_RULES[c] = rule
+        for k in keys:
+            table[k] = rule
         return rule
     return deco
+
+
+def register_module(*classes):
+    """``register_module(nn.Conv1d, ...)(rule)``: the rule of these module classes (and of
+    subclasses that keep their ``forward``, :func:`module_rule`)."""
+    return _registrar(MODULE_RULES, classes)
 
 
 #: (module path, class name, rule) for classes of optional packages, registered by
@@ -97,19 +105,13 @@ def _resolve_lazy_rules() -> None:
 
 
 def register_function(*fns):
-    def deco(rule):
-        for f in fns:
-            FUNCTION_RULES[f] = rule
-        return rule
-    return deco
+    """``register_function(torch.relu, F.relu, ...)(rule)``: the rule of these functions."""
+    return _registrar(FUNCTION_RULES, fns)
 
 
 def register_method(*names):
-    def deco(rule):
-        for n in names:
-            METHOD_RULES[n] = rule
-        return rule
-    return deco
+    """``register_method("relu", ...)(rule)``: the rule of these tensor-method names."""
+    return _registrar(METHOD_RULES, names)
 
 
 def module_rule(module: nn.Module):
