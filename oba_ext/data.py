@@ -3,8 +3,9 @@
 ==============  ===================================================================  =========
 name            source                                                               input
 ==============  ===================================================================  =========
-``cifar10``     ``ROOT/cifar-10-batches-py`` (torchvision's pickle format)          3×32×32
-``cifar100``    ``ROOT/cifar-100-python`` (torchvision's pickle format)              3×32×32
+``cifar10``     ``ROOT/cifar-10-batches-py``: the official files, read by            3×32×32
+                ``torchvision.datasets.CIFAR10(ROOT, download=False)``
+``cifar100``    ``ROOT/cifar-100-python``, by ``torchvision.datasets.CIFAR100``      3×32×32
 ``imagefolder`` ``ROOT/{train,val}/<class>/*.png|jpg`` (ImageNet layout) or          3×S×S
                 ``ROOT/<class>/*`` directly
 ``digits``      scikit-learn's bundled 8×8 digits (1,797 images, 10 classes),        1×S×S
@@ -43,81 +44,73 @@ class DatasetInfo:
     input_shape: Tuple[int, int, int]  # (C, H, W)
 
 
-def _normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    m = torch.tensor(mean, dtype=x.dtype).view(-1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(-1, 1, 1)
-    return (x - m) / s
-
-
 # --------------------------------------------------------------------------- CIFAR
-_CIFAR = {
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
-                b"labels", 10),
-    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", 100),
-}
+#: dataset name -> (class name in ``torchvision.datasets``, number of classes)
+_CIFAR = {"cifar10": ("CIFAR10", 10), "cifar100": ("CIFAR100", 100)}
 
 
-def _read_cifar_file(path: str, label_key: bytes):
-    if not os.path.isfile(path):
-        raise DatasetError(f"root: missing CIFAR file {path!r}")
-    try:
-        with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        data = np.asarray(d[b"data"], dtype=np.uint8)
-        labels = np.asarray(d[label_key], dtype=np.int64)
-    except DatasetError:
-        raise
-    except Exception as e:
-        raise DatasetError(f"root: {path!r} is not a CIFAR pickle with b'data' and {label_key!r} "
-                           f"({type(e).__name__}: {e})") from None
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
-        raise DatasetError(f"root: {path!r} has data of shape {data.shape} and {len(labels)} labels; "
-                           f"expected (N, 3072) uint8 rows and N labels")
-    return data, labels
+def _cifar_files(cls) -> list:
+    """``[(file, md5)]``: every file of the official release that ``cls`` reads and checks."""
+    return [tuple(f) for f in cls.train_list + cls.test_list] + [(cls.meta["filename"],
+                                                                  cls.meta["md5"])]
+
+
+def _cifar_md5_failures(cls, base: str) -> str:
+    """The files in ``base`` whose MD5 differs from the official release (torchvision says
+    only "not found or corrupted")."""
+    from torchvision.datasets.utils import check_integrity
+    bad = [f for f, md5 in _cifar_files(cls) if not check_integrity(os.path.join(base, f), md5)]
+    if not bad:  # a file changed between torchvision's check and this one
+        return "torchvision's integrity check failed"
+    return f"{', '.join(bad)} fail{'s' if len(bad) == 1 else ''} the MD5 check"
 
 
 def cifar(root: str, name: str = "cifar10", train: bool = True, augment: bool = False) -> DatasetInfo:
-    """CIFAR-10/100 from ``root`` in torchvision's format (``torchvision.datasets.CIFAR10(root,
-    download=False)`` reads the same folder). Images (3, 32, 32) float32, per-channel normalized;
-    ``augment`` adds torchvision's ``RandomCrop(32, padding=4)`` and ``RandomHorizontalFlip``.
+    """CIFAR-10/100 from ``root`` by ``torchvision.datasets.CIFAR10/CIFAR100(root, train,
+    download=False)``: ``root/cifar-10-batches-py`` (``root/cifar-100-python``) holding the
+    official python-version files, whose MD5s torchvision checks. Items: image (3, 32, 32)
+    float32 (``ToTensor``, then per-channel ``Normalize`` by :data:`CIFAR_MEAN`/``CIFAR_STD``),
+    label int. ``augment`` appends ``RandomCrop(32, padding=4)`` (zero padding after
+    normalization) and ``RandomHorizontalFlip``.
 
-    The files are read here rather than by ``torchvision.datasets.CIFAR10``: that class checks
-    the MD5 of every file against the official release (and needs ``batches.meta``), so it
-    refuses any other folder in the same format, and names no file when one is missing or
-    malformed; this reader raises :class:`DatasetError` naming the file and what was expected."""
-    folder, train_files, test_files, label_key, ncls = _CIFAR[name]
-    base = os.path.join(root, folder)
+    Raises :class:`DatasetError` naming the folder, the files missing or failing the MD5 check
+    (or torchvision's error reading them), what is expected and how to get the files; nothing
+    is ever downloaded."""
+    from torchvision import datasets, transforms  # heavy, optional: only for this dataset
+    cls_name, ncls = _CIFAR[name]
+    cls = getattr(datasets, cls_name)
+    expected = (f"the files {', '.join(f for f, _ in _cifar_files(cls))} of {cls.filename} "
+                f"({cls.url})")
+    how = (f"nothing is downloaded: extract that archive into {root!r}, or run "
+           f"torchvision.datasets.{cls.__name__}({root!r}, download=True) once")
+    base = os.path.join(root, cls.base_folder)
     if not os.path.isdir(base):
-        raise DatasetError(f"root: {root!r} has no {folder!r} folder; expected torchvision's {name} "
-                           f"layout ({folder}/{'/'.join(train_files[:1])} ...); nothing is downloaded")
-    parts = [_read_cifar_file(os.path.join(base, f), label_key)
-             for f in (train_files if train else test_files)]
-    data = np.concatenate([p[0] for p in parts]).reshape(-1, 3, 32, 32)
-    labels = np.concatenate([p[1] for p in parts])
-    if labels.min() < 0 or labels.max() >= ncls:
-        raise DatasetError(f"root: labels in {base!r} outside [0, {ncls})")
-    x = _normalize(torch.from_numpy(data).float() / 255.0, CIFAR_MEAN, CIFAR_STD)
-    ds = TensorDataset(x, torch.from_numpy(labels))
+        raise DatasetError(f"root: {root!r} has no {cls.base_folder!r} folder; expected "
+                           f"torchvision's {name} layout, {cls.base_folder}/ with {expected}; "
+                           f"{how}")
+    missing = [f for f, _ in _cifar_files(cls) if not os.path.isfile(os.path.join(base, f))]
+    if missing:
+        raise DatasetError(f"root: {base!r} lacks {', '.join(missing)}; expected {expected}; "
+                           f"{how}")
+    tf = [transforms.ToTensor(), transforms.Normalize(CIFAR_MEAN, CIFAR_STD)]
     if augment:
-        # torchvision is imported only where its transforms are used (heavy, optional here)
-        from torchvision import transforms
-        ds = _Augmented(ds, transforms.Compose([transforms.RandomCrop(32, padding=4),
-                                                transforms.RandomHorizontalFlip()]))
+        tf += [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
+    try:
+        ds = cls(root, train=train, transform=transforms.Compose(tf), download=False)
+    except RuntimeError as e:
+        if "not found or corrupted" not in str(e):
+            raise
+        raise DatasetError(f"root: {base!r} is not the official {name} release: "
+                           f"{_cifar_md5_failures(cls, base)}; expected {expected}; {how}"
+                           ) from None
+    except (OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError) as e:
+        raise DatasetError(f"root: {base!r} holds files torchvision.datasets.{cls.__name__} "
+                           f"cannot read as CIFAR pickles ({type(e).__name__}: {e}); expected "
+                           f"{expected}") from None
+    labels = np.asarray(ds.targets)
+    if len(labels) and (labels.min() < 0 or labels.max() >= ncls):
+        raise DatasetError(f"root: labels in {base!r} outside [0, {ncls})")
     return DatasetInfo(ds, ncls, (3, 32, 32))
-
-
-class _Augmented(Dataset):
-    """``transform`` applied to the images of a dataset of ``(image, label)`` pairs."""
-
-    def __init__(self, base: Dataset, transform: Callable):
-        self.base, self.transform = base, transform
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        x, y = self.base[i]
-        return self.transform(x), y
 
 
 # --------------------------------------------------------------------------- ImageFolder
