@@ -327,17 +327,15 @@ class GenericRule:
     def forward(self, call, ctx):
         fallback = self.warn and not _has_own_rule(call)
         ctx.oba_reason = None
+        active = streamed_inputs(call)
         if fallback:
             reason = random_refusal(call.node, call.module)
             if reason is not None:
                 raise _capture_error(reason)
-            n_streams = sum(1 for x, t, n in zip(call.inputs, call.tangents, call.needs)
-                            if is_float(x) and (t is not None or n))
-            ctx.oba_reason = oba_refusal(call.node, call.module, n_streams)
+            ctx.oba_reason = oba_refusal(call.node, call.module, len(active))
             warn_once(call, "exact for taylor and exact" + (
                 "; an oba run refuses it" if ctx.oba_reason else
                 ", and for oba: it holds no product of two θ-dependent values"))
-        active = streamed_inputs(call)
         ctx.n_inputs = len(call.inputs)
         invoke = op_of(call, active)
         primals = tuple(call.inputs[i] for i in active)
