@@ -5,8 +5,13 @@ in v (V,) = row v (the one-hot input channel v). Engine rule:
 :class:`oba_ext.engine.rules.linear.EmbeddingRule`. Torch-Pruning prunes the embedding
 dimension (``prune_embedding_out_channels``) -> ``out``.
 
-``padding_idx``: torch gives that row no gradient (a fixed pad, never updated), so it is not
-moved either: δθ = 0 on it, and all its scores are 0.
+``padding_idx``: the lookup of that row is a constant (torch's embedding backward gives the row
+no gradient from the lookup; the reference path's oracles run ``F.embedding`` so that positions
+reading it carry no tangent either, :func:`oba_ext.reference.decompose.embedding_lookup`; the
+engine rule zeroes them). The row itself is a parameter like any other: untied, nothing depends
+on it, so its scores are 0; tied to an LM head (``head.weight = emb.weight``, e.g. BERT-MLM), it
+moves through the head and is scored there. ``max_norm`` and ``scale_grad_by_freq=True`` are
+refused by name on every path; ``sparse=True`` is scored with dense gradients (same values).
 """
 from __future__ import annotations
 
@@ -25,19 +30,11 @@ def _shape(m, k):
             "weight": tuple(m.weight.shape)}.get(k)
 
 
-def _direction(m, local, t):
-    if m.padding_idx is None:
-        return t.detach()
-    d = t.detach().clone()
-    d[m.padding_idx] = 0
-    return d
-
-
 EMBEDDING = LayerKind(
     name="embedding", module_types=(nn.Embedding,), params=("weight",),
     keys=("out", "in", "weight"), shape=_shape, reduce=_reduce,
     # Torch-Pruning's embedding in-pruning function is the same object as the out one
     tp_handlers={"prune_embedding_out_channels": tp_out},
-    channels=lambda m: int(m.embedding_dim), direction=_direction)
+    channels=lambda m: int(m.embedding_dim))
 
 KINDS = (EMBEDDING,)

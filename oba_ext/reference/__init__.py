@@ -46,16 +46,18 @@ def refuse_reparametrized(layers) -> None:
 
 
 def refuse_self_modifying(model) -> None:
-    """``nn.Embedding(max_norm=…)`` renormalizes the looked-up rows of its weight in place during
-    every forward (outside autograd): scoring would change the model, and the loss is not the
-    function of θ that autograd differentiates. Raises ``ValueError`` naming the module, on
-    every path (the engine refuses it at capture with the same reason)."""
+    """Embeddings no path scores, refused before anything runs: ``nn.Embedding(max_norm=…)``
+    renormalizes the looked-up rows of its weight in place during every forward (outside
+    autograd): scoring would change the model, and the loss is not the function of θ that
+    autograd differentiates; ``nn.Embedding(scale_grad_by_freq=True)`` makes torch scale the
+    weight's gradient by the inverse index frequency, which is not the derivative of the loss.
+    Raises ``ValueError`` naming the module and the argument, on every path (the engine refuses
+    both at capture; functional ``F.embedding`` calls with them are refused when the reference
+    path runs the model, :func:`.decompose.embedding_lookup`)."""
+    from .decompose import refuse_embedding_flags
     for name, m in model.named_modules():
-        if isinstance(m, nn.Embedding) and m.max_norm is not None:
-            raise ValueError(f"module {name!r} (Embedding, max_norm={m.max_norm}) renormalizes "
-                             f"its weight in place during forward; scoring would modify the "
-                             f"model and differentiate a different function. Set max_norm=None "
-                             f"(renormalize the weight once beforehand if needed) to score it")
+        if isinstance(m, nn.Embedding):
+            refuse_embedding_flags(name, m.max_norm, m.scale_grad_by_freq)
 
 
 class ReferenceScorer:

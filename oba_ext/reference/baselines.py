@@ -18,7 +18,9 @@ criterion has ``norm_layers=True``; ``g = ∇L`` of the batch's mean loss):
   gradients come from one batched ``torch.func.vmap(grad)`` pass (chunked), not a loop.
   The criterion is ``per_sample_mean``: :func:`oba_ext.score` weights each batch by its size,
   so the score is the mean over all samples of all batches, whatever the batch sizes
-  (Torch-Pruning's OBD-C keeps only the last one).
+  (Torch-Pruning's OBD-C keeps only the last one). Embedding lookups run as in the oracles
+  (:func:`.decompose.embedding_lookup`: the padding row's lookup constant, ``sparse`` dense,
+  functional ``max_norm``/``scale_grad_by_freq`` refused by name).
 """
 from __future__ import annotations
 
@@ -26,7 +28,9 @@ import zlib
 from typing import Dict
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from ..inputs import batch_size, call_args
 from .quantities import register_quantity
@@ -76,6 +80,21 @@ def taylor_abs(ctx) -> Dict[str, Tensor]:
     return {n: (p.detach() * grads[n]).abs() for n, p in _scored_params(ctx).items()}
 
 
+class _EmbeddingLookups(TorchFunctionMode):
+    """Runs ``F.embedding`` as the oracles do (:func:`.decompose.embedding_lookup`), nothing
+    else: a per-sample gradient of a frequency-rescaled or in-place-renormalized lookup is not
+    the loss's, so those are refused by name."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.embedding:
+            from .decompose import embedding_lookup
+            out = embedding_lookup(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        return func(*args, **kwargs)
+
+
 def per_sample_grad_squares(model: nn.Module, params: Dict[str, Tensor], inputs, targets,
                             loss_fn, chunk: int = FISHER_CHUNK) -> Dict[str, Tensor]:
     """``Σ_n (∇_p ℓ_n)²`` over the samples of one batch, per parameter in ``params``.
@@ -109,8 +128,9 @@ def per_sample_grad_squares(model: nn.Module, params: Dict[str, Tensor], inputs,
     per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0, 0), randomness="different")
     acc = {k: torch.zeros_like(v) for k, v in detached.items()}
     for s in range(0, n, chunk):
-        g = per_sample(detached, tuple(x[s:s + chunk] for x in args),
-                       {k: x[s:s + chunk] for k, x in kwargs.items()}, targets[s:s + chunk])
+        with _EmbeddingLookups():
+            g = per_sample(detached, tuple(x[s:s + chunk] for x in args),
+                           {k: x[s:s + chunk] for k, x in kwargs.items()}, targets[s:s + chunk])
         for k in acc:
             acc[k] += g[k].square().sum(0)
     return acc

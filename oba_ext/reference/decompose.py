@@ -477,3 +477,64 @@ PRODUCT_REFUSALS = {
     torch.linalg.solve: "torch.linalg.solve", torch.cdist: "torch.cdist (p=2 uses a matmul)",
     torch.linalg.inv: "torch.linalg.inv", torch.inverse: "torch.inverse",
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding lookups: the function the oracles differentiate (SPEC §1: the loss as a function of θ)
+# ---------------------------------------------------------------------------------------------
+
+def embedding_lookup(input: Tensor, weight: Tensor, padding_idx: Optional[int] = None,
+                     max_norm: Optional[float] = None, norm_type: float = 2.0,
+                     scale_grad_by_freq: bool = False, sparse: bool = False):
+    """``F.embedding`` (and so ``nn.Embedding``) as the oracles differentiate it.
+
+    input: integer indices of any shape ``(*)``; weight: ``(V, D)``; returns ``(*, D)`` =
+    ``weight[input]``, with:
+
+    - ``padding_idx``: the lookup at positions reading that row is a constant (its output
+      carries no tangent in forward mode and passes no gradient to the row in reverse mode),
+      which is what torch's embedding backward does; torch's forward-mode AD would move it. The
+      row itself stays a parameter: where the same tensor is used elsewhere (an LM head tied to
+      the embedding) it moves and is scored there.
+    - ``sparse=True``: computed with a dense gradient (same values; sparse gradients have no
+      double backward and break the products).
+    - ``max_norm`` (renormalizes ``weight`` in place during forward) and
+      ``scale_grad_by_freq=True`` (a rescaled gradient that is not the derivative of the loss):
+      ``ValueError`` naming the argument, before anything is computed.
+
+    Returns ``NotImplemented`` (the call runs as it is) for a plain lookup.
+    """
+    refuse_embedding_flags(None, max_norm, scale_grad_by_freq)
+    if padding_idx is None and not sparse:
+        return NotImplemented
+    if padding_idx is not None:
+        n = weight.size(0)
+        if not -n <= padding_idx < n:
+            raise ValueError(f"F.embedding: padding_idx={padding_idx} must be within the "
+                             f"{n} rows of weight")
+        padding_idx = padding_idx + n if padding_idx < 0 else padding_idx
+    out = torch.embedding(weight, input, -1, False, False)
+    if padding_idx is not None:
+        out = torch.where((input == padding_idx).unsqueeze(-1), out.detach(), out)
+    return out
+
+
+def refuse_embedding_flags(module_name: Optional[str], max_norm, scale_grad_by_freq) -> None:
+    """``ValueError`` for the embedding arguments no path scores (see :func:`embedding_lookup`),
+    naming module ``module_name`` (an ``nn.Embedding``) or, for None, the ``F.embedding`` call."""
+    def who(arg):
+        return (f"module {module_name!r} (Embedding, {arg})" if module_name is not None
+                else f"F.embedding(..., {arg})")
+    if max_norm is not None:
+        raise ValueError(f"{who(f'max_norm={max_norm}')} renormalizes its weight in place "
+                         f"during forward; scoring would modify the model and differentiate a "
+                         f"different function. Set max_norm=None (renormalize the weight once "
+                         f"beforehand if needed) to score it")
+    if scale_grad_by_freq:
+        raise ValueError(f"{who('scale_grad_by_freq=True')}: torch scales the weight's "
+                         f"gradient by the inverse index frequency, which is not the derivative "
+                         f"of the loss; set scale_grad_by_freq=False to score it (it changes no "
+                         f"forward value)")
+
+
+DECOMPOSITIONS[F.embedding] = embedding_lookup

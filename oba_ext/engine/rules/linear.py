@@ -5,12 +5,15 @@ Channels: out = last dim of Y, in = last dim of X.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from . import register_module, register_module_lazy
+from . import register_function, register_module, register_module_lazy
+from .generic import GENERIC_QUIET
 from .target import TwoStreamLayerRule
 
 
@@ -82,7 +85,9 @@ class EmbeddingRule:
         out_d  = Σ [C⊙Y]_d (T_Y − Y = 0)       first: Σ [G⊙Y]_d            (D,)
         in_v   = Σ_{idx = v} ⟨Y, C⟩            first: Σ_{idx = v} ⟨Y, G⟩    (V,)
         weight = W ⊙ Σ_{idx = v} C  (scatter)  first: W ⊙ Σ_{idx = v} G     (V, D)
-    ``max_norm`` (renormalizes W in place) and ``scale_grad_by_freq`` are refused at capture."""
+    ``max_norm`` (renormalizes W in place) and ``scale_grad_by_freq`` (a rescaled gradient that
+    is not the loss's derivative) are refused at capture; the reference path refuses them too
+    (:func:`oba_ext.reference.refuse_self_modifying`). ``sparse=True`` changes nothing here."""
 
     def capture_check(self, node, module):
         if module.max_norm is not None:
@@ -184,3 +189,59 @@ class EmbeddingRule:
 
 
 register_module(nn.Embedding)(EmbeddingRule())
+
+_EMBEDDING_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type",
+                   "scale_grad_by_freq", "sparse")
+
+
+def _embedding_args(args, kwargs) -> dict:
+    a = dict(zip(_EMBEDDING_ARGS, args))
+    a.update(kwargs)
+    return a
+
+
+class FunctionalEmbeddingRule:
+    """``F.embedding(idx, W, ...)`` called as a function (W not a target: the engine refuses a
+    target parameter used outside its module): the generic rule (linear in W, exact for every
+    kind), with the tangent zeroed at positions reading ``padding_idx`` — the lookup of that row
+    is a constant, as in torch's embedding backward and on the reference path
+    (:func:`oba_ext.reference.decompose.embedding_lookup`); torch's forward-mode AD alone would
+    move it. ``max_norm`` (renormalizes W in place during forward) and
+    ``scale_grad_by_freq=True`` (a gradient that is not the loss's derivative) are refused by
+    name at capture (``impl="auto"`` then falls back to the reference path, which refuses them
+    too) and at run time."""
+
+    @staticmethod
+    def _reason(a) -> Optional[str]:
+        if a.get("max_norm") is not None:
+            return (f"F.embedding(..., max_norm={a['max_norm']}) renormalizes its weight in "
+                    f"place during forward; scoring would modify the model and differentiate "
+                    f"a different function. Pass max_norm=None to score it")
+        if a.get("scale_grad_by_freq"):
+            return ("F.embedding(..., scale_grad_by_freq=True): torch scales the weight's "
+                    "gradient by the inverse index frequency, which is not the derivative of "
+                    "the loss; pass scale_grad_by_freq=False to score it")
+        return None
+
+    def capture_check(self, node, module):
+        reason = self._reason(_embedding_args(node.args, node.kwargs))
+        return None if reason is None else f"node {node.name!r}: {reason}"
+
+    def forward(self, call, ctx):
+        a = _embedding_args(call.args, call.kwargs)
+        reason = self._reason(a)
+        if reason is not None:
+            raise ValueError(f"{call.node.name}: {reason}")
+        y, t_y = GENERIC_QUIET.forward(call, ctx)
+        pad = a.get("padding_idx")
+        if t_y is not None and pad is not None:
+            idx = a["input"]
+            pad = pad + a["weight"].shape[0] if pad < 0 else pad
+            t_y = t_y * (idx != pad).unsqueeze(-1)
+        return y, t_y
+
+    def backward(self, ctx, g, c):
+        return GENERIC_QUIET.backward(ctx, g, c)
+
+
+register_function(F.embedding)(FunctionalEmbeddingRule())
