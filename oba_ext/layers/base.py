@@ -77,9 +77,10 @@ class LayerKind:
     target: True for target layers (θ); False for normalization layers (scored only by
         criteria that ask for them, SPEC §6).
     direction: ``direction(module, local name, t) -> t`` with the entries that never move set
-        to 0, for a kind that has such entries (Embedding's ``padding_idx`` row gets no
-        gradient: it is a constant, so δθ = 0 there, for δθ = θ and for any direction ``v``);
-        None: every entry moves.
+        to 0 (reference path, δθ = θ and any direction ``v``), for a kind that has such
+        entries; None: every entry moves (every built-in kind: an Embedding's ``padding_idx``
+        row is a parameter, only its lookup is a constant,
+        :func:`oba_ext.reference.decompose.embedding_lookup`).
     engine_direction: whether the kind's engine rule moves it along any direction ``v``
         (curvature products, :func:`oba_ext.hvp`); False: only along δθ = θ, and the engine
         refuses directions for models with such a layer (the reference path runs them).

@@ -46,8 +46,8 @@ class BatchContext:
 
     def restrict(self, direction: Dict[str, Tensor]) -> Dict[str, Tensor]:
         """``direction`` (qualified name -> tensor) with the entries a layer kind never moves
-        set to 0 (:attr:`oba_ext.layers.LayerKind.direction`, e.g. an Embedding's padding row);
-        other names unchanged. Detached."""
+        set to 0 (:attr:`oba_ext.layers.LayerKind.direction`; no built-in kind has such
+        entries); other names unchanged. Detached."""
         out = {n: t.detach() for n, t in direction.items()}
         for spec in self.layers.values():
             fn = spec.layer_kind.direction
