@@ -349,3 +349,43 @@ def test_fisher_embedding_matches_per_sample_brute_force(tied, sparse):
     want = theta["emb.weight"].square() * sq["emb.weight"] / IDX.shape[0]
     assert_close_rel(r["emb"].weight, want, f"fisher tied={tied} sparse={sparse} emb.weight")
     assert (want[1].abs().max() > 0) == tied
+
+
+def test_bert_mlm_tied_padding_exact_matches_brute_force():
+    """Hugging Face BERT-MLM: word_embeddings (padding_idx=pad_token_id) tied to the MLM
+    decoder. exact θ⊙Hθ of the word embeddings (reference path via auto) vs the Hessian of the
+    same model whose lookup reads the pad row detached by hand."""
+    import copy
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = T.BertConfig(vocab_size=12, hidden_size=4, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=6, max_position_embeddings=8, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0, pad_token_id=0)
+    model = T.BertForMaskedLM(cfg)
+    model.config._attn_implementation = "eager"
+    model = model.double().eval()
+    emb = model.bert.embeddings.word_embeddings
+    assert emb.padding_idx == 0 and model.cls.predictions.decoder.weight is emb.weight
+    with torch.no_grad():
+        emb.weight.copy_(torch.randn(emb.weight.shape, dtype=torch.float64) / 2)
+    ids = torch.tensor([[2, 5, 0, 0], [7, 0, 3, 11]])
+    x = {"input_ids": ids, "attention_mask": (ids != 0).long()}
+    y = torch.tensor([[1, 4, 0, 9], [6, 2, 8, 10]])
+
+    def loss_fn(out, t):
+        return F.cross_entropy(out.logits.flatten(0, 1), t.flatten())
+
+    hand = copy.deepcopy(model)
+    hemb = hand.bert.embeddings.word_embeddings
+    keep = (torch.arange(12) == 0).unsqueeze(-1)
+    hemb.forward = lambda i: F.embedding(i, torch.where(keep, hemb.weight.detach(), hemb.weight))
+    name = "bert.embeddings.word_embeddings.weight"
+    th = emb.weight.detach().clone()
+    Hm = hessian(lambda w: loss_fn(functional_call(hand, {name: w}, (), x), y))(th)
+    want = th * (Hm.reshape(th.numel(), th.numel()) @ th.reshape(-1)).reshape(th.shape)
+    assert want[0].abs().max() > 0   # the pad row moves through the decoder
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = oba_ext.score(model, [(x, y)], loss_fn, kind="exact", granularity="weight",
+                          targets=["bert.embeddings.word_embeddings"], progress=False)
+    assert_close_rel(r["bert.embeddings.word_embeddings"].weight, want, "BERT-MLM exact")
