@@ -344,8 +344,10 @@ def test_fisher_embedding_matches_per_sample_brute_force(tied, sparse):
         g = grad(lambda p: F.cross_entropy(functional_call(h, p, (IDX[k:k + 1],)), Y[k:k + 1]))(theta)
         for n in names:
             sq[n] += g[n].square()
-    r = oba_ext.score(m, [(IDX, Y)], F.cross_entropy, kind="fisher", granularity="weight",
-                      impl="reference", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tied: head.weight is scored under emb
+        r = oba_ext.score(m, [(IDX, Y)], F.cross_entropy, kind="fisher", granularity="weight",
+                          impl="reference", progress=False)
     want = theta["emb.weight"].square() * sq["emb.weight"] / IDX.shape[0]
     assert_close_rel(r["emb"].weight, want, f"fisher tied={tied} sparse={sparse} emb.weight")
     assert (want[1].abs().max() > 0) == tied
@@ -389,3 +391,41 @@ def test_bert_mlm_tied_padding_exact_matches_brute_force():
         r = oba_ext.score(model, [(x, y)], loss_fn, kind="exact", granularity="weight",
                           targets=["bert.embeddings.word_embeddings"], progress=False)
     assert_close_rel(r["bert.embeddings.word_embeddings"].weight, want, "BERT-MLM exact")
+
+
+class Bag(nn.Module):
+    def __init__(self, functional):
+        super().__init__()
+        self.functional = functional
+        self.bag = nn.EmbeddingBag(V, D, mode="mean", max_norm=None if functional else 1.0)
+        self.fc = nn.Linear(D, C)
+        with torch.no_grad():
+            self.bag.weight.mul_(5)
+
+    def forward(self, i):
+        if self.functional:
+            return self.fc(F.embedding_bag(i, self.bag.weight, max_norm=1.0))
+        return self.fc(self.bag(i))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+@pytest.mark.parametrize("call", ["score-reference", "score-auto", "score-kernel",
+                                  "hvp-reference", "fisher-reference"])
+def test_embedding_bag_max_norm_refused_by_name_without_side_effects(functional, call):
+    torch.manual_seed(0)
+    m = Bag(functional).double()
+    before = {k: t.clone() for k, t in m.state_dict().items()}
+    what, impl = call.split("-")
+    msg = ("F.embedding_bag\\(..., max_norm=1.0\\)" if functional
+           else "module 'bag' \\(EmbeddingBag, max_norm=1.0\\)") + " renormalizes"
+    with warnings.catch_warnings(), pytest.raises(RuntimeError if impl == "kernel" else ValueError,
+                                                  match=msg):
+        warnings.simplefilter("ignore")
+        if what == "hvp":
+            v = {"fc.weight": torch.randn(C, D, dtype=torch.float64)}
+            oba_ext.hvp(m, [(IDX, Y)], v, loss_fn=F.cross_entropy, impl=impl)
+        else:
+            oba_ext.score(m, [(IDX, Y)], F.cross_entropy, impl=impl, progress=False,
+                          kind="exact" if what == "score" else "fisher")
+    for k, t in m.state_dict().items():
+        assert torch.equal(t, before[k]), f"{call}: {k} was modified"

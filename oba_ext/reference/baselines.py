@@ -20,7 +20,8 @@ criterion has ``norm_layers=True``; ``g = ∇L`` of the batch's mean loss):
   so the score is the mean over all samples of all batches, whatever the batch sizes
   (Torch-Pruning's OBD-C keeps only the last one). Embedding lookups run as in the oracles
   (:func:`.decompose.embedding_lookup`: the padding row's lookup constant, ``sparse`` dense,
-  functional ``max_norm``/``scale_grad_by_freq`` refused by name).
+  functional ``max_norm``/``scale_grad_by_freq`` refused by name; ``F.embedding_bag``'s
+  ``max_norm`` too).
 """
 from __future__ import annotations
 
@@ -81,15 +82,16 @@ def taylor_abs(ctx) -> Dict[str, Tensor]:
 
 
 class _EmbeddingLookups(TorchFunctionMode):
-    """Runs ``F.embedding`` as the oracles do (:func:`.decompose.embedding_lookup`), nothing
+    """Runs ``F.embedding`` and ``F.embedding_bag`` as the oracles do
+    (:func:`.decompose.embedding_lookup`, :func:`.decompose.embedding_bag_refusal`), nothing
     else: a per-sample gradient of a frequency-rescaled or in-place-renormalized lookup is not
     the loss's, so those are refused by name."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.embedding:
-            from .decompose import embedding_lookup
-            out = embedding_lookup(*args, **kwargs)
+        if func is F.embedding or func is F.embedding_bag:
+            from .decompose import DECOMPOSITIONS
+            out = DECOMPOSITIONS[func](*args, **kwargs)
             if out is not NotImplemented:
                 return out
         return func(*args, **kwargs)

@@ -537,4 +537,16 @@ def refuse_embedding_flags(module_name: Optional[str], max_norm, scale_grad_by_f
                          f"forward value)")
 
 
+def embedding_bag_refusal(input, weight, offsets=None, max_norm=None, *args, **kwargs):
+    """``F.embedding_bag`` (and so ``nn.EmbeddingBag``) runs as it is (``NotImplemented``),
+    except with ``max_norm``, which renormalizes ``weight`` in place during forward:
+    ``ValueError`` naming it, before anything is computed."""
+    if max_norm is not None:
+        raise ValueError(f"F.embedding_bag(..., max_norm={max_norm}) renormalizes its weight in "
+                         f"place during forward; scoring would modify the model and "
+                         f"differentiate a different function. Set max_norm=None to score it")
+    return NotImplemented
+
+
 DECOMPOSITIONS[F.embedding] = embedding_lookup
+DECOMPOSITIONS[F.embedding_bag] = embedding_bag_refusal

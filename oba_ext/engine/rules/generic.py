@@ -239,10 +239,38 @@ def random_refusal(node, module) -> Optional[str]:
             f"impl='reference'")
 
 
+_BAG_ARGS = ("input", "weight", "offsets", "max_norm")
+
+
+def renorm_refusal(node, module) -> Optional[str]:
+    """Why fx ``node`` cannot run at all: an embedding bag with ``max_norm`` (``nn.EmbeddingBag``
+    or ``F.embedding_bag``) renormalizes its weight in place at every forward, so scoring would
+    modify the model and differentiate a different function (``nn.Embedding``/``F.embedding``
+    have rules that refuse it, :mod:`.linear`)."""
+    if node.op == "call_module" and isinstance(module, nn.EmbeddingBag):
+        max_norm, name = module.max_norm, f"module {node.target!r} (EmbeddingBag"
+    elif node.op == "call_function" and node.target is F.embedding_bag:
+        a = dict(zip(_BAG_ARGS, node.args))
+        a.update(node.kwargs)
+        max_norm, name = a.get("max_norm"), "F.embedding_bag(..."
+    else:
+        return None
+    if max_norm is None:
+        return None
+    return (f"node {node.name!r}: {name}, max_norm={max_norm}) renormalizes its weight in place "
+            f"during forward; scoring would modify the model and differentiate a different "
+            f"function. Set max_norm=None (renormalize the weight once beforehand) to score it")
+
+
 def program_refusal(program, modules, quantities) -> Optional[str]:
     """The first reason (or ``None``) why a captured program cannot compute ``quantities``
-    with its generic-rule steps: random ops always, ops not known to be product-free when
-    ``"oba"`` is asked for."""
+    with its generic-rule steps: embedding bags that renormalize their weight in place
+    (:func:`renorm_refusal`, any step) and random ops always, ops not known to be
+    product-free when ``"oba"`` is asked for."""
+    for st in program.steps:
+        reason = renorm_refusal(st.node, st.module)
+        if reason is not None:
+            return reason
     live = {st.node: st.live for st in program.steps}
     tensor = {}
     for st in program.steps:
