@@ -76,12 +76,15 @@ register_module_lazy("transformers.pytorch_utils", "Conv1D")(HFConv1DRule())
 class EmbeddingRule:
     """nn.Embedding, target or not: ``Y = W[idx]``, a Linear of the one-hot input, so linear
     in W with no input stream (idx carries none). Target: ``T_Y = δW[idx] = Y`` (SPEC §3,
-    δθ = θ), except at positions reading ``padding_idx``: that row gets no gradient in torch
-    (it stays a fixed pad), so it is not a parameter that moves (δθ = 0 there, T_Y = 0);
-    non-target: no tangent. Backward returns nothing (idx has no cotangent).
+    δθ = θ), except at positions reading ``padding_idx``: the lookup of that row is a
+    constant (torch's embedding backward gives the row no gradient from it; the reference path
+    runs the lookup the same way, :func:`oba_ext.reference.decompose.embedding_lookup`), so
+    T_Y = 0 there; non-target: no tangent. Backward returns nothing (idx has no cotangent).
+    The row is still a parameter; capture refuses the weight shared with another layer (an LM
+    head), where it would move, so here nothing else reads it and its scores are 0.
 
     Scores (SPEC §5 with X one-hot, T = 0, ``C_X − G_X = W C``), positions at ``padding_idx``
-    left out (autograd gives that row no gradient):
+    left out (the constant lookup passes no gradient to the row):
         out_d  = Σ [C⊙Y]_d (T_Y − Y = 0)       first: Σ [G⊙Y]_d            (D,)
         in_v   = Σ_{idx = v} ⟨Y, C⟩            first: Σ_{idx = v} ⟨Y, G⟩    (V,)
         weight = W ⊙ Σ_{idx = v} C  (scatter)  first: W ⊙ Σ_{idx = v} G     (V, D)
@@ -118,7 +121,7 @@ class EmbeddingRule:
 
     @staticmethod
     def _keep(m, idx, t):
-        """``t`` with the positions reading ``padding_idx`` zeroed (that row never moves)."""
+        """``t`` with the positions reading ``padding_idx`` zeroed (a constant lookup)."""
         return t if m.padding_idx is None else t * (idx != m.padding_idx).unsqueeze(-1)
 
     def backward(self, ctx, g, c):
