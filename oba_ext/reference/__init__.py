@@ -55,15 +55,12 @@ def refuse_self_modifying(model) -> None:
     Raises ``ValueError`` naming the module and the argument, on every path (the engine refuses
     them at capture; functional ``F.embedding`` calls with them are refused when the reference
     path runs the model, :func:`.decompose.embedding_lookup`)."""
-    from .decompose import refuse_embedding_flags
+    from .decompose import refuse_embedding_bag_max_norm, refuse_embedding_flags
     for name, m in model.named_modules():
         if isinstance(m, nn.Embedding):
             refuse_embedding_flags(name, m.max_norm, m.scale_grad_by_freq)
-        if isinstance(m, nn.EmbeddingBag) and m.max_norm is not None:
-            raise ValueError(f"module {name!r} (EmbeddingBag, max_norm={m.max_norm}) "
-                             f"renormalizes its weight in place during forward; scoring would "
-                             f"modify the model and differentiate a different function. Set "
-                             f"max_norm=None to score it")
+        if isinstance(m, nn.EmbeddingBag):
+            refuse_embedding_bag_max_norm(name, m.max_norm)
 
 
 class ReferenceScorer:

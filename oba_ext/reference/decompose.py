@@ -537,14 +537,24 @@ def refuse_embedding_flags(module_name: Optional[str], max_norm, scale_grad_by_f
                          f"forward value)")
 
 
+def refuse_embedding_bag_max_norm(module_name: Optional[str], max_norm) -> None:
+    """``ValueError`` for an embedding bag with ``max_norm`` (it renormalizes its weight in place
+    during forward), naming module ``module_name`` (an ``nn.EmbeddingBag``) or, for None, the
+    ``F.embedding_bag`` call."""
+    if max_norm is None:
+        return
+    who = (f"module {module_name!r} (EmbeddingBag, max_norm={max_norm})"
+           if module_name is not None else f"F.embedding_bag(..., max_norm={max_norm})")
+    raise ValueError(f"{who} renormalizes its weight in place during forward; scoring would "
+                     f"modify the model and differentiate a different function. Set "
+                     f"max_norm=None (renormalize the weight once beforehand if needed) to "
+                     f"score it")
+
+
 def embedding_bag_refusal(input, weight, offsets=None, max_norm=None, *args, **kwargs):
     """``F.embedding_bag`` (and so ``nn.EmbeddingBag``) runs as it is (``NotImplemented``),
-    except with ``max_norm``, which renormalizes ``weight`` in place during forward:
-    ``ValueError`` naming it, before anything is computed."""
-    if max_norm is not None:
-        raise ValueError(f"F.embedding_bag(..., max_norm={max_norm}) renormalizes its weight in "
-                         f"place during forward; scoring would modify the model and "
-                         f"differentiate a different function. Set max_norm=None to score it")
+    except with ``max_norm``: :func:`refuse_embedding_bag_max_norm`, before anything runs."""
+    refuse_embedding_bag_max_norm(None, max_norm)
     return NotImplemented
 
 

@@ -248,18 +248,19 @@ def renorm_refusal(node, module) -> Optional[str]:
     modify the model and differentiate a different function (``nn.Embedding``/``F.embedding``
     have rules that refuse it, :mod:`.linear`)."""
     if node.op == "call_module" and isinstance(module, nn.EmbeddingBag):
-        max_norm, name = module.max_norm, f"module {node.target!r} (EmbeddingBag"
+        max_norm, name = module.max_norm, node.target
     elif node.op == "call_function" and node.target is F.embedding_bag:
         a = dict(zip(_BAG_ARGS, node.args))
         a.update(node.kwargs)
-        max_norm, name = a.get("max_norm"), "F.embedding_bag(..."
+        max_norm, name = a.get("max_norm"), None
     else:
         return None
-    if max_norm is None:
-        return None
-    return (f"node {node.name!r}: {name}, max_norm={max_norm}) renormalizes its weight in place "
-            f"during forward; scoring would modify the model and differentiate a different "
-            f"function. Set max_norm=None (renormalize the weight once beforehand) to score it")
+    from ...reference.decompose import refuse_embedding_bag_max_norm  # one wording, both paths
+    try:
+        refuse_embedding_bag_max_norm(name, max_norm)
+    except ValueError as e:
+        return f"node {node.name!r}: {e}"
+    return None
 
 
 def program_refusal(program, modules, quantities) -> Optional[str]:

@@ -216,14 +216,11 @@ class FunctionalEmbeddingRule:
 
     @staticmethod
     def _reason(a) -> Optional[str]:
-        if a.get("max_norm") is not None:
-            return (f"F.embedding(..., max_norm={a['max_norm']}) renormalizes its weight in "
-                    f"place during forward; scoring would modify the model and differentiate "
-                    f"a different function. Pass max_norm=None to score it")
-        if a.get("scale_grad_by_freq"):
-            return ("F.embedding(..., scale_grad_by_freq=True): torch scales the weight's "
-                    "gradient by the inverse index frequency, which is not the derivative of "
-                    "the loss; pass scale_grad_by_freq=False to score it")
+        from ...reference.decompose import refuse_embedding_flags  # one wording on both paths
+        try:
+            refuse_embedding_flags(None, a.get("max_norm"), a.get("scale_grad_by_freq", False))
+        except ValueError as e:
+            return str(e)
         return None
 
     def capture_check(self, node, module):
