@@ -129,6 +129,12 @@ def _hardsigmoid(x):  # exact 1/6 (PyTorch's own backward rounds it to float32)
     return torch.clamp(x / 6 + 0.5, 0, 1)
 
 
+def _embedding_pad_constant(input, weight, padding_idx=None, *args, **kwargs):
+    """``F.embedding`` with the padding row's lookup made constant by hand."""
+    keep = (torch.arange(weight.shape[0]) == padding_idx).unsqueeze(-1)
+    return F.embedding(input, torch.where(keep, weight.detach(), weight))
+
+
 def _hardswish(x):
     return x * _hardsigmoid(x)
 
@@ -358,6 +364,10 @@ CASES = {
     "F.hardswish": fn(lambda x: F.hardswish(3 * x), X, generic_fn=lambda x, inplace=False: _hardswish(x)),
     "F.hardsigmoid": fn(lambda x: F.hardsigmoid(3 * x), X,
                         generic_fn=lambda x, inplace=False: _hardsigmoid(x)),
+    # functional lookup into a θ-dependent table; padding_idx: that row's lookup is a constant
+    "F.embedding": fn(lambda w: F.embedding(torch.tensor([[0, 1, 4], [1, 3, 1]]), w,
+                                            padding_idx=1), (5, 3),
+                      generic_fn=_embedding_pad_constant),
     # ---- functions: norms, shapes, pooling, metadata
     "builtins.getattr": meta(lambda x: x.shape, X),
     "F.layer_norm": fn(lambda x: F.layer_norm(x, (4,), CONST[4] + 1.5, CONST[4], 1e-5), X),
