@@ -253,8 +253,10 @@ def run_sweep(benchmark: str, x_name: str, x_values: Sequence, providers: Mappin
               on_error: str = "record") -> List[Dict[str, Any]]:
     """Measure every provider at every x; append the rows to ``csv_path`` (if given) and return them.
 
-    A provider whose setup raises (e.g. kernels not built) is skipped with a printed reason when
-    ``on_error="record"``; ``on_error="raise"`` re-raises (tests use it).
+    A provider whose setup or run raises (kernels not built; a peer library that cannot handle
+    the model, e.g. forward-mode AD through torch's fused attention) is skipped with a printed
+    reason when ``on_error="record"``, so the other providers' rows are still written;
+    ``on_error="raise"`` re-raises (tests use it).
     """
     env = environment(device)
     all_rows: List[Dict[str, Any]] = []
@@ -267,7 +269,14 @@ def run_sweep(benchmark: str, x_name: str, x_values: Sequence, providers: Mappin
                     raise
                 print(f"[{benchmark}] {name} @ {x_name}={x}: skipped ({type(e).__name__}: {e})")
                 continue
-            res = measure(case, device, warmup, rep, max_seconds, memory)
+            try:
+                res = measure(case, device, warmup, rep, max_seconds, memory)
+            except Exception as e:  # noqa: BLE001 - reported, not hidden
+                if on_error == "raise":
+                    raise
+                print(f"[{benchmark}] {name} @ {x_name}={x}: failed ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''})")
+                continue
             cfg = {**(config or {}), **case.info}
             rows = rows_for(benchmark, name, x_name, x, res, env, dtype, cfg, note)
             all_rows += rows
