@@ -46,7 +46,8 @@ class _Ctx:
         self.mode = None
         self.exact = False
         self.first = False
-        # curvature products (rules/target.py): (V, v_b) of a target layer, or None for δθ = θ;
+        # curvature products: {local parameter name: tensor} of a target layer, or None for
+        # δθ = θ;
         # product: record (Hv)_W, (Hv)_b under "hvp" instead of scores
         self.direction = None
         self.product = False
@@ -71,7 +72,7 @@ class EngineScorer:
         self.model, self.layers, self.loss_fn, self.program = model, layers, loss_fn, program
         self.loss_rule = resolve_loss_rule(loss_fn)
         self.live = {st.node: st.live for st in program.steps}
-        self._direction = None  # {layer: (V, v_b)} while a direction sweep runs
+        self._direction = None  # {layer: {local parameter name: tensor}} in a direction sweep
         self._product = False
 
     # ------------------------------------------------------------------ helpers
@@ -125,19 +126,15 @@ class EngineScorer:
         return None
 
     def _layer_directions(self, direction):
-        """{qualified parameter name: tensor} -> {layer: (V or None, v_b or None)}."""
+        """{qualified parameter name: tensor} -> {layer: {local parameter name: tensor or None}}
+        (each rule reads its own parameters: ``weight``/``bias``, or MHA's ``in_proj_*``)."""
         reason = self.direction_unsupported()
         if reason is not None:
             raise CaptureError(reason)
         out = {}
         for name, spec in self.layers.items():
-            if spec.kind == "norm":
-                continue
-            if spec.kind == "mha":  # the attention rule splits its own parameters (q/k/v)
+            if spec.kind != "norm":  # norm layers are never moved
                 out[name] = {p: direction.get(spec.qualified(p)) for p in spec.params}
-                continue
-            out[name] = (direction.get(spec.qualified("weight")),
-                         direction.get(spec.qualified("bias")) if "bias" in spec.params else None)
         return out
 
     def hvp(self, inputs, targets, kind: str, direction) -> Dict[str, Dict[str, torch.Tensor]]:
@@ -282,7 +279,8 @@ class EngineScorer:
     def _sublayer(self, name, keys, recorder):
         """(record, keys, direction) for scored layer ``name`` run inside another node's rule
         (the ``out_proj`` of nn.MultiheadAttention), or None when ``name`` is not scored;
-        ``direction``: its ``(V, v_b)`` in a sweep along a direction, else None."""
+        ``direction``: its ``{local parameter name: tensor}`` in a sweep along a direction,
+        else None."""
         spec = self.layers.get(name)
         if spec is None:
             return None

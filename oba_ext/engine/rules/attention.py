@@ -361,7 +361,7 @@ class MHARule:
 
     @staticmethod
     def _qkv_directions(ctx, packed):
-        """{"query"|"key"|"value": (V, v_b)} of the in-projection in a sweep along a direction
+        """{"query"|"key"|"value": {"weight": V, "bias": v_b}} of the in-projection in a sweep along a direction
         (``ctx.direction``: {local parameter name: tensor or None}), or None."""
         d = getattr(ctx, "direction", None)
         if d is None:
@@ -373,7 +373,8 @@ class MHARule:
             Vs = V.chunk(3) if V is not None else (None, None, None)
         else:
             Vs = tuple(d.get(f"{r}_proj_weight") for r in "qkv")
-        return dict(zip(("query", "key", "value"), zip(Vs, vbs)))
+        return {r: {"weight": V, "bias": vb}
+                for r, V, vb in zip(("query", "key", "value"), Vs, vbs)}
 
     @staticmethod
     def _weights(st, average):

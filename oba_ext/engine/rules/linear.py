@@ -107,7 +107,7 @@ class EmbeddingRule:
         target = ctx.layer is not None
         direction = getattr(ctx, "direction", None) if target else None
         if direction is not None:  # δW = V (curvature products, README "Curvature products")
-            V = direction[0]
+            V = direction.get("weight")
             d = None if V is None else F.embedding(idx, V)
             ctx.module, ctx.idx, ctx.y = m, idx, d  # y: the moved rows V[idx] (scores along V)
             return y, (None if d is None else self._keep(m, idx, d))
@@ -184,7 +184,7 @@ class EmbeddingRule:
                 ctx.record(ctx.mode, k, torch.zeros(w.shape[0], dtype=acc, device=w.device)
                            .index_add_(0, idx.reshape(-1), (sk * d).sum(-1, dtype=acc).reshape(-1)))
             elif k == "weight":
-                V = ctx.direction[0]
+                V = ctx.direction.get("weight")
                 rows = torch.zeros(w.shape, dtype=s.dtype, device=w.device).index_add_(
                     0, idx.reshape(-1), sk.reshape(-1, w.shape[1]))
                 ctx.record(ctx.mode, k, V * rows)

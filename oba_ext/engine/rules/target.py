@@ -13,7 +13,7 @@ Scores (SPEC §5), recorded during backward from what the sweeps hold:
 ``None`` streams are zeros: with ``T_X = 0`` the forward is one ordinary GEMM and
 ``T_Y = Y`` (no copy); with ``C = 0`` (``oba`` right after the loss) ``C_X = G_X``.
 
-Any direction (``ctx.direction = (V, v_b)``, set by the sweep for curvature products, README
+Any direction (``ctx.direction = {"weight": V, "bias": v_b}``, set by the sweep for curvature products, README
 "Curvature products"; ``None`` entries are zeros). ``δW = V`` is no longer ``W``, so the two
 terms that were free for ``δθ = θ`` cost one GEMM/conv each:
     forward   ``T_Y = W⊛T_X + V⊛X + v_b``                     (one more GEMM: ``V⊛X``)
@@ -168,7 +168,7 @@ class TwoStreamLayerRule:
 
     # ------------------------------------------------------------ any direction (docstring)
     def _forward_direction(self, ctx, m, x, t, w, b):
-        V, vb = ctx.direction
+        V, vb = ctx.direction.get("weight"), ctx.direction.get("bias")
         n = x.shape[0]
         if t is None:
             y, wt = self.apply(m, x, w), None
