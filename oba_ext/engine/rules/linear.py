@@ -129,65 +129,57 @@ class EmbeddingRule:
             return [None]
         if getattr(ctx, "direction", None) is not None:
             return self._backward_direction(ctx, g, c)
-        m, idx, y, keys = ctx.module, ctx.idx, ctx.y, ctx.keys
-        w = m.weight
-        acc = torch.float64 if g.dtype == torch.float64 else torch.float32
-        keep = None if m.padding_idx is None else (idx != m.padding_idx).unsqueeze(-1)
-        flat_idx = idx.reshape(-1)
+        m, y = ctx.module, ctx.y
         streams = [("taylor", g)] if (ctx.mode is None or ctx.first) else []
         if ctx.mode is not None:
             streams.append((ctx.mode, c))
         for q, s in streams:
-            if s is None:  # C = 0: nothing to add
-                zeros = {"out": (w.shape[1],), "in": (w.shape[0],), "weight": tuple(w.shape)}
-                for k in keys:
-                    ctx.record(q, k, torch.zeros(zeros[k], dtype=acc, device=w.device))
-                continue
-            if keep is not None:
-                s = s * keep
-            if "out" in keys:
-                ctx.record(q, "out", (s * y).reshape(-1, y.shape[-1]).sum(0, dtype=acc))
-            if "in" in keys:
-                per_pos = (s * y).sum(-1, dtype=acc).reshape(-1)
-                ctx.record(q, "in", torch.zeros(w.shape[0], dtype=acc, device=w.device)
-                           .index_add_(0, flat_idx, per_pos))
-            if "weight" in keys:
-                rows = torch.zeros(w.shape, dtype=s.dtype, device=w.device).index_add_(
-                    0, flat_idx, s.reshape(-1, w.shape[1]))
-                ctx.record(q, "weight", w * rows)
+            self._record_keys(ctx, q, s, y, m.weight)
         return [None]
 
+    def _record_keys(self, ctx, q, s, y, scale):
+        """Record ``q``'s requested keys for the backward stream ``s`` (None: zero) against the
+        moved rows ``y`` (None: zero) of this lookup, the weight score scaled by ``scale``:
+            out = Σ [s⊙y]_d,  in_v = Σ_{idx = v} ⟨y, s⟩,  weight = scale ⊙ Σ_{idx = v} s
+        with ``y = W[idx]``, ``scale = W`` for δθ = θ and ``y = V[idx]``, ``scale = V`` along a
+        direction; positions reading ``padding_idx`` are left out (a constant lookup)."""
+        m, idx, keys = ctx.module, ctx.idx, ctx.keys
+        w = m.weight
+        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+        if s is None or y is None:
+            zeros = {"out": (w.shape[1],), "in": (w.shape[0],), "weight": tuple(w.shape)}
+            for k in keys:
+                ctx.record(q, k, torch.zeros(zeros[k], dtype=acc, device=w.device))
+            return
+        s = self._keep(m, idx, s)
+        flat_idx = idx.reshape(-1)
+        if "out" in keys:
+            ctx.record(q, "out", (s * y).reshape(-1, y.shape[-1]).sum(0, dtype=acc))
+        if "in" in keys:
+            per_pos = (s * y).sum(-1, dtype=acc).reshape(-1)
+            ctx.record(q, "in", torch.zeros(w.shape[0], dtype=acc, device=w.device)
+                       .index_add_(0, flat_idx, per_pos))
+        if "weight" in keys:
+            rows = torch.zeros(w.shape, dtype=s.dtype, device=w.device).index_add_(
+                0, flat_idx, s.reshape(-1, w.shape[1]))
+            ctx.record(q, "weight", scale * rows)
 
     def _backward_direction(self, ctx, g, c):
         """Along ``δW = V``: no input stream (T_X = 0), so ``(Mv)_W = Σ_{idx = v} C`` (the GGN:
         the one backward stream, passed as ``g``); scores ``v_i (Mv)_i`` per key as above with
         ``Y`` replaced by the moved rows ``V[idx]`` (``ctx.y``; None when V = 0)."""
-        m, idx, d, keys = ctx.module, ctx.idx, ctx.y, ctx.keys
+        m, idx = ctx.module, ctx.idx
         w = m.weight
-        acc = torch.float64 if g.dtype == torch.float64 else torch.float32
         s = g if ctx.mode is None else c
         if ctx.product:
+            acc = torch.float64 if w.dtype == torch.float64 else torch.float32
             rows = torch.zeros(w.shape, dtype=acc, device=w.device)
             if s is not None:
-                rows.index_add_(0, idx.reshape(-1), self._keep(m, idx, s).reshape(-1, w.shape[1]).to(acc))
+                rows.index_add_(0, idx.reshape(-1),
+                                self._keep(m, idx, s).reshape(-1, w.shape[1]).to(acc))
             ctx.record("hvp", "weight", rows)
             return [None]
-        zeros = {"out": (w.shape[1],), "in": (w.shape[0],), "weight": tuple(w.shape)}
-        for k in keys:
-            if s is None or d is None:
-                ctx.record(ctx.mode, k, torch.zeros(zeros[k], dtype=acc, device=w.device))
-                continue
-            sk = self._keep(m, idx, s)
-            if k == "out":
-                ctx.record(ctx.mode, k, (sk * d).reshape(-1, w.shape[1]).sum(0, dtype=acc))
-            elif k == "in":
-                ctx.record(ctx.mode, k, torch.zeros(w.shape[0], dtype=acc, device=w.device)
-                           .index_add_(0, idx.reshape(-1), (sk * d).sum(-1, dtype=acc).reshape(-1)))
-            elif k == "weight":
-                V = ctx.direction.get("weight")
-                rows = torch.zeros(w.shape, dtype=s.dtype, device=w.device).index_add_(
-                    0, idx.reshape(-1), sk.reshape(-1, w.shape[1]))
-                ctx.record(ctx.mode, k, V * rows)
+        self._record_keys(ctx, ctx.mode, s, ctx.y, ctx.direction.get("weight"))
         return [None]
 
 
