@@ -361,8 +361,9 @@ class MHARule:
 
     @staticmethod
     def _qkv_directions(ctx, packed):
-        """{"query"|"key"|"value": {"weight": V, "bias": v_b}} of the in-projection in a sweep along a direction
-        (``ctx.direction``: {local parameter name: tensor or None}), or None."""
+        """{"query"|"key"|"value": {"weight": V, "bias": v_b}} of the in-projection in a sweep
+        along a direction (``ctx.direction``: {local parameter name: tensor or None}), or
+        None."""
         d = getattr(ctx, "direction", None)
         if d is None:
             return None
@@ -454,17 +455,14 @@ class MHARule:
         prod = {n: parts[n].get("hvp", {}) for n in "qkv"}
         if any(prod.values()):  # a curvature product (Mv) per parameter of the module
             for key, packed_name in (("weight", "in_proj_weight"), ("bias", "in_proj_bias")):
-                vals = [prod[n].get(key) for n in "qkv"]
-                if all(v is None for v in vals):
+                vals = [prod[n].get(key) for n in "qkv"]  # each virtual layer records both
+                if vals[0] is None:  # no in_proj_bias
                     continue
                 if s.packed or key == "bias":
-                    ref = next(v for v in vals if v is not None)
-                    ctx.record("hvp", packed_name, torch.cat(
-                        [v if v is not None else torch.zeros_like(ref) for v in vals]))
+                    ctx.record("hvp", packed_name, torch.cat(vals))
                 else:
                     for n, v in zip("qkv", vals):
-                        if v is not None:
-                            ctx.record("hvp", f"{n}_proj_weight", v)
+                        ctx.record("hvp", f"{n}_proj_weight", v)
             return
         for q in parts["q"]:
             p = {n: parts[n].get(q, {}) for n in "qkv"}
