@@ -135,8 +135,6 @@ class _Runner:
 
     def __init__(self, model, batches, kind, loss_fn, targets, ignore, max_batches, impl,
                  device, dtype, progress):
-        import copy
-
         from .scoring import _check_devices, checked_loss, default_loss
         _check_common(model, impl, max_batches, dtype, loss_fn)
         if kind not in KINDS:
@@ -146,15 +144,10 @@ class _Runner:
         ignore = model_prep.strip_prefix(ignore, wrappers)
         model_prep.check_initialized(model)
         model_device = _check_devices(model)
-        if device is not None or dtype is not None:
-            dev = torch.device(device) if device is not None else model_device
-            model_prep.check_device_available(dev, "device")
-            cur = next((p.dtype for p in model.parameters()), None)
-            if dev != model_device or (dtype is not None and dtype != cur):
-                with model_prep.detached_masked(model):  # deepcopy refuses the prune hook's weight
-                    model = model_prep.refresh_masked(copy.deepcopy(model).to(device=dev,
-                                                                               dtype=dtype))
-            model_device = dev
+        if device is not None:
+            model_device = torch.device(device)
+            model_prep.check_device_available(model_device, "device")
+        model = model_prep.copy_to(model, model_device, dtype)
         self.model, self.batches, self.kind = model, batches, kind
         self.device, self.dtype = model_device, dtype
         self.layers = find_layers(model, targets, ignore)

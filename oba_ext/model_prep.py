@@ -18,6 +18,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 import os
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -212,6 +214,20 @@ def rank_device(device, model_device: Optional[torch.device], backend: Optional[
     if device is not None and torch.device(device).index is not None:
         return dev
     return torch.device("cuda", local_rank)
+
+
+def copy_to(model: nn.Module, device: Optional[torch.device], dtype: Optional[torch.dtype]
+            ) -> nn.Module:
+    """``model`` itself when it already is on ``device`` in ``dtype`` (None: as it is), else a
+    deep copy there (masked layers kept masked, the copy's effective weights refreshed); the
+    user's model is never moved or cast."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    cur_dev = first.device if first is not None else None
+    cur_dtype = next((p.dtype for p in model.parameters()), None)
+    if (device is None or device == cur_dev) and (dtype is None or dtype == cur_dtype):
+        return model
+    with detached_masked(model):  # deepcopy refuses the prune hook's non-leaf weight
+        return refresh_masked(copy.deepcopy(model).to(device=device, dtype=dtype))
 
 
 def check_device_available(dev: Optional[torch.device], what: str) -> None:

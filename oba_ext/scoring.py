@@ -19,7 +19,6 @@ per-batch criterion values, checks for NaN/Inf, shows progress, checkpoints and 
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
 import os
 import warnings
@@ -299,12 +298,8 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
     _prep.check_device_available(dev, "device")
     if dev is not None and dev.type == "cuda" and backend == "nccl":
         torch.cuda.set_device(dev)  # NCCL collectives run on the current device
-    if dev != model_device or dtype is not None:
-        cur_dtype = next(model.parameters()).dtype if any(True for _ in model.parameters()) else None
-        if dev != model_device or (dtype is not None and dtype != cur_dtype):
-            with _prep.detached_masked(model):  # deepcopy refuses the prune hook's non-leaf weight
-                model = _prep.refresh_masked(copy.deepcopy(model).to(device=dev, dtype=dtype))
-        model_device = dev
+    model = _prep.copy_to(model, dev, dtype)
+    model_device = dev
     layers = find_layers(model, targets, ignore, include_norm=crit.norm_layers)
     loss = checked_loss(loss_fn)
     keys = _keys_for(gran)
