@@ -41,6 +41,11 @@ class _Projection:
         d = self.dims
         return (v - _mean(v, d) - self.xhat * _mean(self.xhat * v, d)) * self.r
 
+    def scaled(self, v, gamma):
+        """``P(γ⊙v)`` (``P(v)`` for ``gamma=None``); ``v`` and ``gamma`` in the normalized
+        layout."""
+        return self(v if gamma is None else v * gamma)
+
     def second(self, w, t, tdot):
         d = self.dims
         xh = self.xhat
@@ -54,10 +59,14 @@ class _TrailingProjection(_Projection):
     input gradient without affine weight is exactly P). One pass each instead of the ~7 of
     the generic formula (LayerNorm was ~10% of a ViT's oba sweep on the CPU)."""
 
-    def __init__(self, x, dims, eps):
+    def __init__(self, x, dims, eps, weight=None, bias=None):
+        """With ``weight``/``bias`` (γ, β of the normalized shape) :attr:`y` = γ⊙x̂ + β comes
+        from the same fused pass and x̂ is not kept (recomputed on demand)."""
         self.dims = dims
         self.x, self.shape = x, list(x.shape[dims[0]:])
-        self._xhat, self.mu, self.r = torch.native_layer_norm(x, self.shape, None, None, eps)
+        out, self.mu, self.r = torch.native_layer_norm(x, self.shape, weight, bias, eps)
+        self.affine = weight is not None or bias is not None
+        self._xhat, self.y = (None, out) if self.affine else (out, None)
 
     @property
     def xhat(self):
@@ -68,8 +77,12 @@ class _TrailingProjection(_Projection):
         self._xhat = None
 
     def __call__(self, v):
+        return self.scaled(v, None)
+
+    def scaled(self, v, gamma):
+        """``P(γ⊙v)`` in one pass: ATen's layer-norm input gradient with affine weight γ."""
         return torch.ops.aten.native_layer_norm_backward(
-            v.contiguous(), self.x, self.shape, self.mu, self.r, None, None,
+            v.contiguous(), self.x, self.shape, self.mu, self.r, gamma, None,
             [True, False, False])[0]
 
 
@@ -87,26 +100,41 @@ class _NormCore:
         ``layer_norm``: dims are x's trailing dims, use ATen's fused layer-norm kernels."""
         xv = to_view(x)
         fused = layer_norm and _is_trailing(xv, dims)
-        P = (_TrailingProjection if fused else _Projection)(xv, dims, eps)
-        xhat = from_view(P.xhat)
+        if fused:  # y = γ⊙x̂ + β from ATen's fused layer norm (γ, β: the normalized shape)
+            P = _TrailingProjection(xv, dims, eps, gamma, beta)
+            y0 = P.y if P.affine else P.xhat
+        else:
+            P = _Projection(xv, dims, eps)
+            xhat = from_view(P.xhat)
+            y0 = None
         t_y = None
         tdot = None
         if t is None:
-            y = xhat if gamma is None else xhat * gamma
-            if beta is not None:
-                y = y + beta
+            if y0 is not None:
+                y = y0
+            else:
+                y = xhat if gamma is None else xhat * gamma
+                if beta is not None:
+                    y = y + beta
         else:
             # y and T_y = γ⊙P(T) in the halves of one buffer (paired for the next Linear)
             tdot = P(to_view(t))
             y, t_y = halves(new_pair(x))
-            if gamma is None:
+            if y0 is not None:
+                y.copy_(y0)
+            elif gamma is None:
                 y.copy_(xhat)
-                t_y.copy_(from_view(tdot))
             else:
                 torch.mul(xhat, gamma, out=y)
-                torch.mul(from_view(tdot), gamma, out=t_y)
-            if beta is not None:
+            if y0 is None and beta is not None:
                 y.add_(beta)
+            if gamma is None:
+                t_y.copy_(from_view(tdot))
+            else:
+                torch.mul(from_view(tdot), gamma, out=t_y)
+        if fused:
+            P.drop_xhat()  # the backward needs x, μ, r only (x̂ again for exact: recomputed)
+            P.y = None
         if fused:
             P.drop_xhat()  # the backward needs x, μ, r only (x̂ again for exact: recomputed)
         ctx.P, ctx.gamma, ctx.to_view, ctx.from_view = P, gamma, to_view, from_view
@@ -119,12 +147,14 @@ class _NormCore:
     @staticmethod
     def backward(ctx, g, c):
         P, gamma, tv, fv = ctx.P, ctx.gamma, ctx.to_view, ctx.from_view
-        w = tv(g if gamma is None else g * gamma)
-        gx = fv(P(w))
-        cx = None
-        if c is not None:
-            cx = fv(P(tv(c if gamma is None else c * gamma)))
+        if isinstance(P, _TrailingProjection):  # γ has the normalized shape: P(γ⊙·) fused
+            gx = P.scaled(g, gamma)
+            cx = P.scaled(c, gamma) if c is not None else None
+        else:
+            gx = fv(P(tv(g if gamma is None else g * gamma)))
+            cx = fv(P(tv(c if gamma is None else c * gamma))) if c is not None else None
         if ctx.exact and ctx.tdot is not None:
+            w = tv(g if gamma is None else g * gamma)
             extra = fv(P.second(w, ctx.t_v, ctx.tdot))
             cx = extra if cx is None else cx + extra
         return gx, cx
