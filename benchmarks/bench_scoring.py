@@ -34,8 +34,12 @@ Curvature products along a fixed random direction ``v`` over the target paramete
 What is timed for the score kinds is the per-batch call of the scorer that ``oba_ext.score``
 builds (``scoring._make_scorer``): the one-time capture is excluded from the timing and
 recorded as ``config.setup_ms``. Rows: time (p20/p50/p80), peak memory, and
-``ratio_to_gradient`` (p50: p50 over the gradient's p50; p20/p80 columns: the smallest/largest of
-the three same-quantile ratios) per model.
+``ratio_to_gradient`` per model. Every provider is timed alternately with the gradient
+(``harness.time_paired``: gradient, provider, provider, gradient, ...), and its
+``ratio_to_gradient`` row holds the p20/p50/p80 of the per-pair time ratios: on a shared machine
+whose speed drifts by ±20% between minutes (seen on the 2-core CI VM) a ratio of two medians
+measured minutes apart moved as much; paired ratios did not (rows before 2026-11-30 19:40 UTC
+are ratios of medians). ``memory_ratio_to_gradient``: peak memory over the gradient's.
 Appends to ``benchmarks/results/scoring.csv``.
 """
 from __future__ import annotations
@@ -324,9 +328,12 @@ def providers_for(model, x, y, impl: str, names) -> Dict[str, Callable]:
 def ratio_rows(rows, model_name: str):
     """ratio_to_gradient (time and peak memory) rows for one model's measured rows."""
     grad = {r["metric"]: r for r in rows if r["provider"] == "gradient" and r["x_value"] == model_name}
+    paired = {r["provider"] for r in rows if r["x_value"] == model_name and r["metric"] == "ratio_to_gradient"}
     out = []
     for r in rows:
         if r["x_value"] != model_name or r["metric"] not in ("time", "peak_memory") or r["metric"] not in grad:
+            continue
+        if r["metric"] == "time" and r["provider"] in paired:  # timed alternately with the gradient
             continue
         g = grad[r["metric"]]
         metric = "ratio_to_gradient" if r["metric"] == "time" else "memory_ratio_to_gradient"
@@ -377,7 +384,8 @@ def main(argv=None):
                        vit_heads=args.vit_heads, vit_patch=args.vit_patch)
         rows = harness.run_sweep("scoring", "model", [name], provs, device, None, dtype=args.dtype,
                                  warmup=args.warmup, rep=args.rep, max_seconds=args.max_seconds,
-                                 memory=not args.no_memory, config=cfg, note=args.note)
+                                 memory=not args.no_memory, config=cfg, note=args.note,
+                                 paired_with="gradient")
         rows += ratio_rows(rows, name)
         for r in rows:
             if r["metric"] == "ratio_to_gradient":

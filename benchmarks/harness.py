@@ -158,6 +158,30 @@ def time_call(fn: Callable[[], Any], device: torch.device, warmup: int = 3, rep:
     return times
 
 
+def time_paired(fn: Callable[[], Any], ref: Callable[[], Any], device: torch.device, warmup: int = 3,
+                rep: int = 20, max_seconds: Optional[float] = None) -> Tuple[List[float], List[float]]:
+    """Per-call times in ms of ``fn`` and of ``ref``, called alternately (``ref, fn, fn, ref,
+    ...``: each pair in both orders, so a slow drift of the machine's speed cancels), after
+    ``warmup`` calls of each. ``times[i] / ref_times[i]`` is a ratio from one pair of calls
+    made back to back; the median of these paired ratios is much less sensitive to a shared
+    machine's speed changing between providers than a ratio of separately measured medians."""
+    if rep < 1 or warmup < 0:
+        raise ValueError(f"time_paired: rep must be >= 1 and warmup >= 0, got rep={rep}, warmup={warmup}")
+    for _ in range(warmup):
+        ref()
+        fn()
+    times: List[float] = []
+    ref_times: List[float] = []
+    t_start = time.perf_counter()
+    for i in range(rep):
+        order = ((ref_times, ref), (times, fn)) if i % 2 == 0 else ((times, fn), (ref_times, ref))
+        for out, f in order:
+            out.append(time_call(f, device, warmup=0, rep=1)[0])
+        if max_seconds is not None and len(times) >= 3 and time.perf_counter() - t_start > max_seconds:
+            break
+    return times, ref_times
+
+
 def _cpu_peak_bytes(fn: Callable[[], Any]) -> float:
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -188,11 +212,20 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> Tuple[float, str
 # ---------------------------------------------------------------- running a sweep
 
 def measure(case: Case, device: torch.device, warmup: int, rep: int,
-            max_seconds: Optional[float] = None, memory: bool = True) -> Dict[str, Any]:
-    """Time and (optionally) memory-profile one case; returns metric -> (unit, [p20, p50, p80])."""
-    times = time_call(case.fn, device, warmup, rep, max_seconds)
+            max_seconds: Optional[float] = None, memory: bool = True,
+            ref: Optional[Tuple[str, Callable[[], Any]]] = None) -> Dict[str, Any]:
+    """Time and (optionally) memory-profile one case; returns metric -> (unit, [p20, p50, p80]).
+
+    ``ref = (name, fn)``: time the case alternately with ``fn`` (:func:`time_paired`) and add
+    the metric ``ratio_to_<name>``: the p20/p50/p80 of the paired time ratios."""
+    if ref is not None:
+        times, ref_times = time_paired(case.fn, ref[1], device, warmup, rep, max_seconds)
+    else:
+        times = time_call(case.fn, device, warmup, rep, max_seconds)
     q = quantiles(times)
     out: Dict[str, Any] = {"time": ("ms", q), "_n": len(times)}
+    if ref is not None:
+        out[f"ratio_to_{ref[0]}"] = ("x", quantiles([t / max(r, 1e-12) for t, r in zip(times, ref_times)]))
     if case.bytes:
         # the fastest quantile (p20 time) is the highest bandwidth: report p20 of GB/s from p80 time
         out["bandwidth"] = ("GB/s", [case.bytes / (t * 1e-3) / 1e9 for t in reversed(q)])
@@ -250,8 +283,11 @@ def run_sweep(benchmark: str, x_name: str, x_values: Sequence, providers: Mappin
               device: torch.device, csv_path: Optional[str], *, dtype: str = "", warmup: int = 3,
               rep: int = 20, max_seconds: Optional[float] = None, memory: bool = True,
               config: Optional[Mapping[str, Any]] = None, note: str = "",
-              on_error: str = "record") -> List[Dict[str, Any]]:
+              on_error: str = "record", paired_with: Optional[str] = None) -> List[Dict[str, Any]]:
     """Measure every provider at every x; append the rows to ``csv_path`` (if given) and return them.
+
+    ``paired_with``: a provider name; every other provider is timed alternately with it
+    (:func:`time_paired`) and gets a ``ratio_to_<paired_with>`` row (paired ratios).
 
     A provider whose setup or run raises (kernels not built; a peer library that cannot handle
     the model, e.g. forward-mode AD through torch's fused attention) is skipped with a printed
@@ -260,7 +296,11 @@ def run_sweep(benchmark: str, x_name: str, x_values: Sequence, providers: Mappin
     """
     env = environment(device)
     all_rows: List[Dict[str, Any]] = []
+    if paired_with is not None and paired_with in providers:  # the reference runs first
+        providers = {paired_with: providers[paired_with],
+                     **{k: v for k, v in providers.items() if k != paired_with}}
     for x in x_values:
+        ref = None
         for name, setup in providers.items():
             try:
                 case = setup(x)
@@ -270,7 +310,10 @@ def run_sweep(benchmark: str, x_name: str, x_values: Sequence, providers: Mappin
                 print(f"[{benchmark}] {name} @ {x_name}={x}: skipped ({type(e).__name__}: {e})")
                 continue
             try:
-                res = measure(case, device, warmup, rep, max_seconds, memory)
+                res = measure(case, device, warmup, rep, max_seconds, memory,
+                              ref if name != paired_with else None)
+                if name == paired_with:
+                    ref = (name, case.fn)
             except Exception as e:  # noqa: BLE001 - reported, not hidden
                 if on_error == "raise":
                     raise
