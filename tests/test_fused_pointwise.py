@@ -18,7 +18,9 @@ D = torch.float64
 
 class Block(nn.Module):
     """A transformer-MLP-like block: LayerNorm (``affine``: "both", "weight" (bias=False),
-    "none") → Linear → activation → Linear, plus a 2-D LayerNorm over (T, C)."""
+    "none") → Linear → activation → inactive Dropout → Linear, a second reader of the
+    activation (fc3: the recomputed input pair must serve both), and a 2-D LayerNorm over
+    (T, C)."""
 
     def __init__(self, act, affine, c=6, t=3):
         super().__init__()
@@ -26,8 +28,8 @@ class Block(nn.Module):
               "both": {}}[affine]
         self.ln = nn.LayerNorm(c, **kw)
         self.ln2 = nn.LayerNorm((t, c), **kw)
-        self.fc1, self.fc2 = nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
-        self.act = act
+        self.fc1, self.fc2, self.fc3 = nn.Linear(c, 2 * c), nn.Linear(2 * c, c), nn.Linear(2 * c, c)
+        self.act, self.drop = act, nn.Dropout(0.0)
         self.head = nn.Linear(t * c, 4)
         if affine != "none":  # not the identity initialisation: γ and β matter
             with torch.no_grad():
@@ -37,7 +39,8 @@ class Block(nn.Module):
                         ln.bias.uniform_(-0.5, 0.5)
 
     def forward(self, x):                                  # x: (B, T, C)
-        h = x + self.fc2(self.act(self.fc1(self.ln(x))))
+        a = self.act(self.fc1(self.ln(x)))
+        h = x + self.fc2(self.drop(a)) - 0.5 * self.fc3(a)
         return self.head(self.ln2(h).flatten(1))
 
 
@@ -82,3 +85,27 @@ def test_fused_pointwise_hvp_matches_reference(kind):
 def test_fused_pointwise_float32_rule():
     torch.manual_seed(3)
     assert_float32_rule(Block(nn.GELU(), "both").double().eval(), *_xy(n=8, seed=3), "fused block")
+
+
+@pytest.mark.parametrize("act", ["gelu", "silu"])
+def test_linear_after_gelu_keeps_a_recipe_not_its_input_pair(act):
+    """The memory saving is real: after the forward, the Linear reading the activation (through
+    inactive dropout) holds no input pair, only the recipe that recomputes it bitwise."""
+    from oba_ext.engine import build_scorer
+    from oba_ext.scoring import checked_loss, default_loss
+    from oba_ext.targets import find_layers
+    torch.manual_seed(4)
+    m = Block(ACTS[act], "both").double().eval()
+    x, y = _xy(seed=4)
+    sc = build_scorer(m, find_layers(m), checked_loss(default_loss), (x, y))
+    with torch.no_grad():
+        _, _, ctxs = sc._forward(x, ("out", "in", "weight"), True, False,
+                                 lambda layer: (lambda *a: None))
+    by_layer = {c.layer: c for c in ctxs.values() if getattr(c, "layer", None)}
+    for name in ("fc2", "fc3"):
+        c = by_layer[name]
+        assert c.x is None and c.t is None and c.recipe is not None, name
+        xr, tr = c.recipe()
+        a = m.act(m.fc1(m.ln(x)))
+        assert torch.equal(xr, a.detach())
+    assert by_layer["fc1"].recipe is None  # its input (LayerNorm) offers none

@@ -165,7 +165,8 @@ class ActivationRule:
 
     def _forward_fused(self, ctx, x, t, opts, want_d2, fwd, bw):
         """:data:`_ATEN_BACKWARD` activations: y = σ(x) and T_y = bw(T, x) = σ'(x)·T written
-        into the halves of one buffer; x kept for the backward."""
+        into the halves of one buffer; x kept for the backward, and ``(x, T)`` by the
+        recipe offered to the readers of ``(y, T_y)``: bitwise the same pair again."""
         ctx.x, ctx.opts, ctx.bw, ctx.d1 = x, opts, bw, None
         ctx.d2t = None
         if want_d2:
@@ -173,10 +174,14 @@ class ActivationRule:
             ctx.d2t = d2.mul_(t) if d2 is not None else None
         if t is None:
             return fwd(x, opts, torch.empty_like(x)), None
-        y_h, t_h = halves(new_pair(x))
-        fwd(x, opts, y_h)
-        bw(t, x, opts, t_h)
-        return y_h, t_h
+
+        def pair():
+            y_h, t_h = halves(new_pair(x))
+            fwd(x, opts, y_h)
+            bw(t, x, opts, t_h)
+            return y_h, t_h
+        ctx.recipe_out = pair  # a reader may recompute (y, T_y) from x, T (sweep docstring)
+        return pair()
 
     def backward(self, ctx, g, c):
         if ctx.bw is not None:  # σ'·v by the ATen backward op, both streams paired

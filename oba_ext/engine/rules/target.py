@@ -95,7 +95,11 @@ class TwoStreamLayerRule:
             if "out" in keys:
                 ctx.y, ctx.t_y = y, t_y
             if "in" in keys or "weight" in keys:
-                ctx.x, ctx.t = x, t
+                recipes = getattr(ctx, "input_recipes", None)
+                recipe = recipes[0] if recipes and t is not None else None
+                # keep the recipe of [X; T] rather than the pair when the producer offers one
+                # (sweep docstring); recomputed at the start of the backward
+                ctx.x, ctx.t, ctx.recipe = (None, None, recipe) if recipe else (x, t, None)
         return y, t_y
 
     def backward(self, ctx, g, c):
@@ -104,6 +108,9 @@ class TwoStreamLayerRule:
         if target and getattr(ctx, "direction", None) is not None:
             return self._backward_direction(ctx, g, c)
         keys = ctx.keys if target else ()
+        if getattr(ctx, "recipe", None) is not None:  # the input pair, recomputed (forward)
+            ctx.x, ctx.t = ctx.recipe()
+            ctx.recipe = None
         gx = cx = None
         if (target and ctx.mode is not None and c is not None and not ctx.needs[0]
                 and not ctx.first and "in" in keys and ctx.t is None):
