@@ -36,7 +36,7 @@ from ..layers import KINDS
 from .capture import CaptureError, Program, inspect_empty
 from .loss import loss_streams, resolve_loss_rule
 from .rules import Call
-from .rules.pairs import as_pair, halves
+from .rules.pairs import as_pair, halves, new_pair
 
 SECOND_ORDER = ("oba", "exact")
 QUANTITIES = ("taylor",) + SECOND_ORDER
@@ -61,6 +61,13 @@ class _Ctx:
         # recomputable value pairs (module docstring): the rule's own offer, its inputs'
         self.recipe_out = None
         self.input_recipes = None
+
+
+def _same_tensors(*ts):
+    """All tensors of one shape, dtype and device (their sums can share a pair buffer)."""
+    a = ts[0]
+    return all(isinstance(t, torch.Tensor) and t.shape == a.shape and t.dtype == a.dtype
+               and t.device == a.device for t in ts) and a.dim() > 0
 
 
 def _add(a, b):
@@ -332,6 +339,11 @@ class EngineScorer:
             p_old, p_new = as_pair(old[0], old[1]), as_pair(g, c)
             if p_old is not None and p_new is not None:  # keep the sum paired
                 old[0], old[1] = halves(p_old + p_new)
+            elif _same_tensors(old[0], g, old[1], c):  # pair the sums (saves a later cat)
+                s0, s1 = halves(new_pair(g))
+                torch.add(old[0], g, out=s0)
+                torch.add(old[1], c, out=s1)
+                old[0], old[1] = s0, s1
             else:
                 old[0] = _add(old[0], g)
                 old[1] = _add(old[1], c)
