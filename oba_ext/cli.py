@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a parameter of the criterion, repeatable, e.g. --criterion hessian_trace "
                         "--criterion-option num_samples=64 --criterion-option weighted=true "
                         "(oba_ext.CRITERIA[name].options lists them)")
+    s.add_argument("--recompute", action="store_true",
+                   help="activation checkpointing: recompute forward segments in the backward "
+                        "sweep (peak memory down, about one more forward in time; engine only)")
     s.add_argument("--checkpoint", metavar="PATH", help="score-state file; an interrupted run resumes from it")
     s.add_argument("--checkpoint-every", type=int, default=10, metavar="K", help="save every K batches")
     s.add_argument("--distributed", action="store_true",

@@ -134,7 +134,7 @@ class _Runner:
     """Averages one kind of curvature product over ``batches`` (one scorer, reused)."""
 
     def __init__(self, model, batches, kind, loss_fn, targets, ignore, max_batches, impl,
-                 device, dtype, progress):
+                 device, dtype, progress, recompute=False):
         from .scoring import _check_devices, checked_loss, default_loss
         _check_common(model, impl, max_batches, dtype, loss_fn)
         if kind not in KINDS:
@@ -156,6 +156,7 @@ class _Runner:
         self.max_batches, self.impl, self.progress = max_batches, impl, progress
         self.scorer = None
         self.num_batches = 0
+        self.recompute = recompute
 
     def __call__(self, v: Dict[str, Tensor]) -> Dict[str, Tensor]:
         from .scoring import _batch_context, _restore_buffers, _snapshot_buffers, _split_batch, _to
@@ -178,6 +179,9 @@ class _Runner:
                 if self.scorer is None:
                     self.scorer = make_curvature_scorer(self.model, self.layers, self.loss,
                                                         self.impl, (inputs, tgt))
+                    if self.recompute:
+                        from .scoring import set_recompute
+                        set_recompute(self.scorer)
                 with torch.enable_grad(), _batch_context(index, inputs, tgt, self.model,
                                                          "oba_ext.hvp"):
                     out = self.scorer.hvp(inputs, tgt, self.kind, v)
@@ -208,7 +212,8 @@ class _Runner:
 def hvp(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], kind: str = "exact",
         loss_fn=None, targets: Optional[Iterable[str]] = None, ignore: Iterable = (),
         max_batches: Optional[int] = None, impl: str = "auto", device=None,
-        dtype: Optional[torch.dtype] = None, progress: bool = False) -> Dict[str, Tensor]:
+        dtype: Optional[torch.dtype] = None, progress: bool = False,
+        recompute: bool = False) -> Dict[str, Tensor]:
     """Curvature-vector product ``Mv`` over the target parameters, averaged over batches.
 
     Args:
@@ -219,8 +224,9 @@ def hvp(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], kind: str 
             missing move by 0. Any floating dtype; cast to the parameters'.
         kind: ``"exact"`` (``M = H = ∇²L``), ``"oba"`` (``M = Ĥ``, OBA's Hessian, SPEC §2) or
             ``"ggn"`` (``M = J_zᵀ H_loss J_z``, the generalized Gauss-Newton matrix).
-        loss_fn, targets, ignore, max_batches, impl, device, dtype, progress: as in
-            :func:`oba_ext.score` (``targets``/``ignore`` choose which layers form θ).
+        loss_fn, targets, ignore, max_batches, impl, device, dtype, progress, recompute: as
+            in :func:`oba_ext.score` (``targets``/``ignore`` choose which layers form θ;
+            ``recompute``: activation checkpointing of the engine's sweep).
 
     Returns: ``{name: (Mv)_name}`` for every target parameter of the model (``v``'s names and
     the rest, in module order), each shaped and typed like its parameter: the mean over batches
@@ -231,7 +237,7 @@ def hvp(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], kind: str 
     cannot run (``"auto"`` falls back to the reference path with a warning).
     """
     r = _Runner(model, batches, kind, loss_fn, targets, ignore, max_batches, impl, device,
-                dtype, progress)
+                dtype, progress, recompute)
     return r(check_direction(r.params, v, model=r.model))
 
 
@@ -312,7 +318,8 @@ class CurvatureOperator(LinearOperator):
 def curvature_operator(model: nn.Module, batches: Iterable, kind: str = "exact", loss_fn=None,
                        targets: Optional[Iterable[str]] = None, ignore: Iterable = (),
                        max_batches: Optional[int] = None, impl: str = "auto", device=None,
-                       dtype: Optional[torch.dtype] = None) -> CurvatureOperator:
+                       dtype: Optional[torch.dtype] = None,
+                       recompute: bool = False) -> CurvatureOperator:
     """The :class:`CurvatureOperator` of ``kind`` ("exact": the Hessian, "oba", "ggn") over
     ``batches``; the other arguments as in :func:`hvp`. ``TypeError`` for a one-shot iterator
     (every product re-reads the data)."""
@@ -321,7 +328,7 @@ def curvature_operator(model: nn.Module, batches: Iterable, kind: str = "exact",
         raise TypeError("batches: got a one-shot iterator; pass a list or a DataLoader (every "
                         "product re-reads the data)")
     return CurvatureOperator(_Runner(model, batches, kind, loss_fn, targets, ignore,
-                                     max_batches, impl, device, dtype, False))
+                                     max_batches, impl, device, dtype, False, recompute))
 
 
 def hutchinson_trace(op, num_samples: int = 100, seed: int = 0) -> float:

@@ -162,11 +162,11 @@ def run_score(args) -> dict:
                     impl=args.impl, progress=not args.no_progress and rank == 0,
                     checkpoint=(f"{args.checkpoint}.rank{rank}" if args.checkpoint and world > 1
                                 else args.checkpoint),
-                    checkpoint_every=args.checkpoint_every,
+                    checkpoint_every=args.checkpoint_every, recompute=args.recompute,
                     distributed=args.distributed, criterion_options=options)
         seconds = time.perf_counter() - t0
         summary = {"model": args.model, "criterion": args.criterion,
-                   "criterion_options": options, "impl": res.impl,
+                   "criterion_options": options, "impl": res.impl, "recompute": args.recompute,
                    "num_batches": res.num_batches, "world_size": world, "seconds": seconds,
                    "layers": {n: {k: list(t.shape) for k, t in ls.by_key().items()}
                               for n, ls in res.items()}}

@@ -25,6 +25,7 @@ than the engine). Convolutions are ~86% of the engine's time; the Python sweep i
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Sequence
 
 import torch
@@ -91,6 +92,10 @@ class EngineScorer:
         self.live = {st.node: st.live for st in program.steps}
         self._direction = None  # {layer: {local parameter name: tensor}} in a direction sweep
         self._product = False
+        #: activation checkpointing (README "Memory"): the forward keeps only what each
+        #: segment reads, and the backward recomputes the segment's ctxs (+1 forward sweep)
+        self.recompute = False
+        self._segments = {}
 
     # ------------------------------------------------------------------ helpers
     def _check(self, quantities, keys):
@@ -244,63 +249,60 @@ class EngineScorer:
         tan: Dict[fx.Node, torch.Tensor] = {}
         ctxs = {}
         recipes = {}  # node -> callable () -> (value, tangent) (module docstring)
-        model = self.model
-        live = self.live
-        for st in self.program.steps:
-            node = st.node
-            if st.op == "placeholder":
-                continue
-            if st.op == "get_attr":
-                obj = model
-                for part in node.target.split("."):
-                    obj = getattr(obj, part)
-                val[node] = obj
-                continue
-            leaves = list(st.flat)
-            for i in st.node_pos:
-                leaves[i] = val[st.flat[i]]
-            if st.tuple_getitem and not isinstance(leaves[0], torch.Tensor):
-                self._tuple_getitem_forward(st, leaves, val, tan, ctxs)
-            else:
-                slots = [i for i in st.node_pos if isinstance(leaves[i], torch.Tensor)]
-                in_nodes = [st.flat[i] for i in slots]
-                ts = [tan.get(n) for n in in_nodes]
-                needs = [live.get(n, False) for n in in_nodes]
-                layer = st.layer
-                lkeys = ()
-                if layer is not None:
-                    lkeys = tuple(k for k in keys if k in _LAYER_KEYS.get(self.layers[layer].kind, ()))
-                ctx = _Ctx(node.name, layer, lkeys, want_exact, tangents, needs,
-                           recorder(layer) if layer is not None else None)
-                if self._direction is not None and layer in self._direction:
-                    ctx.direction, ctx.product = self._direction[layer], self._product
-                ctx.input_nodes = in_nodes
-                ctx.input_recipes = [recipes.get(n) for n in in_nodes]
-                ctx.sublayer = lambda name, _k=keys, _r=recorder: self._sublayer(name, _k, _r)
-                args, kwargs = pytree.tree_unflatten(leaves, st.spec)
-                call = Call(node, st.module, st.fn, args, kwargs, leaves, st.spec, slots, ts, needs)
-                # no rule, or Python values only (arithmetic on x.shape): plain evaluation
-                if st.rule is None or not slots:
-                    y, t_y = st.fn(*args, **kwargs), None
-                else:
-                    y, t_y = st.rule.forward(call, ctx)
-                val[node] = y
-                if t_y is not None:
-                    tan[node] = t_y
-                recipe = getattr(ctx, "recipe_out", None)
-                if recipe is None and slots and y is leaves[slots[0]] and t_y is ts[0]:
-                    recipe = ctx.input_recipes[0]  # an identity: its input's recipe holds
-                if recipe is not None:
-                    recipes[node] = recipe
-                    ctx.recipe_out = None
-                if st.live:
-                    ctx.rule = st.rule
-                    ctxs[node] = ctx
+        run = _StepRunner(self, keys, tangents, want_exact, recorder)
+        segments = self._segment_plan() if self.recompute else {}
+        self._segments = {}
+        steps = self.program.steps
+        for i, st in enumerate(steps):
+            seg = segments.get(i)
+            if seg is not None:  # a checkpointed segment starts: keep what it reads, not its ctxs
+                self._segments[seg[1] - 1] = _Segment(seg, self.program, val, tan, recipes, run)
+            run(st, val, tan, ctxs, recipes)
             for n in st.free_after:
                 val.pop(n, None)
                 tan.pop(n, None)
                 recipes.pop(n, None)
+            sg = self._segments.get(i)
+            if sg is not None:  # drop the segment's ctxs: recomputed in the backward
+                for s2 in sg.steps:
+                    ctxs.pop(s2.node, None)
         return val, tan, ctxs
+
+    def _segment_plan(self):
+        """{start index: (start, end)} of the checkpointed segments (``recompute=True``):
+        cut between steps where at most ``m`` computed tensors cross (``m`` the fewest that
+        cross anywhere inside the program, at least 1: the residual stream between transformer
+        blocks), into about √(live steps) segments of similar length; the last segment is not
+        checkpointed (its backward comes first)."""
+        steps = self.program.steps
+        n = len(steps)
+        made, last_read = {}, {}
+        for i, st in enumerate(steps):
+            if st.op not in ("placeholder", "get_attr"):
+                made[st.node] = i
+            for j in st.node_pos:
+                last_read[st.flat[j]] = i
+        crossing = [0] * (n + 1)
+        for node, i in made.items():
+            for b in range(i + 1, last_read.get(node, i) + 1):
+                crossing[b] += 1
+        live_idx = [i for i, st in enumerate(steps) if st.live]
+        if len(live_idx) < 4:
+            return {}
+        lo, hi = live_idx[0] + 1, live_idx[-1]
+        m = max(1, min(crossing[lo:hi + 1], default=1))
+        cands = [b for b in range(lo, hi + 1) if crossing[b] <= m]
+        target = max(2, int(math.ceil(math.sqrt(len(live_idx)))))
+        per = len(live_idx) / target
+        plan, start, count = {}, 0, 0
+        live_before = [0] * (n + 1)
+        for i in range(n):
+            live_before[i + 1] = live_before[i] + (1 if steps[i].live else 0)
+        for b in cands:
+            if live_before[b] - live_before[start] >= per:
+                plan[start] = (start, b)
+                start = b
+        return plan
 
     def _sublayer(self, name, keys, recorder):
         """(record, keys, direction) for scored layer ``name`` run inside another node's rule
@@ -348,7 +350,17 @@ class EngineScorer:
                 old[0] = _add(old[0], g)
                 old[1] = _add(old[1], c)
 
-        for st in reversed(self.program.steps):
+        steps = self.program.steps
+        segments = self._segments  # {end - 1: _Segment} of a checkpointed forward
+        starts = {sg.start: sg for sg in segments.values()}
+        for idx in range(len(steps) - 1, -1, -1):
+            st = steps[idx]
+            done = starts.get(idx + 1)
+            if done is not None:  # the segment after this step is finished in this pass
+                _drop(ctxs, done)
+            sg = segments.get(idx)
+            if sg is not None:  # its ctxs, recomputed from what the forward kept
+                ctxs.update(sg.recompute())
             if not st.live:
                 continue
             node = st.node
@@ -373,6 +385,10 @@ class EngineScorer:
             for n, r in zip(ctx.input_nodes, res):
                 if r is not None and live.get(n, False):
                     acc(n, r[0], r[1] if mode is not None else None)
+        if 0 in starts:
+            _drop(ctxs, starts[0])
+        if last:
+            self._segments = {}
 
     def _fill(self, results, quantities, keys):
         """Zero scores for scored layers the sweep did not reach (unused or no gradient)."""
@@ -391,6 +407,127 @@ class EngineScorer:
                     if shape is not None:
                         ref = m.weight
                         dq[k] = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
+
+
+def _drop(ctxs, segment):
+    for st in segment.steps:
+        ctxs.pop(st.node, None)
+
+
+class _StepRunner:
+    """Runs one forward step of the program with real values and both streams (the body of
+    :meth:`EngineScorer._forward`, also used to recompute a checkpointed segment)."""
+
+    def __init__(self, scorer, keys, tangents, want_exact, recorder):
+        self.scorer, self.keys, self.tangents = scorer, keys, tangents
+        self.want_exact, self.recorder = want_exact, recorder
+        # the direction state of this sweep (hvp resets the scorer's before the backward)
+        self.direction, self.product = scorer._direction, scorer._product
+
+    def __call__(self, st, val, tan, ctxs, recipes):
+        sc, keys, recorder = self.scorer, self.keys, self.recorder
+        node = st.node
+        if st.op == "placeholder":
+            return
+        if st.op == "get_attr":
+            obj = sc.model
+            for part in node.target.split("."):
+                obj = getattr(obj, part)
+            val[node] = obj
+            return
+        leaves = list(st.flat)
+        for i in st.node_pos:
+            leaves[i] = val[st.flat[i]]
+        if st.tuple_getitem and not isinstance(leaves[0], torch.Tensor):
+            sc._tuple_getitem_forward(st, leaves, val, tan, ctxs)
+            return
+        live = sc.live
+        slots = [i for i in st.node_pos if isinstance(leaves[i], torch.Tensor)]
+        in_nodes = [st.flat[i] for i in slots]
+        ts = [tan.get(n) for n in in_nodes]
+        needs = [live.get(n, False) for n in in_nodes]
+        layer = st.layer
+        lkeys = ()
+        if layer is not None:
+            lkeys = tuple(k for k in keys if k in _LAYER_KEYS.get(sc.layers[layer].kind, ()))
+        ctx = _Ctx(node.name, layer, lkeys, self.want_exact, self.tangents, needs,
+                   recorder(layer) if layer is not None else None)
+        if self.direction is not None and layer in self.direction:
+            ctx.direction, ctx.product = self.direction[layer], self.product
+        ctx.input_nodes = in_nodes
+        ctx.input_recipes = [recipes.get(n) for n in in_nodes]
+        ctx.sublayer = self._sublayer
+        args, kwargs = pytree.tree_unflatten(leaves, st.spec)
+        call = Call(node, st.module, st.fn, args, kwargs, leaves, st.spec, slots, ts, needs)
+        # no rule, or Python values only (arithmetic on x.shape): plain evaluation
+        if st.rule is None or not slots:
+            y, t_y = st.fn(*args, **kwargs), None
+        else:
+            y, t_y = st.rule.forward(call, ctx)
+        val[node] = y
+        if t_y is not None:
+            tan[node] = t_y
+        recipe = getattr(ctx, "recipe_out", None)
+        if recipe is None and slots and y is leaves[slots[0]] and t_y is ts[0]:
+            recipe = ctx.input_recipes[0]  # an identity: its input's recipe holds
+        if recipe is not None:
+            recipes[node] = recipe
+            ctx.recipe_out = None
+        if st.live:
+            ctx.rule = st.rule
+            ctxs[node] = ctx
+
+    def _sublayer(self, name):
+        sc = self.scorer
+        saved = sc._direction
+        sc._direction = self.direction
+        try:
+            return sc._sublayer(name, self.keys, self.recorder)
+        finally:
+            sc._direction = saved
+
+
+class _Segment:
+    """A checkpointed run of steps ``[start, end)`` (``recompute=True``): the values and
+    tangents it reads from before it (references, no copies), the random-number state at its
+    start, and the step runner; :meth:`recompute` rebuilds its ctxs for the backward,
+    bitwise as in the forward."""
+
+    def __init__(self, seg, program, val, tan, recipes, run):
+        self.start, self.end = seg
+        self.steps = program.steps[self.start:self.end]
+        made = {st.node for st in self.steps if st.op != "placeholder"}  # inputs: kept
+        reads = {st.flat[j] for st in self.steps for j in st.node_pos} - made
+        self.val = {n: val[n] for n in reads if n in val}
+        self.tan = {n: tan[n] for n in reads if n in tan}
+        self.recipes = {n: recipes[n] for n in reads if n in recipes}
+        self.rng = _rng_state()
+        self.run = run
+
+    def recompute(self):
+        val, tan, recipes, ctxs = dict(self.val), dict(self.tan), dict(self.recipes), {}
+        now = _rng_state()
+        _set_rng_state(self.rng)
+        try:
+            for st in self.steps:
+                self.run(st, val, tan, ctxs, recipes)
+        finally:
+            _set_rng_state(now)
+        return ctxs
+
+
+def _rng_state():
+    """The CPU generator's state, and the CUDA generators' when CUDA is initialized (dropout
+    masks drawn again in a recomputed segment must be the forward's)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state):
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _key_shape(spec, m, k):
