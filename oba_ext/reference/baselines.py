@@ -21,7 +21,7 @@ criterion has ``norm_layers=True``; ``g = ∇L`` of the batch's mean loss):
   (Torch-Pruning's OBD-C keeps only the last one). Embedding lookups run as in the oracles
   (:func:`.decompose.embedding_lookup`: the padding row's lookup constant, ``sparse`` dense,
   functional ``max_norm``/``scale_grad_by_freq`` refused by name; ``F.embedding_bag``'s
-  ``max_norm`` too).
+  too, the bag itself run by torch: first order needs no written-out product).
 """
 from __future__ import annotations
 
@@ -90,8 +90,9 @@ class _EmbeddingLookups(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.embedding or func is F.embedding_bag:
-            from .decompose import DECOMPOSITIONS
-            out = DECOMPOSITIONS[func](*args, **kwargs)
+            from .decompose import embedding_bag_refusal, embedding_lookup
+            out = (embedding_lookup if func is F.embedding else embedding_bag_refusal)(
+                *args, **kwargs)
             if out is not NotImplemented:
                 return out
         return func(*args, **kwargs)

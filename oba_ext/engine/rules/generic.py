@@ -137,7 +137,7 @@ SAFE_MODULES = tuple(c for c in (
     nn.ReplicationPad1d, nn.ReplicationPad2d, nn.AvgPool3d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool3d, nn.LPPool1d, nn.LPPool2d, nn.Fold, nn.Unfold,
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm,
-    getattr(nn, "RMSNorm", None), nn.Embedding, nn.EmbeddingBag, nn.PairwiseDistance,
+    getattr(nn, "RMSNorm", None), nn.Embedding, nn.PairwiseDistance,
     nn.Identity, nn.Flatten, nn.Unflatten,
 ) if c is not None)
 
@@ -239,25 +239,27 @@ def random_refusal(node, module) -> Optional[str]:
             f"impl='reference'")
 
 
-_BAG_ARGS = ("input", "weight", "offsets", "max_norm")
+_BAG_ARGS = ("input", "weight", "offsets", "max_norm", "norm_type", "scale_grad_by_freq")
 
 
 def renorm_refusal(node, module) -> Optional[str]:
-    """Why fx ``node`` cannot run at all: an embedding bag with ``max_norm`` (``nn.EmbeddingBag``
-    or ``F.embedding_bag``) renormalizes its weight in place at every forward, so scoring would
-    modify the model and differentiate a different function (``nn.Embedding``/``F.embedding``
-    have rules that refuse it, :mod:`.linear`)."""
+    """Why fx ``node`` cannot run at all: an embedding bag (``nn.EmbeddingBag`` or
+    ``F.embedding_bag``) with ``max_norm`` renormalizes its weight in place at every forward, so
+    scoring would modify the model and differentiate a different function; with
+    ``scale_grad_by_freq=True`` torch's gradient is not the loss's derivative
+    (:func:`oba_ext.reference.decompose.refuse_embedding_bag_flags`; ``nn.Embedding``/
+    ``F.embedding`` have rules that refuse both, :mod:`.linear`)."""
     if node.op == "call_module" and isinstance(module, nn.EmbeddingBag):
-        max_norm, name = module.max_norm, node.target
+        max_norm, freq, name = module.max_norm, module.scale_grad_by_freq, node.target
     elif node.op == "call_function" and node.target is F.embedding_bag:
         a = dict(zip(_BAG_ARGS, node.args))
         a.update(node.kwargs)
-        max_norm, name = a.get("max_norm"), None
+        max_norm, freq, name = a.get("max_norm"), a.get("scale_grad_by_freq", False), None
     else:
         return None
-    from ...reference.decompose import refuse_embedding_bag_max_norm  # one wording, both paths
+    from ...reference.decompose import refuse_embedding_bag_flags  # one wording, both paths
     try:
-        refuse_embedding_bag_max_norm(name, max_norm)
+        refuse_embedding_bag_flags(name, max_norm, freq)
     except ValueError as e:
         return f"node {node.name!r}: {e}"
     return None

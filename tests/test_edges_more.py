@@ -1,0 +1,246 @@
+"""SPEC §8 at the edges, on the engine (``impl="kernel"``) and the reference path alike.
+
+1. ``nn.EmbeddingBag``/``F.embedding_bag`` with θ-dependent ``per_sample_weights`` and/or a
+   θ-dependent table: the weighted bag sum is a product of two θ-dependent values and carries OBA
+   curvature as if written out (``Σ_j p_j · W[i_j]``). Right values: brute force (torch.func
+   Hessians of a hand-written twin of the model, float64): the model below has no nonlinearity
+   but the bag's product, max, and the loss, so ``exact`` = θ⊙Hθ and ``oba`` = θ⊙(H − GGN)θ
+   (SPEC §2: the loss's curvature is the only one Ĥ drops). Linearizing the product instead
+   is off by 30-60% on gate/tab/emb here. Before, both paths raised torch's "forward AD not
+   implemented for _embedding_bag" (or "derivative for _embedding_bag_per_sample_weights_backward
+   is not implemented" for exact).
+2. ``scale_grad_by_freq=True`` on an embedding bag (module or functional) is refused by name on
+   every path, as it is on ``nn.Embedding``; before, ``taylor`` silently used torch's
+   frequency-rescaled gradient for a θ-dependent table.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, hessian, jacrev
+
+import brute
+import oba_ext
+from tolerances import FLOAT64_RTOL, assert_close_rel
+
+DT = torch.float64
+V, E, C, B, L = 7, 4, 3, 5, 3
+PAD = 2
+GRAN = ("weight", "out", "in")
+
+
+def _quiet_score(model, batches, impl, kind, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one-time "no rule"/fallback notes are not under test
+        return oba_ext.score(model, batches, kind=kind, impl=impl, progress=False, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. embedding bags with θ-dependent per-sample weights / tables
+# ---------------------------------------------------------------------------------------------
+
+class BagModel(nn.Module):
+    """``h = emb(i)``; per-sample weights ``p = gate(h)`` (θ-dependent, ``psw="theta"``), a fixed
+    tensor (``"const"``) or none; the table ``W = tab(table)`` (θ-dependent) or, with
+    ``module=True``, an ``nn.EmbeddingBag``'s own weight (not a target: a constant); bags of
+    ``L`` entries with ``padding_idx``; ``fc(bag + mean_t h)``. ``hand=True``: the bag written
+    out by hand (the brute-force twin, same parameters)."""
+
+    def __init__(self, mode="sum", psw="theta", module=False, flat=True, hand=False):
+        super().__init__()
+        self.mode, self.psw, self.module, self.flat, self.hand = mode, psw, module, flat, hand
+        self.emb = nn.Embedding(V, E)
+        self.gate = nn.Linear(E, 1)
+        self.table = nn.Parameter(torch.randn(V, E))
+        self.tab = nn.Linear(E, E)
+        self.bag = nn.EmbeddingBag(V, E, mode=mode, padding_idx=PAD)
+        self.fc = nn.Linear(E, C)
+        self.register_buffer("const", torch.linspace(0.5, 1.5, B * L).reshape(B, L))
+
+    def forward(self, i):
+        h = self.emb(i)
+        p = {"theta": self.gate(h).squeeze(-1), "const": self.const, None: None}[self.psw]
+        if self.hand:
+            W = self.bag.weight if self.module else self.tab(self.table)
+            rows = W[i] * (p.unsqueeze(-1) if p is not None else 1)
+            keep = (i != PAD).unsqueeze(-1)
+            if self.mode == "max":
+                out = torch.where(keep, rows, float("-inf")).max(1).values
+                out = torch.where(keep.any(1), out, 0.0)
+            else:
+                out = torch.where(keep, rows, 0.0).sum(1)
+                if self.mode == "mean":
+                    out = out / keep.sum(1).clamp(min=1)
+        elif self.module:
+            out = self.bag(i, per_sample_weights=p)
+        elif self.flat:  # 1D input with offsets
+            out = F.embedding_bag(i.flatten(), self.tab(self.table), torch.arange(0, B * L, L), mode=self.mode,
+                                  per_sample_weights=None if p is None else p.flatten(),
+                                  padding_idx=PAD)
+        else:
+            out = F.embedding_bag(i, self.tab(self.table), mode=self.mode, per_sample_weights=p,
+                                  padding_idx=PAD)
+        return self.fc(out + h.mean(1))
+
+
+def _bag_pair(**kw):
+    torch.manual_seed(0)
+    m = BagModel(**kw).to(DT)
+    twin = BagModel(**kw, hand=True).to(DT)
+    twin.load_state_dict(m.state_dict())
+    return m, twin
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    i = torch.randint(0, V, (B, L), generator=g)
+    i[0, :] = PAD  # an empty bag
+    i[1, 0] = PAD
+    return i, torch.randint(0, C, (B,), generator=g)
+
+
+def _brute(twin, x, y):
+    """``{param: θ⊙Hθ}``, ``{param: θ⊙(H − GGN)θ}`` of the hand-written twin (no oba_ext)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "bag (EmbeddingBag) is held fixed": it is meant to be
+        tp = brute.target_params(twin)
+    others = {n: p.detach() for n, p in twin.named_parameters() if n not in tp}
+    bufs = dict(twin.named_buffers())
+    _, v0, unflat = brute.flat(tp)
+
+    def f(v):
+        return functional_call(twin, {**others, **bufs, **unflat(v)}, (x,))
+    H = hessian(lambda v: F.cross_entropy(f(v), y))(v0)
+    J = jacrev(f)(v0).reshape(-1, v0.numel())
+    z0 = f(v0).detach()
+    Hl = hessian(lambda z: F.cross_entropy(z, y))(z0).reshape(z0.numel(), z0.numel())
+    exact = {n: tp[n] * h for n, h in unflat(H @ v0).items()}
+    oba = {n: tp[n] * h for n, h in unflat((H - J.T @ Hl @ J) @ v0).items()}
+    return {"exact": exact, "oba": oba}
+
+
+def _check_weights(res, want, what):
+    total = torch.cat([w.reshape(-1) for w in want.values()]).norm()
+    for pname, w in want.items():
+        layer, attr = pname.rsplit(".", 1)
+        got = getattr(res[layer], attr)
+        if w.norm() <= FLOAT64_RTOL * total:  # a score that is 0 by the maths (brute force: noise)
+            assert got.norm() <= FLOAT64_RTOL * total, f"{what}: {pname} should be 0"
+        else:
+            assert_close_rel(got, w, f"{what}: {pname}")
+
+
+BAG_CASES = {
+    # name: (BagModel kwargs, what makes it interesting)
+    "sum-theta-psw-theta-table-offsets": dict(mode="sum", psw="theta", flat=True),
+    "sum-theta-psw-theta-table-2d": dict(mode="sum", psw="theta", flat=False),
+    "sum-theta-psw-module": dict(mode="sum", psw="theta", module=True),
+    "sum-const-psw-theta-table": dict(mode="sum", psw="const", flat=True),
+    "mean-theta-table": dict(mode="mean", psw=None, flat=True),
+    "max-theta-table": dict(mode="max", psw=None, flat=False),
+}
+
+
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+@pytest.mark.parametrize("case", list(BAG_CASES))
+def test_embedding_bag_scores_match_brute_force(case, impl):
+    m, twin = _bag_pair(**BAG_CASES[case])
+    x, y = _batch()
+    want = _brute(twin, x, y)
+    for kind in ("oba", "exact"):
+        res = _quiet_score(m, [(x, y)], impl, kind, granularity=GRAN)
+        assert res.impl == impl
+        _check_weights(res, want[kind], f"{case} {kind} impl={impl}")
+
+
+def test_embedding_bag_written_out_equals_torch():
+    """The written-out bag (both paths' definition) computes torch's values and gradients."""
+    from oba_ext.reference.decompose import embedding_bag_math
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(V, E, dtype=DT, generator=g, requires_grad=True)
+    cases = [(torch.randint(0, V, (4, 5), generator=g), None, False),
+             (torch.randint(0, V, (9,), generator=g), torch.tensor([0, 0, 3, 3, 7]), False),
+             (torch.randint(0, V, (9,), generator=g), torch.tensor([0, 0, 3, 3, 7, 9]), True)]
+    for (i, off, last) in cases:
+        for mode in ("sum", "mean", "max"):
+            for pad in (None, PAD, -1):
+                for with_p in ((False, True) if mode == "sum" else (False,)):
+                    p = (torch.rand(i.shape, dtype=DT, generator=g).requires_grad_()
+                         if with_p else None)
+                    kw = dict(offsets=off, mode=mode, per_sample_weights=p,
+                              include_last_offset=last, padding_idx=pad)
+                    a, b = F.embedding_bag(i, W, **kw), embedding_bag_math(i, W, **kw)
+                    what = f"{tuple(i.shape)} {mode} pad={pad} psw={with_p}"
+                    assert_close_rel(b, a, what)
+                    ct = torch.randn(a.shape, dtype=DT, generator=g)
+                    wrt = [W] + ([p] if p is not None else [])
+                    ga = torch.autograd.grad((a * ct).sum(), wrt)
+                    gb = torch.autograd.grad((b * ct).sum(), wrt)
+                    for x1, x2 in zip(gb, ga):
+                        assert_close_rel(x1, x2, f"{what} grad")
+
+
+def test_embedding_bag_tied_to_a_target_falls_back_and_matches():
+    """An nn.EmbeddingBag sharing a target nn.Embedding's weight: the engine refuses the shared
+    weight by name (``auto`` falls back); the reference path scores it like the written-out bag."""
+    m, twin = _bag_pair(mode="sum", psw="theta", module=True)
+    for net in (m, twin):
+        net.bag.weight = net.emb.weight
+        net.module = True
+    twin.hand = True
+    x, y = _batch()
+    want = _brute(twin, x, y)
+    with pytest.raises(RuntimeError, match="module 'bag' \\(EmbeddingBag\\) uses target"):
+        _quiet_score(m, [(x, y)], "kernel", "oba", granularity=("weight",))
+    for kind in ("oba", "exact"):
+        res = _quiet_score(m, [(x, y)], "auto", kind, granularity=("weight",))
+        assert res.impl == "reference"
+        _check_weights(res, want[kind], f"tied {kind}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. embedding bags with scale_grad_by_freq=True: refused by name on every path
+# ---------------------------------------------------------------------------------------------
+
+class FreqBag(nn.Module):
+    def __init__(self, functional):
+        super().__init__()
+        self.functional = functional
+        self.bag = nn.EmbeddingBag(V, E, mode="sum", scale_grad_by_freq=not functional)
+        self.table = nn.Parameter(torch.randn(V, E))
+        self.tab = nn.Linear(E, E)
+        self.fc = nn.Linear(E, C)
+
+    def forward(self, i):
+        if self.functional:  # a θ-dependent table: torch's rescaled gradient reaches tab
+            return self.fc(F.embedding_bag(i, self.tab(self.table), mode="sum",
+                                           scale_grad_by_freq=True))
+        return self.fc(self.bag(i))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+@pytest.mark.parametrize("call", ["score-reference", "score-auto", "score-kernel",
+                                  "taylor-reference", "taylor-kernel", "hvp-reference",
+                                  "hvp-kernel", "fisher-reference"])
+def test_embedding_bag_scale_grad_by_freq_refused_by_name(functional, call):
+    torch.manual_seed(0)
+    m = FreqBag(functional).to(DT)
+    x, y = _batch()
+    before = {k: t.clone() for k, t in m.state_dict().items()}
+    what, impl = call.split("-")
+    msg = ("F.embedding_bag\\(..., scale_grad_by_freq=True\\)" if functional
+           else "module 'bag' \\(EmbeddingBag, scale_grad_by_freq=True\\)")
+    with warnings.catch_warnings(), pytest.raises((ValueError, RuntimeError), match=msg):
+        warnings.simplefilter("ignore")
+        if what == "hvp":
+            v = {"fc.weight": torch.randn(C, E, dtype=DT)}
+            oba_ext.hvp(m, [(x, y)], v, loss_fn=F.cross_entropy, impl=impl)
+        else:
+            kind = {"score": "exact", "taylor": "taylor", "fisher": "fisher"}[what]
+            oba_ext.score(m, [(x, y)], F.cross_entropy, impl=impl, progress=False, kind=kind)
+    for k, t in m.state_dict().items():
+        assert torch.equal(t, before[k]), f"{call}: {k} was modified"
