@@ -244,3 +244,118 @@ def test_embedding_bag_scale_grad_by_freq_refused_by_name(functional, call):
             oba_ext.score(m, [(x, y)], F.cross_entropy, impl=impl, progress=False, kind=kind)
     for k, t in m.state_dict().items():
         assert torch.equal(t, before[k]), f"{call}: {k} was modified"
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. empty batches: an error naming the batch and what is empty, on every path
+# ---------------------------------------------------------------------------------------------
+
+class Pool(nn.Module):
+    """Tokens -> embedding -> mean over the sequence -> classes (a (B, 0) input: a NaN mean)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(V, E), nn.Linear(E, C)
+
+    def forward(self, input_ids, extra=None):
+        h = self.emb(input_ids).mean(1)
+        if extra is not None:  # a zero-width feature block is legitimate
+            h = torch.cat([h, extra], 1)
+        return self.fc(h)
+
+
+class TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(V, E), nn.Linear(E, V)
+
+    def forward(self, i):
+        return self.fc(torch.tanh(self.emb(i)))
+
+
+def _lm_loss(out, y):
+    return F.cross_entropy(out.flatten(0, 1), y.flatten())
+
+
+def _next_token_loss(out, y):  # shifts inside the loss: length-1 sequences predict nothing
+    return F.cross_entropy(out[:, :-1].flatten(0, 1), y[:, 1:].flatten())
+
+
+def _tokens(b, t, seed=3):
+    return torch.randint(0, V, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _run(call, model, batches, loss_fn, impl):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if call == "hvp":
+            v = {n: torch.ones_like(p) for n, p in model.named_parameters() if n.startswith("fc")}
+            for kind in ("exact", "ggn", "oba"):
+                oba_ext.hvp(model, batches, v, loss_fn=loss_fn, kind=kind, impl=impl,
+                            progress=False)
+        else:
+            oba_ext.score(model, batches, loss_fn, kind=call, impl=impl, progress=False)
+
+
+CALLS = ["oba", "exact", "taylor", "jacobian", "hessian_trace", "hvp"]
+
+
+@pytest.mark.parametrize("impl", ["kernel", "reference", "auto"])
+@pytest.mark.parametrize("call", CALLS)
+def test_empty_sequence_input_is_refused_by_batch_and_input(call, impl):
+    m = Pool().to(DT)
+    good = (_tokens(3, 2), torch.tensor([0, 1, 2]))
+    empty = (torch.zeros(3, 0, dtype=torch.long), torch.tensor([0, 1, 2]))
+    with pytest.raises(oba_ext.EmptyBatchError, match=r"batches: batch 1 is empty \(inputs of "
+                       r"shape \(3, 0\): dimension 1 has size 0\)"):
+        _run(call, m, [good, empty], None, impl)
+    kw = ({"input_ids": torch.zeros(3, 0, dtype=torch.long)}, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"batch 0 is empty \(inputs\['input_ids'\] of shape"):
+        _run(call, m, [kw], None, impl)
+
+
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+@pytest.mark.parametrize("call", CALLS)
+def test_loss_over_zero_elements_is_refused_by_batch(call, impl):
+    """Finite outputs, NaN loss: the loss averaged over nothing. Before, the scores of such a
+    batch were silently 0 (zero gradient) and counted in the average."""
+    m = TinyLM().to(DT)
+    x = _tokens(3, 4)
+    good = (x, x)
+    for loss_fn, bad in ((_next_token_loss, (x[:, :1], x[:, :1])),               # length 1
+                         (_lm_loss, (x, torch.full_like(x, -100)))):              # all ignored
+        with pytest.raises(oba_ext.EmptyBatchError,
+                           match=r"batches: batch 1 is empty: the loss is NaN although the "
+                                 r"model's outputs \(\(3, \d, 7\)\) are finite: a mean over zero"):
+            _run(call, m, [good, bad], loss_fn, impl)
+
+
+def test_fisher_names_the_empty_samples():
+    m = TinyLM().to(DT)
+    x = _tokens(3, 4)
+    y = x.clone()
+    y[1] = -100  # sample 1 has no target: its per-sample gradient would count as 0
+    with pytest.raises(oba_ext.EmptyBatchError,
+                       match=r"batches: batch 0: sample\(s\) \[1\] are empty"):
+        _run("fisher", m, [(x, y)], _lm_loss, "reference")
+
+
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+def test_empty_targets_tensor_is_refused(impl):
+    m = Pool().to(DT)
+    with pytest.raises(oba_ext.EmptyBatchError, match=r"batch 0 is empty \(targets of shape "
+                                                      r"\(3, 0\): dimension 1 has size 0\)"):
+        _run("oba", m, [(_tokens(3, 2), torch.zeros(3, 0, dtype=torch.long))], _lm_loss, impl)
+
+
+def test_empty_side_input_is_not_an_empty_batch():
+    """A zero-size tensor that is not the first input (a zero-width feature block) is legitimate:
+    the loss is finite and the scores are those of the model without it."""
+    m = Pool().to(DT)
+    x, y = _tokens(4, 3), torch.tensor([0, 1, 2, 0])
+    for impl in ("kernel", "reference"):
+        with_extra = _quiet_score(m, [((x, torch.zeros(4, 0, dtype=DT)), y)], impl, "oba")
+        plain = _quiet_score(m, [(x, y)], "reference", "oba")
+        assert with_extra.impl == impl
+        for name in plain:
+            assert_close_rel(with_extra[name].out, plain[name].out, f"{impl} {name}")
