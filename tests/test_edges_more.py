@@ -359,3 +359,76 @@ def test_empty_side_input_is_not_an_empty_batch():
         assert with_extra.impl == impl
         for name in plain:
             assert_close_rel(with_extra[name].out, plain[name].out, f"{impl} {name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. nn.MultiheadAttention's is_causal hint, read as torch reads it
+# ---------------------------------------------------------------------------------------------
+
+ME, MH, MT = 8, 2, 5
+
+
+class CausalMHA(nn.Module):
+    def __init__(self, mask, kpm=None, need_weights=False):
+        super().__init__()
+        self.inp, self.fc = nn.Linear(4, ME), nn.Linear(ME, C)
+        self.mha = nn.MultiheadAttention(ME, MH, batch_first=True)
+        with torch.no_grad():  # torch initializes them to 0: their scores would be 0 too
+            self.mha.in_proj_bias.normal_(0, 0.3)
+            self.mha.out_proj.bias.normal_(0, 0.3)
+        self.mask, self.kpm, self.need_weights = mask, kpm, need_weights
+
+    def forward(self, x):
+        h = self.inp(x)
+        o, _ = self.mha(h, h, h, attn_mask=self.mask, key_padding_mask=self.kpm,
+                        need_weights=self.need_weights, is_causal=True)
+        return self.fc(torch.tanh(o).mean(1))
+
+
+def _mha_batch():
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(3, MT, 4, generator=g, dtype=DT), torch.tensor([0, 1, 2])
+
+
+@pytest.mark.parametrize("impl", ["kernel", "reference", "auto"])
+@pytest.mark.parametrize("call", ["oba", "taylor", "hvp"])
+def test_mha_is_causal_without_mask_is_refused_like_torch(call, impl):
+    torch.manual_seed(0)
+    m = CausalMHA(None).to(DT).eval()
+    x, y = _mha_batch()
+    with pytest.raises(RuntimeError, match="Need attn_mask"):
+        m(x)  # torch's own forward
+    who = ("module 'mha' \\(MultiheadAttention\\)" if impl != "reference"
+           else "nn.MultiheadAttention \\(embed_dim=8, num_heads=2")
+    with pytest.raises(ValueError, match=who + ".*is_causal=True without attn_mask"):
+        _run(call, m, [(x, y)], None, impl)
+
+
+def _wrong_hint():
+    """A mask that is *not* causal, with the is_causal hint: torch's attention then applies the
+    causal mask without key_padding_mask and need_weights, and the mask otherwise."""
+    g = torch.Generator().manual_seed(6)
+    return (torch.rand(MT, MT, generator=g) > 0.5) & ~torch.eye(MT, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("setting", ["hint-replaces-mask", "need_weights", "key_padding_mask"])
+def test_mha_is_causal_hint_scores_torchs_function(setting):
+    torch.manual_seed(0)
+    kw = {"need_weights": dict(need_weights=True),
+          "key_padding_mask": dict(kpm=torch.tensor([[False] * (MT - 1) + [True]] * 3)),
+          }.get(setting, {})
+    m = CausalMHA(_wrong_hint(), **kw).to(DT).eval()
+    x, y = _mha_batch()
+    want, _ = brute.hessian_and_ggn_scores(m, x, y, with_ggn=False)
+    for impl in ("kernel", "reference"):
+        res = _quiet_score(m, [(x, y)], impl, "exact", granularity=("weight",))
+        assert res.impl == impl
+        for pname, w in want.items():
+            layer, attr = pname.rsplit(".", 1)
+            if layer == "mha.out_proj":
+                got = getattr(res["mha.out_proj"], attr)
+            elif layer == "mha":
+                got = getattr(res["mha"], "weight" if attr == "in_proj_weight" else "bias")
+            else:
+                got = getattr(res[layer], attr)
+            assert_close_rel(got, w, f"{setting} {impl} {pname}")

@@ -58,10 +58,31 @@ def sdpa_math(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
 _MHA_SIG = inspect.signature(F.multi_head_attention_forward)
 
 
+def mha_causal_replaces_mask(attn_mask, key_padding_mask, need_weights: bool, is_causal: bool,
+                             who: str) -> bool:
+    """torch's reading of ``nn.MultiheadAttention``'s ``is_causal`` hint
+    (``F.multi_head_attention_forward``), shared by the reference path and the engine: without
+    ``attn_mask`` the hint is refused — torch raises "Need attn_mask if specifying the is_causal
+    hint" — so this raises ``ValueError`` naming ``who`` (the module); with a mask, and with
+    neither ``key_padding_mask`` nor ``need_weights``, torch's attention applies the causal mask
+    *instead of* ``attn_mask`` (the hint says they are the same; True is returned); otherwise
+    ``attn_mask`` is used and the hint ignored (False)."""
+    if not is_causal:
+        return False
+    if attn_mask is None:
+        raise ValueError(f"{who}: is_causal=True without attn_mask; torch's own "
+                         f"nn.MultiheadAttention forward refuses it (\"Need attn_mask if "
+                         f"specifying the is_causal hint\"). Pass the causal mask too "
+                         f"(attn_mask=nn.Transformer.generate_square_subsequent_mask(L), "
+                         f"is_causal=True), or the mask alone")
+    return key_padding_mask is None and not need_weights
+
+
 def mha_math(*args, **kwargs):
     """``F.multi_head_attention_forward`` (sequence-first, as nn.MultiheadAttention calls it),
     written with F.linear and :func:`sdpa_math`-style products. Supports packed and separate
-    q/k/v projection weights, attn_mask, key_padding_mask, need_weights and is_causal;
+    q/k/v projection weights, attn_mask, key_padding_mask, need_weights and is_causal (as torch
+    reads it, :func:`mha_causal_replaces_mask`: refused without attn_mask);
     bias_k/bias_v, add_zero_attn, static_k/static_v and dropout are refused."""
     a = _MHA_SIG.bind(*args, **kwargs)
     a.apply_defaults()
@@ -99,7 +120,9 @@ def mha_math(*args, **kwargs):
 
     logits = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))
     attn_mask, kpm = p["attn_mask"], p["key_padding_mask"]
-    if p["is_causal"] and attn_mask is None:
+    if mha_causal_replaces_mask(attn_mask, kpm, p["need_weights"], p["is_causal"],
+                                f"nn.MultiheadAttention (embed_dim={E}, num_heads={H}; "
+                                f"F.multi_head_attention_forward)"):
         attn_mask = torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1)  # True = masked
     if attn_mask is not None:
         if attn_mask.dim() == 3:  # (N*H, L, S)
