@@ -10,12 +10,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-
-class EmptyBatchError(ValueError):
-    """A batch with nothing to average over (SPEC §8: empty batches are an error, never a batch
-    of weight zero that shifts the average). Raised by :func:`oba_ext.score`, :func:`oba_ext.hvp`
-    and everything built on them, on every path; the message names the batch index and the
-    empty input, or says that the loss averaged over zero elements."""
+from .errors import EmptyBatchError  # noqa: F401  (raised here; defined with the other errors)
 
 
 def default_loss(outputs, targets: torch.Tensor) -> torch.Tensor:

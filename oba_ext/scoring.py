@@ -36,7 +36,8 @@ from . import model_prep as _prep
 from . import inputs as _inputs
 from . import engine
 from .heads import add_head_scores, helper_keys
-from .losses import EmptyBatchError, checked_loss, default_loss  # noqa: F401  (re-exported)
+from .errors import EmptyBatchError, RefusedError
+from .losses import checked_loss, default_loss  # noqa: F401  (re-exported: public names)
 from .reference import ReferenceScorer
 from .results import GRANULARITIES, LayerScores, ScoreResult
 from .targets import LayerSpec, find_layers, target_parameters
@@ -108,7 +109,7 @@ def _make_scorer(model, layers, loss_fn, impl: str, crit, example):
         return engine.build_scorer(model, layers, loss_fn, example, quantities=crit.quantities)
     except engine.CaptureError as e:
         if impl == "kernel":
-            raise RuntimeError(f"impl='kernel': the model cannot be captured: {e}") from e
+            raise _kernel_error(e)(f"impl='kernel': the model cannot be captured: {e}") from e
         warnings.warn(f"oba_ext.score: cannot capture {type(model).__name__} for the fast "
                       f"engine ({e}); falling back to the reference path", stacklevel=3)
         return ReferenceScorer(model, layers, loss_fn)
@@ -372,7 +373,7 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
                     # numbers (SPEC §7); "kernel" raises, naming the reason
                     if impl != "auto" or getattr(scorer, "impl", "") != "kernel":
                         if impl == "kernel":
-                            raise RuntimeError(f"impl='kernel': {e}") from e
+                            raise _kernel_error(e)(f"impl='kernel': {e}") from e
                         raise
                     warnings.warn(f"oba_ext.score: the fast engine cannot score "
                                   f"{type(model).__name__} ({e}); falling back to the reference "
@@ -464,6 +465,14 @@ def _fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def _kernel_error(e) -> type:
+    """The class ``impl="kernel"`` raises for the engine's ``CaptureError`` ``e``:
+    :class:`~oba_ext.errors.RefusedError` when every path refuses its cause (the reference path
+    raises the same class), else ``RuntimeError`` (the engine alone cannot; ``"auto"`` falls
+    back to the reference path)."""
+    return RefusedError if getattr(e, "refused", False) else RuntimeError
 
 
 def _engine_refusal():

@@ -432,3 +432,80 @@ def test_mha_is_causal_hint_scores_torchs_function(setting):
             else:
                 got = getattr(res[layer], attr)
             assert_close_rel(got, w, f"{setting} {impl} {pname}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. one cause, one exception class on every path
+# ---------------------------------------------------------------------------------------------
+
+class Tok(nn.Module):
+    """Embedding -> ``body`` -> mean over tokens -> Linear, for the refusal table."""
+
+    def __init__(self, body, emb=None, **mods):
+        super().__init__()
+        self.emb = emb or nn.Embedding(V, 8)
+        self.l1, self.fc = nn.Linear(8, 8), nn.Linear(8, C)
+        self.mods = nn.ModuleDict(mods)
+        self.body = body
+
+    def forward(self, i):
+        return self.fc(self.body(self, self.l1(self.emb(i))).mean(1))
+
+
+def _mha_body(s, h):
+    return s.mods["a"](h, h, h, need_weights=False)[0]
+
+
+BAG_I = torch.tensor([[0, 1], [1, 2], [2, 0], [3, 3], [4, 0]])
+
+REFUSALS = {
+    # cause: (model factory, kind, message on every path)
+    "Embedding max_norm": (lambda: Tok(lambda s, h: h, emb=nn.Embedding(V, 8, max_norm=1.0)),
+                           "oba", r"module 'emb' \(Embedding, max_norm=1.0\) renormalizes"),
+    "EmbeddingBag scale_grad_by_freq": (
+        lambda: Tok(lambda s, h: h + s.mods["b"](BAG_I).unsqueeze(1),
+                    b=nn.EmbeddingBag(V, 8, scale_grad_by_freq=True)),
+        "taylor", r"module 'mods.b' \(EmbeddingBag, scale_grad_by_freq=True\)"),
+    "MultiheadAttention add_bias_kv": (
+        lambda: Tok(_mha_body, a=nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True)),
+        "oba", r"nn.MultiheadAttention with bias_k is not supported|add_bias_kv is not supported"),
+    "MultiheadAttention is_causal without attn_mask": (
+        lambda: Tok(lambda s, h: s.mods["a"](h, h, h, need_weights=False, is_causal=True)[0],
+                    a=nn.MultiheadAttention(8, 2, batch_first=True)),
+        "exact", r"is_causal=True without attn_mask"),
+    "SDPA dropout": (lambda: Tok(lambda s, h: F.scaled_dot_product_attention(h, h, h,
+                                                                             dropout_p=0.3)),
+                     "oba", r"dropout"),
+    "det in an oba run": (lambda: Tok(lambda s, h: h * torch.det(h[:, :2, :2])[:, None, None]),
+                          "oba", r"det"),
+    "alpha dropout in train mode": (lambda: Tok(lambda s, h: s.mods["d"](h),
+                                                d=nn.AlphaDropout(0.3)),
+                                    "taylor", r"alpha.dropout.* in train mode"),
+}
+
+
+@pytest.mark.parametrize("impl", ["kernel", "reference", "auto"])
+@pytest.mark.parametrize("cause", list(REFUSALS))
+def test_refusal_is_one_class_on_every_path(cause, impl):
+    """Before: ValueError on one path, RuntimeError (a wrapped CaptureError) or
+    NotImplementedError on another. Now RefusedError everywhere, which is all three."""
+    make, kind, msg = REFUSALS[cause]
+    torch.manual_seed(0)
+    m = make().to(DT)
+    m.train(cause == "alpha dropout in train mode")
+    x, y = _tokens(5, 3), torch.tensor([0, 1, 2, 0, 1])
+    with pytest.raises(oba_ext.RefusedError, match=msg) as e:
+        _quiet_score(m, [(x, y)], impl, kind)
+    assert all(isinstance(e.value, t) for t in (ValueError, NotImplementedError, RuntimeError))
+
+
+def test_engine_only_limits_stay_runtime_errors():
+    """What the engine alone cannot run (the reference path can) is no refusal of the model:
+    impl='kernel' raises a plain RuntimeError, impl='auto' falls back."""
+    m = Tok(lambda s, h: s.mods["a"](h, h, h)[0] + s.mods["a"](h, h, h)[1].sum(-1, True),
+            a=nn.MultiheadAttention(8, 2, batch_first=True)).to(DT).eval()
+    x, y = _tokens(5, 3), torch.tensor([0, 1, 2, 0, 1])
+    with pytest.raises(RuntimeError, match="attention weights") as e:
+        _quiet_score(m, [(x, y)], "kernel", "oba")
+    assert not isinstance(e.value, oba_ext.RefusedError)
+    assert _quiet_score(m, [(x, y)], "auto", "oba").impl == "reference"

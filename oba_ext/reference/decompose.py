@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import RefusedError
+
 
 def sdpa_math(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
               dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
@@ -35,8 +37,8 @@ def sdpa_math(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
     positions that take part (True), a float mask is added to the logits.
     """
     if dropout_p:
-        raise NotImplementedError("oba_ext reference: attention dropout must be off "
-                                  f"(dropout_p={dropout_p}); score in eval mode")
+        raise RefusedError("oba_ext reference: attention dropout must be off "
+                           f"(dropout_p={dropout_p}); score in eval mode")
     if enable_gqa:
         rep = query.size(-3) // key.size(-3)
         key = key.repeat_interleave(rep, dim=-3)
@@ -63,18 +65,18 @@ def mha_causal_replaces_mask(attn_mask, key_padding_mask, need_weights: bool, is
     """torch's reading of ``nn.MultiheadAttention``'s ``is_causal`` hint
     (``F.multi_head_attention_forward``), shared by the reference path and the engine: without
     ``attn_mask`` the hint is refused — torch raises "Need attn_mask if specifying the is_causal
-    hint" — so this raises ``ValueError`` naming ``who`` (the module); with a mask, and with
-    neither ``key_padding_mask`` nor ``need_weights``, torch's attention applies the causal mask
-    *instead of* ``attn_mask`` (the hint says they are the same; True is returned); otherwise
+    hint" — so this raises :class:`~oba_ext.errors.RefusedError` naming ``who`` (the module);
+    with a mask, and with neither ``key_padding_mask`` nor ``need_weights``, torch's attention
+    applies the causal mask *instead of* ``attn_mask`` (the hint says they are the same; True is returned); otherwise
     ``attn_mask`` is used and the hint ignored (False)."""
     if not is_causal:
         return False
     if attn_mask is None:
-        raise ValueError(f"{who}: is_causal=True without attn_mask; torch's own "
-                         f"nn.MultiheadAttention forward refuses it (\"Need attn_mask if "
-                         f"specifying the is_causal hint\"). Pass the causal mask too "
-                         f"(attn_mask=nn.Transformer.generate_square_subsequent_mask(L), "
-                         f"is_causal=True), or the mask alone")
+        raise RefusedError(f"{who}: is_causal=True without attn_mask; torch's own "
+                           f"nn.MultiheadAttention forward refuses it (\"Need attn_mask if "
+                           f"specifying the is_causal hint\"). Pass the causal mask too "
+                           f"(attn_mask=nn.Transformer.generate_square_subsequent_mask(L), "
+                           f"is_causal=True), or the mask alone")
     return key_padding_mask is None and not need_weights
 
 
@@ -89,13 +91,14 @@ def mha_math(*args, **kwargs):
     p = a.arguments
     for name in ("bias_k", "bias_v", "static_k", "static_v"):
         if p[name] is not None:
-            raise NotImplementedError(f"oba_ext reference: nn.MultiheadAttention with {name} "
-                                      "is not supported")
+            raise RefusedError(f"oba_ext reference: nn.MultiheadAttention with {name} "
+                               "is not supported")
     if p["add_zero_attn"]:
-        raise NotImplementedError("oba_ext reference: add_zero_attn is not supported")
+        raise RefusedError("oba_ext reference: nn.MultiheadAttention with add_zero_attn is not "
+                           "supported")
     if p["training"] and p["dropout_p"]:
-        raise NotImplementedError("oba_ext reference: attention dropout must be off; score in "
-                                  "eval mode")
+        raise RefusedError("oba_ext reference: attention dropout must be off; score in "
+                           "eval mode")
     query, key, value = p["query"], p["key"], p["value"]
     batched = query.dim() == 3
     if not batched:
@@ -331,8 +334,8 @@ def _recurrent(kind: str):
     refused."""
     def fn(input, hx, *rest):
         if not isinstance(input, Tensor) or (isinstance(hx, Tensor) and not hx.is_floating_point()):
-            raise NotImplementedError(f"oba_ext: nn.{_MODULE_NAME[kind]} on a PackedSequence is "
-                                      f"not supported; pass a padded tensor")
+            raise RefusedError(f"oba_ext: nn.{_MODULE_NAME[kind]} on a PackedSequence is "
+                               f"not supported; pass a padded tensor")
         params, has_biases, num_layers, dropout, train, bidirectional, batch_first = rest
         dirs = 2 if bidirectional else 1
         per = len(params) // (num_layers * dirs)
@@ -417,8 +420,8 @@ def _refuse_alpha(name):
         training = args[2] if len(args) > 2 else kwargs.get("training", False)
         p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
         if training and p > 0:
-            raise NotImplementedError(f"oba_ext: {name} in train mode (p={p}) is not supported; "
-                                      f"call model.eval() or set p=0")
+            raise RefusedError(f"oba_ext: {name} in train mode (p={p}) is not supported; "
+                               f"call model.eval() or set p=0")
         return None
     return mask
 
@@ -523,7 +526,8 @@ def embedding_lookup(input: Tensor, weight: Tensor, padding_idx: Optional[int] =
       double backward and break the products).
     - ``max_norm`` (renormalizes ``weight`` in place during forward) and
       ``scale_grad_by_freq=True`` (a rescaled gradient that is not the derivative of the loss):
-      ``ValueError`` naming the argument, before anything is computed.
+      :class:`~oba_ext.errors.RefusedError` (a ``ValueError``) naming the argument, before
+      anything is computed.
 
     Returns ``NotImplemented`` (the call runs as it is) for a plain lookup.
     """
@@ -543,27 +547,29 @@ def embedding_lookup(input: Tensor, weight: Tensor, padding_idx: Optional[int] =
 
 
 def refuse_embedding_flags(module_name: Optional[str], max_norm, scale_grad_by_freq) -> None:
-    """``ValueError`` for the embedding arguments no path scores (see :func:`embedding_lookup`),
-    naming module ``module_name`` (an ``nn.Embedding``) or, for None, the ``F.embedding`` call."""
+    """:class:`~oba_ext.errors.RefusedError` (a ``ValueError``) for the embedding arguments no
+    path scores (see :func:`embedding_lookup`), naming module ``module_name`` (an
+    ``nn.Embedding``) or, for None, the ``F.embedding`` call."""
     def who(arg):
         return (f"module {module_name!r} (Embedding, {arg})" if module_name is not None
                 else f"F.embedding(..., {arg})")
     if max_norm is not None:
-        raise ValueError(f"{who(f'max_norm={max_norm}')} renormalizes its weight in place "
-                         f"during forward; scoring would modify the model and differentiate a "
-                         f"different function. Set max_norm=None (renormalize the weight once "
-                         f"beforehand if needed) to score it")
+        raise RefusedError(f"{who(f'max_norm={max_norm}')} renormalizes its weight in place "
+                           f"during forward; scoring would modify the model and differentiate a "
+                           f"different function. Set max_norm=None (renormalize the weight once "
+                           f"beforehand if needed) to score it")
     if scale_grad_by_freq:
-        raise ValueError(f"{who('scale_grad_by_freq=True')}: torch scales the weight's "
-                         f"gradient by the inverse index frequency, which is not the derivative "
-                         f"of the loss; set scale_grad_by_freq=False to score it (it changes no "
-                         f"forward value)")
+        raise RefusedError(f"{who('scale_grad_by_freq=True')}: torch scales the weight's "
+                           f"gradient by the inverse index frequency, which is not the derivative "
+                           f"of the loss; set scale_grad_by_freq=False to score it (it changes no "
+                           f"forward value)")
 
 
 def refuse_embedding_bag_flags(module_name: Optional[str], max_norm,
                                scale_grad_by_freq=False) -> None:
-    """``ValueError`` for the embedding-bag arguments no path scores, naming module
-    ``module_name`` (an ``nn.EmbeddingBag``) or, for None, the ``F.embedding_bag`` call:
+    """:class:`~oba_ext.errors.RefusedError` (a ``ValueError``) for the embedding-bag arguments
+    no path scores, naming module ``module_name`` (an ``nn.EmbeddingBag``) or, for None, the
+    ``F.embedding_bag`` call:
     ``max_norm`` (renormalizes the weight in place during forward) and
     ``scale_grad_by_freq=True`` (torch rescales the weight's gradient by the inverse index
     frequency, which is not the derivative of the loss; the written-out bag,
@@ -572,15 +578,15 @@ def refuse_embedding_bag_flags(module_name: Optional[str], max_norm,
         return (f"module {module_name!r} (EmbeddingBag, {arg})" if module_name is not None
                 else f"F.embedding_bag(..., {arg})")
     if max_norm is not None:
-        raise ValueError(f"{who(f'max_norm={max_norm}')} renormalizes its weight in place "
-                         f"during forward; scoring would modify the model and differentiate a "
-                         f"different function. Set max_norm=None (renormalize the weight once "
-                         f"beforehand if needed) to score it")
+        raise RefusedError(f"{who(f'max_norm={max_norm}')} renormalizes its weight in place "
+                           f"during forward; scoring would modify the model and differentiate a "
+                           f"different function. Set max_norm=None (renormalize the weight once "
+                           f"beforehand if needed) to score it")
     if scale_grad_by_freq:
-        raise ValueError(f"{who('scale_grad_by_freq=True')}: torch scales the weight's "
-                         f"gradient by the inverse index frequency, which is not the derivative "
-                         f"of the loss; set scale_grad_by_freq=False to score it (it changes no "
-                         f"forward value)")
+        raise RefusedError(f"{who('scale_grad_by_freq=True')}: torch scales the weight's "
+                           f"gradient by the inverse index frequency, which is not the derivative "
+                           f"of the loss; set scale_grad_by_freq=False to score it (it changes no "
+                           f"forward value)")
 
 
 _BAG_SIG = inspect.signature(F.embedding_bag)
@@ -611,7 +617,7 @@ def embedding_bag_math(*args, **kwargs) -> Tensor:
     carries OBA curvature when both depend on θ (a per-sample weight computed by a target
     layer and a θ-dependent table); torch's fused kernel has neither forward-mode AD nor a
     double backward for ``per_sample_weights``. ``max_norm``/``scale_grad_by_freq``:
-    :func:`refuse_embedding_bag_flags`; nested-tensor input: ``NotImplementedError``; other
+    :func:`refuse_embedding_bag_flags`; nested-tensor input: ``RefusedError``; other
     invalid arguments: ``ValueError`` as ``F.embedding_bag`` raises them.
     """
     a = _BAG_SIG.bind(*args, **kwargs)
@@ -631,8 +637,8 @@ def embedding_bag_math(*args, **kwargs) -> Tensor:
     if weight.dim() != 2:
         raise ValueError(f"F.embedding_bag: weight has to be a 2D Tensor, got {weight.dim()}D")
     if input.is_nested:
-        raise NotImplementedError("oba_ext: F.embedding_bag with a nested-tensor input is not "
-                                  "supported; pass a 1D input with offsets")
+        raise RefusedError("oba_ext: F.embedding_bag with a nested-tensor input is not "
+                           "supported; pass a 1D input with offsets")
     V = weight.size(0)
     if pad is not None:
         if not -V <= pad < V:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...errors import RefusedError
 from .. import kernels
 from . import register_function, register_module
 from .linear import LinearRule
@@ -138,9 +139,9 @@ class SDPARule:
         slot = _bind_sdpa(slots_args, slots_kwargs, where)
         b = _bind_sdpa(call.args, call.kwargs, where)
         if b["dropout_p"]:
-            raise ValueError(f"node {where!r} (scaled_dot_product_attention): dropout_p="
-                             f"{b['dropout_p']}; the engine needs attention dropout off "
-                             f"(score in eval mode)")
+            raise RefusedError(f"node {where!r} (scaled_dot_product_attention): dropout_p="
+                               f"{b['dropout_p']}; attention dropout must be off (score in eval "
+                               f"mode)")
         q, k, v = b["query"], b["key"], b["value"]
         t = [call.tangents[slot[n]] for n in ("query", "key", "value")]
         gqa = bool(b["enable_gqa"]) and q.dim() >= 3 and q.shape[-3] != k.shape[-3]
@@ -250,12 +251,14 @@ class MHARule:
 
     def _check(self, m, where):
         if m.bias_k is not None or m.bias_v is not None:
-            raise ValueError(f"{where}: nn.MultiheadAttention with add_bias_kv is not supported")
+            raise RefusedError(f"{where}: nn.MultiheadAttention with add_bias_kv is not "
+                               f"supported")
         if m.add_zero_attn:
-            raise ValueError(f"{where}: nn.MultiheadAttention with add_zero_attn is not supported")
+            raise RefusedError(f"{where}: nn.MultiheadAttention with add_zero_attn is not "
+                               f"supported")
         if m.training and m.dropout > 0:
-            raise ValueError(f"{where}: nn.MultiheadAttention dropout={m.dropout} in train mode; "
-                             f"score in eval mode (model.eval())")
+            raise RefusedError(f"{where}: nn.MultiheadAttention dropout={m.dropout} in train "
+                               f"mode; score in eval mode (model.eval())")
 
     def forward(self, call, ctx):
         m = call.module

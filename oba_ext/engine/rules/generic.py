@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ...errors import RefusedError
 from .autodiff import is_float, op_of, streamed_inputs
 
 _WARNED = set()
@@ -210,8 +211,25 @@ def _refusal_text(name: str) -> str:
             f"out (a * b, matmul, ...), or score it with impl='reference'")
 
 
-def oba_refusal(node, module, live_inputs: int) -> Optional[str]:
-    """Why the generic rule cannot stand in for fx ``node`` in an ``oba`` run (or ``None``).
+def _reference_refuses(node) -> bool:
+    """Whether the reference path refuses the op of fx ``node`` in an ``oba`` run too (its
+    :data:`~oba_ext.reference.decompose.PRODUCT_REFUSALS`: det, kron, inv, ...)."""
+    from ...reference.decompose import PRODUCT_REFUSALS
+    t = node.target
+    if node.op == "call_method":
+        t = getattr(torch.Tensor, t, None)
+    elif node.op != "call_function":
+        return False
+    try:
+        return t in PRODUCT_REFUSALS
+    except TypeError:
+        return False
+
+
+def oba_refusal(node, module, live_inputs: int):
+    """Why the generic rule cannot stand in for fx ``node`` in an ``oba`` run (or ``None``): a
+    message, or a :class:`~oba_ext.errors.RefusedError` for an op the reference path refuses
+    too (so ``impl="kernel"`` raises the same class as the reference path).
 
     ``live_inputs``: how many of the node's inputs carry streams (θ-dependent values)."""
     kind = _safe_kind(node, module)
@@ -225,7 +243,8 @@ def oba_refusal(node, module, live_inputs: int) -> Optional[str]:
         return (f"node {node.name!r}: {name} with {live_inputs} θ-dependent inputs multiplies "
                 f"them (a product, SPEC §8) and has no engine rule; score with "
                 f"impl='reference'")
-    return f"node {node.name!r}: {_refusal_text(name)}"
+    text = f"node {node.name!r}: {_refusal_text(name)}"
+    return RefusedError(text) if _reference_refuses(node) else text
 
 
 def random_refusal(node, module) -> Optional[str]:
@@ -260,8 +279,8 @@ def renorm_refusal(node, module) -> Optional[str]:
     from ...reference.decompose import refuse_embedding_bag_flags  # one wording, both paths
     try:
         refuse_embedding_bag_flags(name, max_norm, freq)
-    except ValueError as e:
-        return f"node {node.name!r}: {e}"
+    except RefusedError as e:
+        return RefusedError(f"node {node.name!r}: {e}")
     return None
 
 
