@@ -8,6 +8,7 @@ Importing this package never touches CUDA and works even when the compiled exten
 (``oba_ext._C``) is missing; ``python -m oba_ext.info`` says what was built.
 """
 from .criteria import CRITERIA
+from .errors import EmptyBatchError, RefusedError
 from .results import LayerScores, ScoreResult
 from .scoring import score
 from .targets import LAYER_KINDS, find_layers
@@ -26,4 +27,5 @@ def __getattr__(name):
 
 
 __all__ = ["score", "ScoreResult", "LayerScores", "CRITERIA", "LAYER_KINDS", "find_layers",
-           "hvp", "curvature_operator", "CurvatureOperator", "hutchinson_trace", "__version__"]
+           "hvp", "curvature_operator", "CurvatureOperator", "hutchinson_trace",
+           "EmptyBatchError", "RefusedError", "__version__"]

@@ -159,7 +159,8 @@ class _Runner:
         self.recompute = recompute
 
     def __call__(self, v: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        from .scoring import _batch_context, _restore_buffers, _snapshot_buffers, _split_batch, _to
+        from .scoring import (_batch_context, _check_not_empty, _restore_buffers,
+                              _snapshot_buffers, _split_batch, _to)
         sums: Dict[str, Tensor] = {}
         n = 0
         state = _snapshot_buffers(self.model)
@@ -174,6 +175,7 @@ class _Runner:
                 if self.max_batches is not None and index >= self.max_batches:
                     break
                 inputs, tgt = _split_batch(batch, index)
+                _check_not_empty(inputs, tgt, index)
                 inputs = _to(inputs, self.device, self.dtype)
                 tgt = _to(tgt, self.device, self.dtype)
                 if self.scorer is None:
@@ -233,6 +235,7 @@ def hvp(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], kind: str 
     of each batch's product for the batch's mean loss (module docstring for the math).
 
     Raises: ``ValueError``/``TypeError`` naming a bad argument (see :func:`check_direction`),
+    :class:`oba_ext.EmptyBatchError` for an empty batch (as :func:`oba_ext.score`),
     ``FloatingPointError`` on NaN/Inf, ``RuntimeError`` for ``impl="kernel"`` where the engine
     cannot run (``"auto"`` falls back to the reference path with a warning).
     """

@@ -36,6 +36,7 @@ from . import model_prep as _prep
 from . import inputs as _inputs
 from . import engine
 from .heads import add_head_scores, helper_keys
+from .errors import EmptyBatchError, RefusedError
 from .losses import checked_loss, default_loss  # noqa: F401  (re-exported: public names)
 from .reference import ReferenceScorer
 from .results import GRANULARITIES, LayerScores, ScoreResult
@@ -108,7 +109,7 @@ def _make_scorer(model, layers, loss_fn, impl: str, crit, example):
         return engine.build_scorer(model, layers, loss_fn, example, quantities=crit.quantities)
     except engine.CaptureError as e:
         if impl == "kernel":
-            raise RuntimeError(f"impl='kernel': the model cannot be captured: {e}") from e
+            raise _kernel_error(e)(f"impl='kernel': the model cannot be captured: {e}") from e
         warnings.warn(f"oba_ext.score: cannot capture {type(model).__name__} for the fast "
                       f"engine ({e}); falling back to the reference path", stacklevel=3)
         return ReferenceScorer(model, layers, loss_fn)
@@ -229,8 +230,12 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
             (``model(**inputs)``, e.g. ``{"input_ids": ids, "attention_mask": mask}`` for a
             Hugging Face model; see :mod:`oba_ext.inputs`). Tensors are moved to the model's
             device (floating ones to ``dtype``). Per-sample-mean criteria take the batch size
-            from dim 0 of the first tensor. A batch with 0 samples raises
-            ``ValueError`` naming its index.
+            from dim 0 of the first tensor. An empty batch raises
+            :class:`oba_ext.EmptyBatchError` (a ``ValueError``) naming its index and what is
+            empty (SPEC §8): a first input tensor with a zero-size dimension (0 samples, or
+            ``(B, 0)`` tokens), a targets tensor with no element, or a loss that averaged over
+            zero elements (NaN for finite model outputs: length-1 sequences under a next-token
+            loss, every target ``ignore_index``). Other empty input tensors are allowed.
         loss_fn: ``loss_fn(outputs, targets) -> scalar``; default mean cross-entropy (on
             ``outputs.logits`` when the model returns an object with a ``logits`` field, such
             as a Hugging Face ``ModelOutput``; a language model's ``(B, N, V)`` logits need
@@ -387,7 +392,7 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
                     # numbers (SPEC §7); "kernel" raises, naming the reason
                     if impl != "auto" or getattr(scorer, "impl", "") != "kernel":
                         if impl == "kernel":
-                            raise RuntimeError(f"impl='kernel': {e}") from e
+                            raise _kernel_error(e)(f"impl='kernel': {e}") from e
                         raise
                     warnings.warn(f"oba_ext.score: the fast engine cannot score "
                                   f"{type(model).__name__} ({e}); falling back to the reference "
@@ -434,6 +439,10 @@ def _batch_context(index, inputs, tgt, model, caller="oba_ext.score"):
     try:
         yield
     except Exception as e:
+        if isinstance(e, EmptyBatchError) and not str(e).startswith("batches: batch"):
+            # raised by the loss, which does not know the batch: name it
+            sep = " is empty: " if getattr(e, "whole_batch", True) else ": "
+            e.args = (f"batches: batch {index}{sep}{e}",) + e.args[1:]
         note = _describe_batch(index, inputs, tgt, model, caller)
         if hasattr(e, "add_note"):
             e.add_note(note)
@@ -477,6 +486,14 @@ def _fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _kernel_error(e) -> type:
+    """The class ``impl="kernel"`` raises for the engine's ``CaptureError`` ``e``:
+    :class:`~oba_ext.errors.RefusedError` when every path refuses its cause (the reference path
+    raises the same class), else ``RuntimeError`` (the engine alone cannot; ``"auto"`` falls
+    back to the reference path)."""
+    return RefusedError if getattr(e, "refused", False) else RuntimeError
+
+
 def _engine_refusal():
     from .engine import CaptureError
     return CaptureError
@@ -501,13 +518,29 @@ def _score_batch(scorer, crit, inputs, tgt, keys, opts, index, direction):
 
 
 def _check_not_empty(inputs, tgt, index: int) -> None:
-    """An empty batch (0 samples) would count as a batch and shift every average (SPEC §8)."""
-    first = next((t for t in pytree.tree_leaves(inputs)
-                  if isinstance(t, torch.Tensor) and t.dim() > 0), None)
-    for what, t in (("inputs", first), ("targets", tgt)):
-        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 0:
-            raise ValueError(f"batches: batch {index} is empty ({what} of shape {tuple(t.shape)}, "
-                             f"0 samples); drop empty batches before scoring")
+    """:class:`~oba_ext.losses.EmptyBatchError` for an empty batch, which would count as a batch
+    and shift every average (SPEC §8). Empty means: the first input tensor (the one that carries
+    the samples, see :func:`oba_ext.inputs.batch_size`) has a zero-size dimension (0 samples, or
+    ``(B, 0)`` tokens), or the targets are one tensor with no element. Other input tensors may
+    be empty (an empty cache or mask, a zero-width feature block); a batch they leave with
+    nothing to average over is caught by the loss (:func:`oba_ext.losses.check_loss_not_empty`),
+    as is a loss that skips every target."""
+    leaves, _ = pytree.tree_flatten_with_path(inputs)
+    first = next(((path, t) for path, t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0),
+                 None)
+    checks = []
+    if first is not None:
+        checks.append(("inputs" + pytree.keystr(first[0]), first[1]))
+    if isinstance(tgt, torch.Tensor) and tgt.dim() > 0:
+        checks.append(("targets", tgt))
+    for what, t in checks:
+        if t.numel() == 0:
+            dims = [d for d, n in enumerate(t.shape) if n == 0]
+            which = ("0 samples" if dims[0] == 0 else
+                     f"dimension {dims[0]} has size 0")
+            raise EmptyBatchError(f"batches: batch {index} is empty ({what} of shape "
+                                  f"{tuple(t.shape)}: {which}); drop empty batches before "
+                                  f"scoring (SPEC §8)")
 
 
 def _agree(failure: Optional[BaseException], seen: int, group, device) -> None:

@@ -559,6 +559,14 @@ def gen(of, module_of=None):
 
 
 _E = (2, 4, 3)
+BAG_IDX = torch.tensor([[0, 3, 1, 6], [2, 2, 5, 0]])
+
+
+def _bag_sum(input, weight, offsets=None, per_sample_weights=None, **kwargs):
+    """``F.embedding_bag(input (B, N), weight, mode="sum", per_sample_weights=p)`` by hand."""
+    return (F.embedding(input, weight) * per_sample_weights.unsqueeze(-1)).sum(1)
+
+
 MORE_CASES = {
     # products (bilinear in two θ-dependent inputs)
     "torch.dot": fn(lambda a, b: torch.dot(a, b), (5,), (5,), oba=BILINEAR),
@@ -632,6 +640,14 @@ MORE_CASES = {
                                                          output_padding=1).double(), (2, 3, 4, 4)),
     "nn.Embedding": Case(lambda m, i: m(i), [(2, 5)], module=lambda: nn.Embedding(7, 3).double(),
                          int_inputs=7),
+    # embedding bags written out (torch's bag has no forward-mode AD): bilinear in the table and
+    # the per-sample weights; a module's table is a constant, so linear in the weights
+    "F.embedding_bag": fn(lambda w, p: F.embedding_bag(BAG_IDX, w, mode="sum",
+                                                       per_sample_weights=p),
+                          (7, 3), BAG_IDX.shape, oba=BILINEAR, generic_fn=_bag_sum),
+    "nn.EmbeddingBag": Case(lambda m, p: m(BAG_IDX, per_sample_weights=p), [BAG_IDX.shape],
+                            module=lambda: nn.EmbeddingBag(7, 3, mode="sum").double(),
+                            generic_fn=lambda m: (lambda i, **k: _bag_sum(i, m.weight, **k))),
     # inactive random ops (eval / training=False): the identity
     "F.dropout3d": fn(lambda x: F.dropout3d(x, 0.3, training=False), (2, 3, 2, 2, 2)),
     "nn.Dropout3d": mod(lambda: nn.Dropout3d(0.3).eval(), (2, 3, 2, 2, 2)),

@@ -33,6 +33,7 @@ from torch.utils import _pytree as pytree
 from . import rules as R
 from .rules.function import FUNCTION_RULE, FunctionApply
 from .rules.generic import GENERIC
+from ..errors import RefusedError
 from ..reference.functions import is_transparent
 
 _INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
@@ -40,7 +41,14 @@ _INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itru
 
 
 class CaptureError(Exception):
-    """The model cannot be captured by the engine (the message says why)."""
+    """The model cannot be captured by the engine (the message says why). ``reason``: a message,
+    or a :class:`~oba_ext.errors.RefusedError` when the cause is one every path refuses (then
+    ``refused`` is True, and ``impl="kernel"`` raises a ``RefusedError``, like the reference
+    path; otherwise a ``RuntimeError``)."""
+
+    def __init__(self, reason, refused=None):
+        super().__init__(str(reason))
+        self.refused = isinstance(reason, RefusedError) if refused is None else bool(refused)
 
 
 def _encoder_layer_forward(m, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
@@ -367,7 +375,7 @@ def capture(model: nn.Module, layers: Dict[str, "LayerSpec"], example=None) -> P
         node = getattr(e, "node", None)
         loc = _node_location(node)
         if loc and loc not in str(e):
-            raise CaptureError(f"{e} (at {loc})") from e
+            raise CaptureError(f"{e} (at {loc})", refused=e.refused) from e
         raise
 
 

@@ -51,16 +51,16 @@ def refuse_self_modifying(model) -> None:
     autograd): scoring would change the model, and the loss is not the function of θ that
     autograd differentiates; ``nn.Embedding(scale_grad_by_freq=True)`` makes torch scale the
     weight's gradient by the inverse index frequency, which is not the derivative of the loss.
-    ``nn.EmbeddingBag(max_norm=…)`` likewise renormalizes in place.
+    ``nn.EmbeddingBag`` with either argument is refused likewise.
     Raises ``ValueError`` naming the module and the argument, on every path (the engine refuses
     them at capture; functional ``F.embedding`` calls with them are refused when the reference
     path runs the model, :func:`.decompose.embedding_lookup`)."""
-    from .decompose import refuse_embedding_bag_max_norm, refuse_embedding_flags
+    from .decompose import refuse_embedding_bag_flags, refuse_embedding_flags
     for name, m in model.named_modules():
         if isinstance(m, nn.Embedding):
             refuse_embedding_flags(name, m.max_norm, m.scale_grad_by_freq)
         if isinstance(m, nn.EmbeddingBag):
-            refuse_embedding_bag_max_norm(name, m.max_norm)
+            refuse_embedding_bag_flags(name, m.max_norm, m.scale_grad_by_freq)
 
 
 class ReferenceScorer:

@@ -21,7 +21,7 @@ criterion has ``norm_layers=True``; ``g = ∇L`` of the batch's mean loss):
   (Torch-Pruning's OBD-C keeps only the last one). Embedding lookups run as in the oracles
   (:func:`.decompose.embedding_lookup`: the padding row's lookup constant, ``sparse`` dense,
   functional ``max_norm``/``scale_grad_by_freq`` refused by name; ``F.embedding_bag``'s
-  ``max_norm`` too).
+  too, the bag itself run by torch: first order needs no written-out product).
 """
 from __future__ import annotations
 
@@ -90,11 +90,21 @@ class _EmbeddingLookups(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.embedding or func is F.embedding_bag:
-            from .decompose import DECOMPOSITIONS
-            out = DECOMPOSITIONS[func](*args, **kwargs)
+            from .decompose import embedding_bag_refusal, embedding_lookup
+            out = (embedding_lookup if func is F.embedding else embedding_bag_refusal)(
+                *args, **kwargs)
             if out is not NotImplemented:
                 return out
         return func(*args, **kwargs)
+
+
+def _float_leaves(out):
+    """The floating tensors of a model's output (a tensor, a tuple, a dict, a ``ModelOutput``)."""
+    from torch.utils import _pytree as pytree
+    leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, Tensor) and t.is_floating_point()]
+    if not leaves and isinstance(getattr(out, "logits", None), Tensor):
+        leaves = [out.logits]
+    return leaves
 
 
 def per_sample_grad_squares(model: nn.Module, params: Dict[str, Tensor], inputs, targets,
@@ -106,7 +116,9 @@ def per_sample_grad_squares(model: nn.Module, params: Dict[str, Tensor], inputs,
     One ``vmap(grad)`` per chunk of ``chunk`` samples; buffers and non-listed parameters are
     held at their current values. Raises ``ValueError`` when a BatchNorm layer is in train
     mode (a sample's gradient through batch statistics is not a per-sample quantity) or an
-    input is not a tensor with the batch dimension.
+    input is not a tensor with the batch dimension; :class:`oba_ext.EmptyBatchError` when a
+    sample's loss is NaN although the model's outputs are finite (a mean over zero elements:
+    the sample would count with a zero gradient, SPEC §8).
     """
     from torch.func import functional_call, grad, vmap
     for name, mod in model.named_modules():
@@ -125,14 +137,30 @@ def per_sample_grad_squares(model: nn.Module, params: Dict[str, Tensor], inputs,
     def sample_loss(p, xs, kw, t):
         out = functional_call(model, p, tuple(x.unsqueeze(0) for x in xs),
                               {k: x.unsqueeze(0) for k, x in kw.items()})
-        return loss_fn(out, t.unsqueeze(0))
+        loss = loss_fn(out, t.unsqueeze(0))
+        outs = _float_leaves(out)  # none found: unknown, never called empty
+        finite = (torch.stack([torch.isfinite(o).all() for o in outs]).all() if outs
+                  else torch.zeros((), dtype=torch.bool, device=loss.device))
+        return loss, (loss.detach(), finite)
 
-    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0, 0), randomness="different")
+    per_sample = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0, 0),
+                      randomness="different")
     acc = {k: torch.zeros_like(v) for k, v in detached.items()}
     for s in range(0, n, chunk):
         with _EmbeddingLookups():
-            g = per_sample(detached, tuple(x[s:s + chunk] for x in args),
-                           {k: x[s:s + chunk] for k, x in kwargs.items()}, targets[s:s + chunk])
+            g, (loss, finite) = per_sample(detached, tuple(x[s:s + chunk] for x in args),
+                                           {k: x[s:s + chunk] for k, x in kwargs.items()},
+                                           targets[s:s + chunk])
+        empty = (torch.isnan(loss) & finite).nonzero().flatten()
+        if empty.numel():  # as oba_ext.losses.check_loss_not_empty, per sample
+            from ..losses import EmptyBatchError
+            err = EmptyBatchError(
+                f"sample(s) {(empty + s).tolist()[:8]} are empty: their loss is NaN although "
+                f"the model's outputs are finite, a mean over zero elements (an empty sequence, "
+                f"or every target ignored); the 'fisher' criterion averages over samples, so "
+                f"drop such samples before scoring (SPEC §8)")
+            err.whole_batch = False
+            raise err
         for k in acc:
             acc[k] += g[k].square().sum(0)
     return acc

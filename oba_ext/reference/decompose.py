@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import RefusedError
+
 
 def sdpa_math(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
               dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
@@ -35,8 +37,8 @@ def sdpa_math(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
     positions that take part (True), a float mask is added to the logits.
     """
     if dropout_p:
-        raise NotImplementedError("oba_ext reference: attention dropout must be off "
-                                  f"(dropout_p={dropout_p}); score in eval mode")
+        raise RefusedError("oba_ext reference: attention dropout must be off "
+                           f"(dropout_p={dropout_p}); score in eval mode")
     if enable_gqa:
         rep = query.size(-3) // key.size(-3)
         key = key.repeat_interleave(rep, dim=-3)
@@ -58,23 +60,45 @@ def sdpa_math(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
 _MHA_SIG = inspect.signature(F.multi_head_attention_forward)
 
 
+def mha_causal_replaces_mask(attn_mask, key_padding_mask, need_weights: bool, is_causal: bool,
+                             who: str) -> bool:
+    """torch's reading of ``nn.MultiheadAttention``'s ``is_causal`` hint
+    (``F.multi_head_attention_forward``), shared by the reference path and the engine: without
+    ``attn_mask`` the hint is refused — torch raises "Need attn_mask if specifying the is_causal
+    hint" — so this raises :class:`~oba_ext.errors.RefusedError` naming ``who`` (the module);
+    with a mask, and with neither ``key_padding_mask`` nor ``need_weights``, torch's attention
+    applies the causal mask *instead of* ``attn_mask`` (the hint says they are the same; True is returned); otherwise
+    ``attn_mask`` is used and the hint ignored (False)."""
+    if not is_causal:
+        return False
+    if attn_mask is None:
+        raise RefusedError(f"{who}: is_causal=True without attn_mask; torch's own "
+                           f"nn.MultiheadAttention forward refuses it (\"Need attn_mask if "
+                           f"specifying the is_causal hint\"). Pass the causal mask too "
+                           f"(attn_mask=nn.Transformer.generate_square_subsequent_mask(L), "
+                           f"is_causal=True), or the mask alone")
+    return key_padding_mask is None and not need_weights
+
+
 def mha_math(*args, **kwargs):
     """``F.multi_head_attention_forward`` (sequence-first, as nn.MultiheadAttention calls it),
     written with F.linear and :func:`sdpa_math`-style products. Supports packed and separate
-    q/k/v projection weights, attn_mask, key_padding_mask, need_weights and is_causal;
+    q/k/v projection weights, attn_mask, key_padding_mask, need_weights and is_causal (as torch
+    reads it, :func:`mha_causal_replaces_mask`: refused without attn_mask);
     bias_k/bias_v, add_zero_attn, static_k/static_v and dropout are refused."""
     a = _MHA_SIG.bind(*args, **kwargs)
     a.apply_defaults()
     p = a.arguments
     for name in ("bias_k", "bias_v", "static_k", "static_v"):
         if p[name] is not None:
-            raise NotImplementedError(f"oba_ext reference: nn.MultiheadAttention with {name} "
-                                      "is not supported")
+            raise RefusedError(f"oba_ext reference: nn.MultiheadAttention with {name} "
+                               "is not supported")
     if p["add_zero_attn"]:
-        raise NotImplementedError("oba_ext reference: add_zero_attn is not supported")
+        raise RefusedError("oba_ext reference: nn.MultiheadAttention with add_zero_attn is not "
+                           "supported")
     if p["training"] and p["dropout_p"]:
-        raise NotImplementedError("oba_ext reference: attention dropout must be off; score in "
-                                  "eval mode")
+        raise RefusedError("oba_ext reference: attention dropout must be off; score in "
+                           "eval mode")
     query, key, value = p["query"], p["key"], p["value"]
     batched = query.dim() == 3
     if not batched:
@@ -99,7 +123,9 @@ def mha_math(*args, **kwargs):
 
     logits = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))
     attn_mask, kpm = p["attn_mask"], p["key_padding_mask"]
-    if p["is_causal"] and attn_mask is None:
+    if mha_causal_replaces_mask(attn_mask, kpm, p["need_weights"], p["is_causal"],
+                                f"nn.MultiheadAttention (embed_dim={E}, num_heads={H}; "
+                                f"F.multi_head_attention_forward)"):
         attn_mask = torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1)  # True = masked
     if attn_mask is not None:
         if attn_mask.dim() == 3:  # (N*H, L, S)
@@ -308,8 +334,8 @@ def _recurrent(kind: str):
     refused."""
     def fn(input, hx, *rest):
         if not isinstance(input, Tensor) or (isinstance(hx, Tensor) and not hx.is_floating_point()):
-            raise NotImplementedError(f"oba_ext: nn.{_MODULE_NAME[kind]} on a PackedSequence is "
-                                      f"not supported; pass a padded tensor")
+            raise RefusedError(f"oba_ext: nn.{_MODULE_NAME[kind]} on a PackedSequence is "
+                               f"not supported; pass a padded tensor")
         params, has_biases, num_layers, dropout, train, bidirectional, batch_first = rest
         dirs = 2 if bidirectional else 1
         per = len(params) // (num_layers * dirs)
@@ -394,8 +420,8 @@ def _refuse_alpha(name):
         training = args[2] if len(args) > 2 else kwargs.get("training", False)
         p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
         if training and p > 0:
-            raise NotImplementedError(f"oba_ext: {name} in train mode (p={p}) is not supported; "
-                                      f"call model.eval() or set p=0")
+            raise RefusedError(f"oba_ext: {name} in train mode (p={p}) is not supported; "
+                               f"call model.eval() or set p=0")
         return None
     return mask
 
@@ -500,7 +526,8 @@ def embedding_lookup(input: Tensor, weight: Tensor, padding_idx: Optional[int] =
       double backward and break the products).
     - ``max_norm`` (renormalizes ``weight`` in place during forward) and
       ``scale_grad_by_freq=True`` (a rescaled gradient that is not the derivative of the loss):
-      ``ValueError`` naming the argument, before anything is computed.
+      :class:`~oba_ext.errors.RefusedError` (a ``ValueError``) naming the argument, before
+      anything is computed.
 
     Returns ``NotImplemented`` (the call runs as it is) for a plain lookup.
     """
@@ -520,43 +547,145 @@ def embedding_lookup(input: Tensor, weight: Tensor, padding_idx: Optional[int] =
 
 
 def refuse_embedding_flags(module_name: Optional[str], max_norm, scale_grad_by_freq) -> None:
-    """``ValueError`` for the embedding arguments no path scores (see :func:`embedding_lookup`),
-    naming module ``module_name`` (an ``nn.Embedding``) or, for None, the ``F.embedding`` call."""
+    """:class:`~oba_ext.errors.RefusedError` (a ``ValueError``) for the embedding arguments no
+    path scores (see :func:`embedding_lookup`), naming module ``module_name`` (an
+    ``nn.Embedding``) or, for None, the ``F.embedding`` call."""
     def who(arg):
         return (f"module {module_name!r} (Embedding, {arg})" if module_name is not None
                 else f"F.embedding(..., {arg})")
     if max_norm is not None:
-        raise ValueError(f"{who(f'max_norm={max_norm}')} renormalizes its weight in place "
-                         f"during forward; scoring would modify the model and differentiate a "
-                         f"different function. Set max_norm=None (renormalize the weight once "
-                         f"beforehand if needed) to score it")
+        raise RefusedError(f"{who(f'max_norm={max_norm}')} renormalizes its weight in place "
+                           f"during forward; scoring would modify the model and differentiate a "
+                           f"different function. Set max_norm=None (renormalize the weight once "
+                           f"beforehand if needed) to score it")
     if scale_grad_by_freq:
-        raise ValueError(f"{who('scale_grad_by_freq=True')}: torch scales the weight's "
-                         f"gradient by the inverse index frequency, which is not the derivative "
-                         f"of the loss; set scale_grad_by_freq=False to score it (it changes no "
-                         f"forward value)")
+        raise RefusedError(f"{who('scale_grad_by_freq=True')}: torch scales the weight's "
+                           f"gradient by the inverse index frequency, which is not the derivative "
+                           f"of the loss; set scale_grad_by_freq=False to score it (it changes no "
+                           f"forward value)")
 
 
-def refuse_embedding_bag_max_norm(module_name: Optional[str], max_norm) -> None:
-    """``ValueError`` for an embedding bag with ``max_norm`` (it renormalizes its weight in place
-    during forward), naming module ``module_name`` (an ``nn.EmbeddingBag``) or, for None, the
-    ``F.embedding_bag`` call."""
-    if max_norm is None:
-        return
-    who = (f"module {module_name!r} (EmbeddingBag, max_norm={max_norm})"
-           if module_name is not None else f"F.embedding_bag(..., max_norm={max_norm})")
-    raise ValueError(f"{who} renormalizes its weight in place during forward; scoring would "
-                     f"modify the model and differentiate a different function. Set "
-                     f"max_norm=None (renormalize the weight once beforehand if needed) to "
-                     f"score it")
+def refuse_embedding_bag_flags(module_name: Optional[str], max_norm,
+                               scale_grad_by_freq=False) -> None:
+    """:class:`~oba_ext.errors.RefusedError` (a ``ValueError``) for the embedding-bag arguments
+    no path scores, naming module ``module_name`` (an ``nn.EmbeddingBag``) or, for None, the
+    ``F.embedding_bag`` call:
+    ``max_norm`` (renormalizes the weight in place during forward) and
+    ``scale_grad_by_freq=True`` (torch rescales the weight's gradient by the inverse index
+    frequency, which is not the derivative of the loss; the written-out bag,
+    :func:`embedding_bag_math`, would silently drop the rescaling)."""
+    def who(arg):
+        return (f"module {module_name!r} (EmbeddingBag, {arg})" if module_name is not None
+                else f"F.embedding_bag(..., {arg})")
+    if max_norm is not None:
+        raise RefusedError(f"{who(f'max_norm={max_norm}')} renormalizes its weight in place "
+                           f"during forward; scoring would modify the model and differentiate a "
+                           f"different function. Set max_norm=None (renormalize the weight once "
+                           f"beforehand if needed) to score it")
+    if scale_grad_by_freq:
+        raise RefusedError(f"{who('scale_grad_by_freq=True')}: torch scales the weight's "
+                           f"gradient by the inverse index frequency, which is not the derivative "
+                           f"of the loss; set scale_grad_by_freq=False to score it (it changes no "
+                           f"forward value)")
 
 
-def embedding_bag_refusal(input, weight, offsets=None, max_norm=None, *args, **kwargs):
-    """``F.embedding_bag`` (and so ``nn.EmbeddingBag``) runs as it is (``NotImplemented``),
-    except with ``max_norm``: :func:`refuse_embedding_bag_max_norm`, before anything runs."""
-    refuse_embedding_bag_max_norm(None, max_norm)
+_BAG_SIG = inspect.signature(F.embedding_bag)
+
+
+def embedding_bag_refusal(*args, **kwargs):
+    """``F.embedding_bag`` run as it is (``NotImplemented``) after
+    :func:`refuse_embedding_bag_flags` (first-order passes: torch's own backward is right)."""
+    a = _BAG_SIG.bind(*args, **kwargs)
+    refuse_embedding_bag_flags(None, a.arguments.get("max_norm"),
+                               a.arguments.get("scale_grad_by_freq", False))
     return NotImplemented
 
 
+def embedding_bag_math(*args, **kwargs) -> Tensor:
+    """``F.embedding_bag`` (and so ``nn.EmbeddingBag``) written out, as the oracles and the
+    engine differentiate it (SPEC §8, products inside one op).
+
+    input: integer indices, ``(B, N)`` (B bags of N) or ``(n,)`` with ``offsets`` ``(B,)``
+    (``(B+1,)`` with ``include_last_offset``); weight: ``(V, D)``; ``per_sample_weights``: like
+    ``input`` (``mode="sum"`` only). Returns ``(B, D)``: per bag, over its entries ``j`` whose
+    index is not ``padding_idx``,
+
+        sum:  Σ_j  p_j · weight[i_j]      (p_j = 1 without per_sample_weights)
+        mean: Σ_j weight[i_j] / #entries  max: max_j weight[i_j]  (an empty bag gives 0)
+
+    The weighted sum is a product of two values (``p_j ⊙ weight[i_j]``) written as one, so it
+    carries OBA curvature when both depend on θ (a per-sample weight computed by a target
+    layer and a θ-dependent table); torch's fused kernel has neither forward-mode AD nor a
+    double backward for ``per_sample_weights``. ``max_norm``/``scale_grad_by_freq``:
+    :func:`refuse_embedding_bag_flags`; nested-tensor input: ``RefusedError``; other
+    invalid arguments: ``ValueError`` as ``F.embedding_bag`` raises them.
+    """
+    a = _BAG_SIG.bind(*args, **kwargs)
+    a.apply_defaults()
+    p = a.arguments
+    refuse_embedding_bag_flags(None, p["max_norm"], p["scale_grad_by_freq"])
+    input, weight, offsets = p["input"], p["weight"], p["offsets"]
+    psw, mode, pad = p["per_sample_weights"], p["mode"], p["padding_idx"]
+    if mode not in ("sum", "mean", "max"):
+        raise ValueError(f"F.embedding_bag: mode has to be one of sum, mean or max, got {mode!r}")
+    if psw is not None and mode != "sum":
+        raise NotImplementedError(f"F.embedding_bag: per_sample_weights is only supported for "
+                                  f"mode='sum' (got mode={mode!r})")
+    if psw is not None and psw.shape != input.shape:
+        raise ValueError(f"F.embedding_bag: per_sample_weights {tuple(psw.shape)} must have the "
+                         f"shape of the input {tuple(input.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"F.embedding_bag: weight has to be a 2D Tensor, got {weight.dim()}D")
+    if input.is_nested:
+        raise RefusedError("oba_ext: F.embedding_bag with a nested-tensor input is not "
+                           "supported; pass a 1D input with offsets")
+    V = weight.size(0)
+    if pad is not None:
+        if not -V <= pad < V:
+            raise ValueError(f"F.embedding_bag: padding_idx={pad} must be within the {V} rows "
+                             f"of weight")
+        pad = pad + V if pad < 0 else pad
+    dev = input.device
+    if input.dim() == 2:
+        if offsets is not None:
+            raise ValueError("F.embedding_bag: if input is 2D, then offsets has to be None")
+        idx, valid, w = input, torch.ones(input.shape, dtype=torch.bool, device=dev), psw
+    elif input.dim() == 1:
+        if offsets is None or offsets.dim() != 1:
+            raise ValueError("F.embedding_bag: offsets has to be a 1D Tensor for a 1D input")
+        n, offs = input.numel(), offsets.long()
+        if p["include_last_offset"]:
+            starts, ends = offs[:-1], offs[1:]
+        else:
+            starts, ends = offs, torch.cat([offs[1:], offs.new_tensor([n])])
+        ends = ends.clamp(max=n)
+        lengths = (ends - starts).clamp(min=0)
+        L = int(lengths.max()) if lengths.numel() and n else 0
+        steps = torch.arange(L, device=dev)
+        valid = steps.unsqueeze(0) < lengths.unsqueeze(1)              # (B, L)
+        pos = torch.where(valid, starts.unsqueeze(1) + steps, 0)
+        idx = input[pos] if n else input.new_zeros(pos.shape)
+        w = psw[pos] if psw is not None and n else None
+    else:
+        raise ValueError(f"F.embedding_bag: input has to be 1D or 2D Tensor, got {input.dim()}D")
+    if pad is not None:
+        valid = valid & (idx != pad)
+    B, D = idx.size(0), weight.size(1)
+    if idx.size(1) == 0:  # every bag is empty
+        return weight.new_zeros(B, D)
+    rows = F.embedding(idx, weight)                                    # (B, L, D)
+    if w is not None:
+        rows = rows * w.unsqueeze(-1)                                   # the product
+    keep = valid.unsqueeze(-1)
+    count = valid.sum(1, keepdim=True)                                  # (B, 1)
+    if mode == "max":
+        top = rows.masked_fill(~keep, float("-inf")).max(dim=1).values
+        return torch.where(count > 0, top, torch.zeros((), dtype=top.dtype, device=dev))
+    out = torch.where(keep, rows, torch.zeros((), dtype=rows.dtype, device=dev)).sum(1)
+    if mode == "mean":
+        out = out / count.clamp(min=1).to(out.dtype)
+    return out
+
+
 DECOMPOSITIONS[F.embedding] = embedding_lookup
-DECOMPOSITIONS[F.embedding_bag] = embedding_bag_refusal
+DECOMPOSITIONS[F.embedding_bag] = embedding_bag_math

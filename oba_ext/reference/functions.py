@@ -25,6 +25,8 @@ from typing import List
 import torch
 from torch.autograd.function import BackwardCFunction, Function, once_differentiable
 
+from ..errors import RefusedError
+
 
 #: torch's own Functions that only restructure autograd (derivative-transparent): traced into,
 #: as before, and not opaque to the Φ-oracle's recorder
@@ -35,9 +37,10 @@ def is_transparent(cls) -> bool:
     return function_name(cls) in TRANSPARENT
 
 
-class UnsupportedFunctionError(NotImplementedError):
+class UnsupportedFunctionError(RefusedError):
     """A custom autograd.Function lacks what the requested score kind needs (the message names
-    the Function and what it lacks)."""
+    the Function and what it lacks). A :class:`oba_ext.errors.RefusedError`, so still a
+    ``NotImplementedError``."""
 
 
 _ONCE_CODE = once_differentiable(lambda ctx, *g: g).__code__

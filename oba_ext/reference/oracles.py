@@ -24,6 +24,7 @@ from torch.autograd import forward_ad as fwAD
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
+from ..errors import RefusedError
 from ..inputs import call_args
 from .bilinear import BILINEAR, INPLACE_PRODUCTS
 from .decompose import DECOMPOSITIONS, PRODUCT_REFUSALS, RANDOM_MASKS
@@ -71,12 +72,12 @@ class BilinearRecorder(TorchFunctionMode):
             name = PRODUCT_REFUSALS.get(func)
             if name is not None and any(_theta_dependent(a) for a in
                                         list(args) + list(kwargs.values())):
-                raise NotImplementedError(
+                raise RefusedError(
                     f"oba_ext reference: {name} of θ-dependent values contains products the "
                     f"oba oracle does not write out (SPEC §8); it is not supported for oba "
                     f"(taylor and exact work)")
             if func in INPLACE_PRODUCTS and len(args) > 1 and isinstance(args[1], Tensor):
-                raise NotImplementedError(
+                raise RefusedError(
                     f"oba_ext reference: in-place product {getattr(func, '__name__', func)} of two "
                     "tensors cannot be recorded; use the out-of-place form (a * b)")
             split = BILINEAR.get(func)
@@ -192,6 +193,8 @@ def oba_hvp(fm: FunctionalModel, params: Dict[str, Tensor],
             duals = {n: fwAD.make_dual(p.detach(), direction[n].to(p.dtype))
                      for n, p in params.items()}
             fm.loss(duals, mode=tan)
+    except RefusedError:  # already named (a refused op, a Function without jvp)
+        raise
     except NotImplementedError:  # a custom autograd.Function without jvp: name it
         diagnose_forward_ad(lambda: fm.loss(leaves(params)))
         raise

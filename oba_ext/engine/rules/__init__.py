@@ -26,7 +26,9 @@ The sweep sets, before backward:
 
 Optionally a rule has ``capture_check(node, module) -> reason or None``, called once at
 capture: a reason makes capture raise ``CaptureError`` (e.g. alpha dropout in train mode), so
-``impl="auto"`` falls back to the reference path.
+``impl="auto"`` falls back to the reference path. The reason is a message, or a
+:class:`oba_ext.errors.RefusedError` when the reference path refuses the same cause (then
+``impl="kernel"`` raises a ``RefusedError`` too, not a plain ``RuntimeError``).
 
 ``None`` for a tangent or cotangent means zero; rules exploit it to skip work, and return
 ``None`` rather than a tensor of zeros. Rules on the hot path return their two streams as the

@@ -20,7 +20,9 @@ virtual layer; their scores are assembled into the keys of the reference path
 (packed) or ``parts.{q,k,v}.weight``; ``bias`` (3E,). ``out_proj`` is its own Linear target
 (``<name>.out_proj``), scored by the Linear rule inside this one. Masks: ``attn_mask`` (bool
 True = *not* allowed, or additive; (L, S) or (N·H, L, S)), ``key_padding_mask`` (N, S), the
-``is_causal`` hint without a mask = causal. ``need_weights=True`` returns the head-averaged
+``is_causal`` hint read as torch reads it (refused without a mask; the causal mask in place of
+``attn_mask`` when there is no ``key_padding_mask`` and no ``need_weights``; else ignored).
+``need_weights=True`` returns the head-averaged
 (or per-head) weights, which must not feed anything scored (their tangent is not formed).
 Refused: ``bias_k``/``bias_v``, ``add_zero_attn``, dropout in train mode.
 """
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...errors import RefusedError
 from .. import kernels
 from . import register_function, register_module
 from .linear import LinearRule
@@ -136,9 +139,9 @@ class SDPARule:
         slot = _bind_sdpa(slots_args, slots_kwargs, where)
         b = _bind_sdpa(call.args, call.kwargs, where)
         if b["dropout_p"]:
-            raise ValueError(f"node {where!r} (scaled_dot_product_attention): dropout_p="
-                             f"{b['dropout_p']}; the engine needs attention dropout off "
-                             f"(score in eval mode)")
+            raise RefusedError(f"node {where!r} (scaled_dot_product_attention): dropout_p="
+                               f"{b['dropout_p']}; attention dropout must be off (score in eval "
+                               f"mode)")
         q, k, v = b["query"], b["key"], b["value"]
         t = [call.tangents[slot[n]] for n in ("query", "key", "value")]
         gqa = bool(b["enable_gqa"]) and q.dim() >= 3 and q.shape[-3] != k.shape[-3]
@@ -203,9 +206,16 @@ class _Collect:
         dq[key] = dq[key] + v if key in dq else v
 
 
-def _mha_masks(m, attn_mask, kpm, N, H, L, S, is_causal, dtype, where):
+def _mha_masks(m, attn_mask, kpm, N, H, L, S, is_causal, need_weights, dtype, where):
     """MHA's attn_mask / key_padding_mask / is_causal as one SDPA-style mask (bool True = attend,
-    or additive), broadcastable to (N, H, L, S); or (None, causal flag)."""
+    or additive), broadcastable to (N, H, L, S); or (None, causal flag). ``is_causal`` is read
+    as torch reads it (:func:`oba_ext.reference.decompose.mha_causal_replaces_mask`: refused
+    without attn_mask; the causal mask instead of attn_mask without key_padding_mask and
+    need_weights; else ignored)."""
+    from ...reference.decompose import mha_causal_replaces_mask  # one rule, both paths
+    if mha_causal_replaces_mask(attn_mask, kpm, bool(need_weights), bool(is_causal),
+                                f"module {where!r} (MultiheadAttention)"):
+        return None, True
     add = None
 
     def as_add(mk, shape):
@@ -224,11 +234,10 @@ def _mha_masks(m, attn_mask, kpm, N, H, L, S, is_causal, dtype, where):
         else:
             raise ValueError(f"{where}: attn_mask must be (L, S) or (N·num_heads, L, S), got "
                              f"{tuple(attn_mask.shape)}")
-        is_causal = False  # the mask is the causal mask (MHA's is_causal is a hint)
     if kpm is not None:
         k = as_add(kpm, (N, 1, 1, S))
         add = k if add is None else add + k
-    return add, bool(is_causal)
+    return add, False
 
 
 _MHA_PARAMS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
@@ -242,12 +251,14 @@ class MHARule:
 
     def _check(self, m, where):
         if m.bias_k is not None or m.bias_v is not None:
-            raise ValueError(f"{where}: nn.MultiheadAttention with add_bias_kv is not supported")
+            raise RefusedError(f"{where}: nn.MultiheadAttention with add_bias_kv is not "
+                               f"supported")
         if m.add_zero_attn:
-            raise ValueError(f"{where}: nn.MultiheadAttention with add_zero_attn is not supported")
+            raise RefusedError(f"{where}: nn.MultiheadAttention with add_zero_attn is not "
+                               f"supported")
         if m.training and m.dropout > 0:
-            raise ValueError(f"{where}: nn.MultiheadAttention dropout={m.dropout} in train mode; "
-                             f"score in eval mode (model.eval())")
+            raise RefusedError(f"{where}: nn.MultiheadAttention dropout={m.dropout} in train "
+                               f"mode; score in eval mode (model.eval())")
 
     def forward(self, call, ctx):
         m = call.module
@@ -316,7 +327,7 @@ class MHARule:
             return t.reshape(n, N, H, hd).permute(1, 2, 0, 3)
 
         mask, causal = _mha_masks(m, b["attn_mask"], b["key_padding_mask"], N, H, L, S,
-                                  b["is_causal"], proj["query"].dtype, name)
+                                  b["is_causal"], b["need_weights"], proj["query"].dtype, name)
         st = SimpleNamespace()
         O, Od = _AttentionCore.forward(st, heads(proj["query"], L), heads(proj["key"], S),
                                        heads(proj["value"], S), heads(tproj["query"], L),

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ...errors import RefusedError
 from .autodiff import is_float, op_of, streamed_inputs
 
 _WARNED = set()
@@ -137,7 +138,7 @@ SAFE_MODULES = tuple(c for c in (
     nn.ReplicationPad1d, nn.ReplicationPad2d, nn.AvgPool3d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool3d, nn.LPPool1d, nn.LPPool2d, nn.Fold, nn.Unfold,
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm,
-    getattr(nn, "RMSNorm", None), nn.Embedding, nn.EmbeddingBag, nn.PairwiseDistance,
+    getattr(nn, "RMSNorm", None), nn.Embedding, nn.PairwiseDistance,
     nn.Identity, nn.Flatten, nn.Unflatten,
 ) if c is not None)
 
@@ -210,8 +211,25 @@ def _refusal_text(name: str) -> str:
             f"out (a * b, matmul, ...), or score it with impl='reference'")
 
 
-def oba_refusal(node, module, live_inputs: int) -> Optional[str]:
-    """Why the generic rule cannot stand in for fx ``node`` in an ``oba`` run (or ``None``).
+def _reference_refuses(node) -> bool:
+    """Whether the reference path refuses the op of fx ``node`` in an ``oba`` run too (its
+    :data:`~oba_ext.reference.decompose.PRODUCT_REFUSALS`: det, kron, inv, ...)."""
+    from ...reference.decompose import PRODUCT_REFUSALS
+    t = node.target
+    if node.op == "call_method":
+        t = getattr(torch.Tensor, t, None)
+    elif node.op != "call_function":
+        return False
+    try:
+        return t in PRODUCT_REFUSALS
+    except TypeError:
+        return False
+
+
+def oba_refusal(node, module, live_inputs: int):
+    """Why the generic rule cannot stand in for fx ``node`` in an ``oba`` run (or ``None``): a
+    message, or a :class:`~oba_ext.errors.RefusedError` for an op the reference path refuses
+    too (so ``impl="kernel"`` raises the same class as the reference path).
 
     ``live_inputs``: how many of the node's inputs carry streams (θ-dependent values)."""
     kind = _safe_kind(node, module)
@@ -225,7 +243,8 @@ def oba_refusal(node, module, live_inputs: int) -> Optional[str]:
         return (f"node {node.name!r}: {name} with {live_inputs} θ-dependent inputs multiplies "
                 f"them (a product, SPEC §8) and has no engine rule; score with "
                 f"impl='reference'")
-    return f"node {node.name!r}: {_refusal_text(name)}"
+    text = f"node {node.name!r}: {_refusal_text(name)}"
+    return RefusedError(text) if _reference_refuses(node) else text
 
 
 def random_refusal(node, module) -> Optional[str]:
@@ -239,27 +258,29 @@ def random_refusal(node, module) -> Optional[str]:
             f"impl='reference'")
 
 
-_BAG_ARGS = ("input", "weight", "offsets", "max_norm")
+_BAG_ARGS = ("input", "weight", "offsets", "max_norm", "norm_type", "scale_grad_by_freq")
 
 
 def renorm_refusal(node, module) -> Optional[str]:
-    """Why fx ``node`` cannot run at all: an embedding bag with ``max_norm`` (``nn.EmbeddingBag``
-    or ``F.embedding_bag``) renormalizes its weight in place at every forward, so scoring would
-    modify the model and differentiate a different function (``nn.Embedding``/``F.embedding``
-    have rules that refuse it, :mod:`.linear`)."""
+    """Why fx ``node`` cannot run at all: an embedding bag (``nn.EmbeddingBag`` or
+    ``F.embedding_bag``) with ``max_norm`` renormalizes its weight in place at every forward, so
+    scoring would modify the model and differentiate a different function; with
+    ``scale_grad_by_freq=True`` torch's gradient is not the loss's derivative
+    (:func:`oba_ext.reference.decompose.refuse_embedding_bag_flags`; ``nn.Embedding``/
+    ``F.embedding`` have rules that refuse both, :mod:`.linear`)."""
     if node.op == "call_module" and isinstance(module, nn.EmbeddingBag):
-        max_norm, name = module.max_norm, node.target
+        max_norm, freq, name = module.max_norm, module.scale_grad_by_freq, node.target
     elif node.op == "call_function" and node.target is F.embedding_bag:
         a = dict(zip(_BAG_ARGS, node.args))
         a.update(node.kwargs)
-        max_norm, name = a.get("max_norm"), None
+        max_norm, freq, name = a.get("max_norm"), a.get("scale_grad_by_freq", False), None
     else:
         return None
-    from ...reference.decompose import refuse_embedding_bag_max_norm  # one wording, both paths
+    from ...reference.decompose import refuse_embedding_bag_flags  # one wording, both paths
     try:
-        refuse_embedding_bag_max_norm(name, max_norm)
-    except ValueError as e:
-        return f"node {node.name!r}: {e}"
+        refuse_embedding_bag_flags(name, max_norm, freq)
+    except RefusedError as e:
+        return RefusedError(f"node {node.name!r}: {e}")
     return None
 
 

@@ -93,12 +93,12 @@ class EmbeddingRule:
     (:func:`oba_ext.reference.refuse_self_modifying`). ``sparse=True`` changes nothing here."""
 
     def capture_check(self, node, module):
-        if module.max_norm is not None:
-            return (f"{node.target}: nn.Embedding with max_norm renormalizes its weight in "
-                    f"place during forward; the engine does not support it")
-        if module.scale_grad_by_freq:
-            return (f"{node.target}: nn.Embedding with scale_grad_by_freq=True is not "
-                    f"supported by the engine")
+        from ...errors import RefusedError
+        from ...reference.decompose import refuse_embedding_flags  # one wording on both paths
+        try:
+            refuse_embedding_flags(node.target, module.max_norm, module.scale_grad_by_freq)
+        except RefusedError as e:
+            return e
         return None
 
     def forward(self, call, ctx):
@@ -208,22 +208,25 @@ class FunctionalEmbeddingRule:
 
     @staticmethod
     def _reason(a) -> Optional[str]:
+        from ...errors import RefusedError
         from ...reference.decompose import refuse_embedding_flags  # one wording on both paths
         try:
             refuse_embedding_flags(None, a.get("max_norm"), a.get("scale_grad_by_freq", False))
-        except ValueError as e:
+        except RefusedError as e:
             return str(e)
         return None
 
     def capture_check(self, node, module):
+        from ...errors import RefusedError
         reason = self._reason(_embedding_args(node.args, node.kwargs))
-        return None if reason is None else f"node {node.name!r}: {reason}"
+        return None if reason is None else RefusedError(f"node {node.name!r}: {reason}")
 
     def forward(self, call, ctx):
+        from ...errors import RefusedError
         a = _embedding_args(call.args, call.kwargs)
         reason = self._reason(a)
         if reason is not None:
-            raise ValueError(f"{call.node.name}: {reason}")
+            raise RefusedError(f"{call.node.name}: {reason}")
         y, t_y = GENERIC_QUIET.forward(call, ctx)
         pad = a.get("padding_idx")
         if t_y is not None and pad is not None:

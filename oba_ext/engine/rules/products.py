@@ -1,7 +1,8 @@
 """Ops with products hidden inside (SPEC §8): GLU, ``addcmul``/``addcdiv``, ``outer``/
 ``tensordot``/``inner``/``dot``/``mv``, einsum of three or more operands, ``F.bilinear``/
 ``nn.Bilinear``, ``addmm``/``baddbmm``/``addbmm``/``addmv``/``addr``, ``prod``/``cumprod``/
-``multi_dot``, and the recurrent layers ``nn.LSTM``/``GRU``/``RNN`` with their cells.
+``multi_dot``, ``nn.EmbeddingBag``/``F.embedding_bag`` (``per_sample_weights`` times the looked-up
+rows), and the recurrent layers ``nn.LSTM``/``GRU``/``RNN`` with their cells.
 (``det``, ``kron``, ``cross``, ``inv``, ``solve``, … have no rule: the generic rule computes
 them for ``taylor``/``exact`` and an ``oba`` run refuses them by name, on both paths.)
 
@@ -181,6 +182,10 @@ register_module(nn.Bilinear)(DECOMPOSED)
 register_function(F.bilinear, torch.addmm, torch.baddbmm, torch.addbmm, torch.addmv,
                   torch.addr)(DECOMPOSED)
 register_method("addmm", "baddbmm", "addbmm", "addmv", "addr")(DECOMPOSED)
+# embedding bags: the per-sample weights multiply the looked-up rows (and torch's fused bag has
+# no forward-mode AD at all)
+register_module(nn.EmbeddingBag)(DECOMPOSED)
+register_function(F.embedding_bag)(DECOMPOSED)
 # recurrent layers and cells (their gates multiply θ-dependent activations)
 register_module(nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell)(DECOMPOSED)
 # products of many factors

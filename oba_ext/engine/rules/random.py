@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...errors import RefusedError
 from . import register_function, register_module
 
 _DROPOUT_ARGS = ("input", "p", "training", "inplace")
@@ -96,8 +97,8 @@ class AlphaDropoutRule(MaskRule):
 
     def _plan(self, call):
         if self._active(call.module, call.args, call.kwargs):
-            raise ValueError(f"{call.node.name}: alpha dropout in train mode is not supported by "
-                             f"the engine; call model.eval()")
+            raise RefusedError(f"{call.node.name}: alpha dropout in train mode is not supported; "
+                               f"call model.eval()")
         return None
 
     def capture_check(self, node, module):
@@ -106,9 +107,9 @@ class AlphaDropoutRule(MaskRule):
         except TypeError:  # a traced value: decided at run time
             return None
         if active is True:
-            return (f"node {node.name!r}: alpha dropout in train mode (an affine map with a "
-                    f"random offset) is not supported by the engine; call model.eval() or use "
-                    f"impl='reference'")
+            return RefusedError(f"node {node.name!r}: alpha dropout in train mode (an affine "
+                                f"map with a random offset) is not supported (on any path); "
+                                f"call model.eval()")
         return None
 
 
