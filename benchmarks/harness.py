@@ -287,7 +287,9 @@ def run_sweep(benchmark: str, x_name: str, x_values: Sequence, providers: Mappin
     """Measure every provider at every x; append the rows to ``csv_path`` (if given) and return them.
 
     ``paired_with``: a provider name; every other provider is timed alternately with it
-    (:func:`time_paired`) and gets a ``ratio_to_<paired_with>`` row (paired ratios).
+    (:func:`time_paired`) and gets a ``ratio_to_<paired_with>`` row (paired ratios) and
+    ``config.ratio = "paired with <name>"``. ``max_seconds`` then bounds the pairs, so a
+    provider gets about half the samples it would alone.
 
     A provider whose setup or run raises (kernels not built; a peer library that cannot handle
     the model, e.g. forward-mode AD through torch's fused attention) is skipped with a printed
@@ -321,6 +323,8 @@ def run_sweep(benchmark: str, x_name: str, x_values: Sequence, providers: Mappin
                       f"{str(e).splitlines()[0] if str(e) else ''})")
                 continue
             cfg = {**(config or {}), **case.info}
+            if ref is not None and name != paired_with:
+                cfg["ratio"] = f"paired with {paired_with}"  # how ratio_to_* was measured
             rows = rows_for(benchmark, name, x_name, x, res, env, dtype, cfg, note)
             all_rows += rows
             t = res["time"][1]

@@ -74,7 +74,7 @@ def test_run_sweep_writes_long_format_csv(tmp_path):
         harness.run_sweep("demo", "n", [8], bad, torch.device("cpu"), None, rep=1, on_error="raise")
 
 
-def test_paired_timing_alternates_and_gives_paired_ratios(tmp_path):
+def test_paired_timing_alternates_and_gives_paired_ratios(tmp_path, monkeypatch):
     """The reference provider runs first and alternates with each other provider (ref, fn,
     fn, ref, ...); each ``ratio_to_<ref>`` row is the quantiles of the per-pair ratios."""
     calls = []
@@ -88,19 +88,17 @@ def test_paired_timing_alternates_and_gives_paired_ratios(tmp_path):
 
     providers = {"slow": lambda n: harness.Case(fake("slow", 30.0)),
                  "ref": lambda n: harness.Case(fake("ref", 10.0))}
-    real = harness.time.perf_counter
-    harness.time.perf_counter = lambda: clock["t"]
-    try:
-        rows = harness.run_sweep("demo", "n", [1], providers, torch.device("cpu"), None, warmup=1,
-                                 rep=4, memory=False, on_error="raise", paired_with="ref")
-    finally:
-        harness.time.perf_counter = real
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: clock["t"])
+    rows = harness.run_sweep("demo", "n", [1], providers, torch.device("cpu"), None, warmup=1,
+                             rep=4, memory=False, on_error="raise", paired_with="ref")
+    monkeypatch.undo()
     # ref measured alone first (1 warmup + 4), then: warmup (ref, slow), then ref/slow alternating
     assert calls[:5] == ["ref"] * 5
     assert calls[5:] == ["ref", "slow", "ref", "slow", "slow", "ref", "ref", "slow", "slow", "ref"]
     ratio = [r for r in rows if r["metric"] == "ratio_to_ref"]
     assert [r["provider"] for r in ratio] == ["slow"]
     assert [float(ratio[0][q]) for q in ("p20", "p50", "p80")] == pytest.approx([3.0, 3.0, 3.0])
+    assert json.loads(ratio[0]["config"])["ratio"] == "paired with ref"
 
 
 def test_append_csv_refuses_a_foreign_header(tmp_path):

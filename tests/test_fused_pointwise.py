@@ -19,7 +19,7 @@ D = torch.float64
 class Block(nn.Module):
     """A transformer-MLP-like block: LayerNorm (``affine``: "both", "weight" (bias=False),
     "none") → Linear → activation → inactive Dropout → Linear, a second reader of the
-    activation (fc3: the recomputed input pair must serve both), and a 2-D LayerNorm over
+    activation (fc3: each reader recomputes its own input pair), and a 2-D LayerNorm over
     (T, C)."""
 
     def __init__(self, act, affine, c=6, t=3):
@@ -109,3 +109,64 @@ def test_linear_after_gelu_keeps_a_recipe_not_its_input_pair(act):
         a = m.act(m.fc1(m.ln(x)))
         assert torch.equal(xr, a.detach())
     assert by_layer["fc1"].recipe is None  # its input (LayerNorm) offers none
+    # only a rule that uses a recipe keeps it: no ctx holds its inputs' recipes
+    assert all(c.input_recipes is None for c in ctxs.values() if hasattr(c, "input_recipes"))
+
+
+class ConvBnSilu(nn.Module):
+    """conv → conv → eval BN → SiLU → conv: the BN output is half of a two-stream buffer that
+    nothing else keeps, so keeping x would cost twice σ' (the fused path must not be taken)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.c1 = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 4, 3)
+        self.bn, self.c2 = nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return self.c2(self.act(self.bn(self.c1(self.c0(x))))).mean((2, 3))
+
+
+def _activation_ctxs(m, x, y, keys):
+    from oba_ext.engine import build_scorer
+    from oba_ext.scoring import checked_loss, default_loss
+    from oba_ext.targets import find_layers
+    sc = build_scorer(m, find_layers(m), checked_loss(default_loss), (x, y))
+    with torch.no_grad():
+        _, _, ctxs = sc._forward(x, keys, True, False, lambda layer: (lambda *a: None))
+    return sc, [c for c in ctxs.values() if hasattr(c, "bw")], ctxs
+
+
+@pytest.mark.parametrize("keys", [("out",), ("out", "in"), ("weight",)])
+def test_fused_activation_only_where_keeping_x_is_free(keys):
+    torch.manual_seed(5)
+    m = ConvBnSilu().double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    _, acts, _ = _activation_ctxs(m, x, torch.zeros(2, dtype=torch.long), keys)
+    assert len(acts) == 1 and acts[0].bw is None and acts[0].d1 is not None  # σ' kept, not x
+    # a Linear first, so that the block's fc1 runs on two streams and its output is half of a
+    # [Y; T_Y] buffer: kept anyway with out scores (fused path), else σ' is kept
+    mv = nn.Sequential(nn.Linear(6, 6), Block(nn.GELU(), "both")).double().eval()
+    xv, yv = _xy(seed=5)
+    _, acts, _ = _activation_ctxs(mv, xv, yv, keys)
+    assert len(acts) == 1 and (acts[0].bw is not None) == ("out" in keys)
+    # without the Linear, fc1's output owns its storage (T_Y = Y, no tangent before it):
+    # keeping x costs what σ' would, so the fused path is taken for every key set
+    _, acts, _ = _activation_ctxs(Block(nn.GELU(), "both").double().eval(), xv, yv, keys)
+    assert len(acts) == 1 and acts[0].bw is not None
+
+
+def test_recomputed_input_pair_is_not_kept_between_passes():
+    """oba and exact in one call: each backward pass recomputes the reader's input pair and
+    lets it go, instead of keeping one copy per reader for the later passes."""
+    torch.manual_seed(6)
+    m = Block(nn.GELU(), "both").double().eval()
+    x, y = _xy(seed=6)
+    sc, _, ctxs = _activation_ctxs(m, x, y, ("out", "in"))
+    fc2 = next(c for c in ctxs.values() if getattr(c, "layer", None) == "fc2")
+    loss_g = torch.ones(x.shape[0], 4, dtype=D)
+    with torch.no_grad():
+        sc._backward(ctxs, loss_g, torch.zeros_like(loss_g), "oba", True, last=False)
+    assert fc2.x is None and fc2.t is None and fc2.recipe is not None
+    eng = compare(m, x, y)[0]  # and the two-pass engine call still equals the oracles
+    assert set(eng["fc2"]) == {"taylor", "oba", "exact"}

@@ -9,7 +9,7 @@ first). The sweep runs under ``no_grad``: rules compute every stream explicitly.
 
 Memory: a forward value is dropped after its last reader (rules keep on their ``ctx`` only what
 backward and the scores need); a node's ``ctx`` is dropped when the last backward pass leaves it.
-A rule whose output pair ``(y, T_y)`` is cheap to recompute from what it keeps anyway offers a
+A rule whose output pair ``(y, T_y)`` is cheap to recompute from what it keeps offers a
 *recipe* (``ctx.recipe_out``: a callable returning the pair; GELU/SiLU, from the x and T it
 reads); the sweep passes it to the readers of that value (``ctx.input_recipes``, one per tensor
 input; an identity rule such as inactive dropout passes its input's recipe on), and a target
@@ -62,6 +62,10 @@ class _Ctx:
         # recomputable value pairs (module docstring): the rule's own offer, its inputs'
         self.recipe_out = None
         self.input_recipes = None
+        # the rule keeps its own output value (a target layer's out scores), and per tensor
+        # input whether its producer does: keeping a reference to it then costs nothing
+        self.keeps_output = False
+        self.input_kept = None
 
 
 def _same_tensors(*ts):
@@ -423,6 +427,7 @@ class _StepRunner:
         self.want_exact, self.recorder = want_exact, recorder
         # the direction state of this sweep (hvp resets the scorer's before the backward)
         self.direction, self.product = scorer._direction, scorer._product
+        self.kept = set()  # nodes whose value their producer's ctx keeps (ctx.keeps_output)
 
     def __call__(self, st, val, tan, ctxs, recipes):
         sc, keys, recorder = self.scorer, self.keys, self.recorder
@@ -456,6 +461,7 @@ class _StepRunner:
             ctx.direction, ctx.product = self.direction[layer], self.product
         ctx.input_nodes = in_nodes
         ctx.input_recipes = [recipes.get(n) for n in in_nodes]
+        ctx.input_kept = [n in self.kept for n in in_nodes]
         ctx.sublayer = self._sublayer
         args, kwargs = pytree.tree_unflatten(leaves, st.spec)
         call = Call(node, st.module, st.fn, args, kwargs, leaves, st.spec, slots, ts, needs)
@@ -472,10 +478,12 @@ class _StepRunner:
             recipe = ctx.input_recipes[0]  # an identity: its input's recipe holds
         if recipe is not None:
             recipes[node] = recipe
-            ctx.recipe_out = None
+        ctx.recipe_out = ctx.input_recipes = None  # a rule that uses one keeps it itself
         if st.live:
             ctx.rule = st.rule
             ctxs[node] = ctx
+            if ctx.keeps_output:
+                self.kept.add(node)
 
     def _sublayer(self, name):
         sc = self.scorer

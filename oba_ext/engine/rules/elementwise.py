@@ -48,30 +48,42 @@ def _gelu(x, o, d2):
         sech2 = 1 - th * th
         y = 0.5 * x * (1 + th)
         d1 = 0.5 * (1 + th) + 0.5 * x * sech2 * du
-        dd = None
-        if d2:
-            ddu = _SQRT_2_OVER_PI * 6 * k * x
-            dd = sech2 * du + 0.5 * x * (sech2 * ddu - 2 * th * sech2 * du * du)
-        return y, d1, dd
+        return y, d1, (_gelu_d2(x, o) if d2 else None)
     # y and σ' = Φ(x) + x·φ(x) from ATen's fused gelu / gelu_backward (one pass each; the
-    # ten-op erf/exp formula was ~9% of a ViT's oba sweep on the CPU). The engine's rule does
-    # not call this for σ' (it uses gelu_backward on the streams, see _ATEN_BACKWARD); σ'' in
-    # place: φ(x)·(2 − x²), two temporaries instead of seven (a ViT's exact sweep spent ~8%
-    # of its CPU time allocating and filling them)
+    # ten-op erf/exp formula was ~9% of a ViT's oba sweep on the CPU). The rule's fused path
+    # (_ATEN_BACKWARD) computes neither σ' nor this y; it calls _gelu_d2 alone for exact.
     y = F.gelu(x)
     d1 = torch.ops.aten.gelu_backward(torch.ones_like(x), x)
-    dd = None
-    if d2:
-        xx = x * x
-        dd = xx.mul(-0.5).exp_().mul_(_SQRT_2PI_INV)
-        dd.mul_(xx.neg_().add_(2.0))
-    return y, d1, dd
+    return y, d1, (_gelu_d2(x, o) if d2 else None)
+
+
+def _gelu_d2(x, o):
+    """GELU's σ''(x): φ(x)·(2 − x²) (erf form; in place, two temporaries instead of seven:
+    a ViT's exact sweep spent ~8% of its CPU time allocating and filling them), or the
+    tanh approximation's."""
+    if o.get("approximate", "none") == "tanh":
+        k = 0.044715
+        u = _SQRT_2_OVER_PI * (x + k * x ** 3)
+        du = _SQRT_2_OVER_PI * (1 + 3 * k * x * x)
+        th = torch.tanh(u)
+        sech2 = 1 - th * th
+        ddu = _SQRT_2_OVER_PI * 6 * k * x
+        return sech2 * du + 0.5 * x * (sech2 * ddu - 2 * th * sech2 * du * du)
+    xx = x * x
+    dd = xx.mul(-0.5).exp_().mul_(_SQRT_2PI_INV)
+    return dd.mul_(xx.neg_().add_(2.0))
+
+
+def _silu_d2(x, o):
+    """SiLU's σ''(x) = s(1 − s)(2 + x(1 − 2s)), s = sigmoid(x)."""
+    s = torch.sigmoid(x)
+    return s * (1 - s) * (2 + x * (1 - 2 * s))
 
 
 def _silu(x, o, d2):
     s = torch.sigmoid(x)
     d1 = s * (1 + x * (1 - s))
-    return x * s, d1, (s * (1 - s) * (2 + x * (1 - 2 * s)) if d2 else None)
+    return x * s, d1, (_silu_d2(x, o) if d2 else None)
 
 
 def _sigmoid(x, o, d2):
@@ -103,24 +115,26 @@ ACTIVATIONS: Dict[str, Callable] = {
 }
 
 #: activations with an ATen backward op ``bw(v, x) = σ'(x)·v`` (one pass, σ' never
-#: materialized): name -> (forward ``out=`` op, backward ``grad_input=`` op), both taking the
-#: activation's options as keywords. The rule keeps x (often already kept: the output of the
-#: Linear before a transformer MLP's GELU, kept for its ``out`` scores) instead of σ'(x), and
-#: computes ``T_y``, ``G_a``, ``C_a`` with ``bw``: on torchvision's ViT (6×384, CPU, one
-#: thread) this removed the ones/σ'/product passes of the forward and 37 MB of saved state.
+#: materialized): name -> (forward ``out=`` op, backward ``grad_input=`` op, σ''), the ops
+#: taking the activation's options as keywords. The rule's fused path keeps x instead of
+#: σ'(x) and computes ``T_y``, ``G_a``, ``C_a`` with ``bw``; it is taken when keeping x costs
+#: no more than σ' (:meth:`ActivationRule._fused_ok`): on torchvision's ViT (6×384, CPU, one
+#: thread) it removed the ones/σ'/product passes of the forward and 37 MB of saved state.
 _ATEN_BACKWARD = {
     "gelu": (lambda x, o, out: torch.ops.aten.gelu.out(
                  x, approximate=o.get("approximate", "none"), out=out),
              lambda v, x, o, out: torch.ops.aten.gelu_backward.grad_input(
-                 v, x, approximate=o.get("approximate", "none"), grad_input=out)),
+                 v, x, approximate=o.get("approximate", "none"), grad_input=out),
+             _gelu_d2),
     "silu": (lambda x, o, out: torch.ops.aten.silu.out(x, out=out),
-             lambda v, x, o, out: torch.ops.aten.silu_backward.grad_input(v, x, grad_input=out)),
+             lambda v, x, o, out: torch.ops.aten.silu_backward.grad_input(v, x, grad_input=out),
+             _silu_d2),
 }
 
-#: keyword names of each activation's options (positional args after x follow this order)
 #: dtypes the ATen activation backward ops take (the CPU kernels have no integer ones)
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+#: keyword names of each activation's options (positional args after x follow this order)
 _OPTION_NAMES = {"hardtanh": ("min_val", "max_val"), "leaky_relu": ("negative_slope",),
                  "gelu": ("approximate",)}
 
@@ -149,7 +163,7 @@ class ActivationRule:
             ctx.d1, ctx.d2t, ctx.bw = d1, None, None
             return y, t_y
         fused = _ATEN_BACKWARD.get(self.name)
-        if fused is not None and x.dtype in _FUSED_DTYPES:
+        if fused is not None and self._fused_ok(ctx, x):
             return self._forward_fused(ctx, x, t, opts, want_d2, *fused)
         y, d1, d2 = self.act(x, opts, want_d2)
         ctx.d1, ctx.bw = d1, None
@@ -163,15 +177,24 @@ class ActivationRule:
         torch.mul(d1, t, out=t_h)
         return y_h, t_h
 
-    def _forward_fused(self, ctx, x, t, opts, want_d2, fwd, bw):
+    @staticmethod
+    def _fused_ok(ctx, x):
+        """Whether keeping x costs no more than keeping σ'(x): x's producer keeps x anyway
+        (a target Linear/Conv with out scores, ``ctx.input_kept``), or x owns its storage
+        (not the half of a two-stream buffer that keeping x would keep whole)."""
+        if x.dtype not in _FUSED_DTYPES:
+            return False
+        kept = getattr(ctx, "input_kept", None)
+        if kept and kept[0]:
+            return True
+        return x.storage_offset() == 0 and x.untyped_storage().nbytes() == x.nbytes
+
+    def _forward_fused(self, ctx, x, t, opts, want_d2, fwd, bw, d2_fn):
         """:data:`_ATEN_BACKWARD` activations: y = σ(x) and T_y = bw(T, x) = σ'(x)·T written
         into the halves of one buffer; x kept for the backward, and ``(x, T)`` by the
         recipe offered to the readers of ``(y, T_y)``: bitwise the same pair again."""
         ctx.x, ctx.opts, ctx.bw, ctx.d1 = x, opts, bw, None
-        ctx.d2t = None
-        if want_d2:
-            d2 = self.act(x, opts, True)[2]
-            ctx.d2t = d2.mul_(t) if d2 is not None else None
+        ctx.d2t = d2_fn(x, opts).mul_(t) if want_d2 else None  # fresh: in place
         if t is None:
             return fwd(x, opts, torch.empty_like(x)), None
 

@@ -55,9 +55,10 @@ class _Projection:
 
 class _TrailingProjection(_Projection):
     """:class:`_Projection` over the trailing dims (LayerNorm) on ATen's fused kernels:
-    x̂, μ, r from ``native_layer_norm`` and P(v) from ``native_layer_norm_backward`` (its
-    input gradient without affine weight is exactly P). One pass each instead of the ~7 of
-    the generic formula (LayerNorm was ~10% of a ViT's oba sweep on the CPU)."""
+    μ, r and x̂ (or, with affine γ/β, y = γ⊙x̂ + β, x̂ then recomputed on demand) from
+    ``native_layer_norm``; P(v) and P(γ⊙v) from ``native_layer_norm_backward`` (its input
+    gradient without / with affine weight γ). One pass each instead of the ~7 of the generic
+    formula (LayerNorm was ~10% of a ViT's oba sweep on the CPU)."""
 
     def __init__(self, x, dims, eps, weight=None, bias=None):
         """With ``weight``/``bias`` (γ, β of the normalized shape) :attr:`y` = γ⊙x̂ + β comes
@@ -135,8 +136,6 @@ class _NormCore:
         if fused:
             P.drop_xhat()  # the backward needs x, μ, r only (x̂ again for exact: recomputed)
             P.y = None
-        if fused:
-            P.drop_xhat()  # the backward needs x, μ, r only (x̂ again for exact: recomputed)
         ctx.P, ctx.gamma, ctx.to_view, ctx.from_view = P, gamma, to_view, from_view
         if ctx.want_exact and t is not None:
             ctx.t_v, ctx.tdot = to_view(t), tdot

@@ -94,6 +94,7 @@ class TwoStreamLayerRule:
             keys = ctx.keys
             if "out" in keys:
                 ctx.y, ctx.t_y = y, t_y
+                ctx.keeps_output = True  # a reader may keep y for free (sweep docstring)
             if "in" in keys or "weight" in keys:
                 recipes = getattr(ctx, "input_recipes", None)
                 recipe = recipes[0] if recipes and t is not None else None
@@ -108,9 +109,16 @@ class TwoStreamLayerRule:
         if target and getattr(ctx, "direction", None) is not None:
             return self._backward_direction(ctx, g, c)
         keys = ctx.keys if target else ()
-        if getattr(ctx, "recipe", None) is not None:  # the input pair, recomputed (forward)
-            ctx.x, ctx.t = ctx.recipe()
-            ctx.recipe = None
+        recipe = getattr(ctx, "recipe", None)
+        if recipe is None:
+            return self._backward_streams(ctx, m, w, target, keys, g, c)
+        ctx.x, ctx.t = recipe()  # the input pair, recomputed (forward), for this pass only
+        try:
+            return self._backward_streams(ctx, m, w, target, keys, g, c)
+        finally:
+            ctx.x = ctx.t = None  # a later pass (oba then exact) recomputes it again
+
+    def _backward_streams(self, ctx, m, w, target, keys, g, c):
         gx = cx = None
         if (target and ctx.mode is not None and c is not None and not ctx.needs[0]
                 and not ctx.first and "in" in keys and ctx.t is None):
