@@ -14,6 +14,8 @@ Providers (one batch; the model in eval mode; float32 unless --dtype):
   falls back to the reference path when a model cannot be captured). ``config.impl`` records
   the implementation that really ran (``scorer.impl``);
 - ``reference:oba[out,in]``: the pure-autograd reference path (``impl="reference"``);
+- ``oba[out,in]+recompute``, ``exact[weight]+recompute``: the engine with ``recompute=True``
+  (activation checkpointing: less memory, about one more forward sweep of time);
 - ``jvp_grad:exact``: θ⊙Hθ by ``torch.func.jvp(torch.func.grad(L), θ, θ)`` (forward-over-reverse);
 - ``double_backward:exact``: θ⊙Hθ by reverse-over-reverse ``∇_θ(∇_θL · sg(θ))`` (what
   FastOBA does).
@@ -66,6 +68,9 @@ KIND_PROVIDERS: Dict[str, Tuple[str, Tuple[str, ...], str]] = {
     "jacobian[out]": ("jacobian", ("out",), None),
     "reference:oba[out,in]": ("oba", ("out", "in"), "reference"),
 }
+#: the engine with ``recompute=True`` (activation checkpointing): provider -> base provider
+RECOMPUTE_PROVIDERS = {"oba[out,in]+recompute": "oba[out,in]",
+                       "exact[weight]+recompute": "exact[weight]"}
 
 
 class TinyCNN(nn.Module):
@@ -159,7 +164,7 @@ def double_backward_case(model, x, y) -> harness.Case:
     return harness.Case(call, info={"impl": "autograd double backward"})
 
 
-def score_case(model, x, y, kind: str, gran, impl: str) -> harness.Case:
+def score_case(model, x, y, kind: str, gran, impl: str, recompute: bool = False) -> harness.Case:
     from oba_ext import criteria, scoring
     from oba_ext.targets import find_layers
     crit = criteria.get(kind)
@@ -168,6 +173,8 @@ def score_case(model, x, y, kind: str, gran, impl: str) -> harness.Case:
     keys = scoring._keys_for(tuple(gran))
     t0 = time.perf_counter()
     scorer = scoring._make_scorer(model, layers, loss, impl, crit, (x, y))
+    if recompute:
+        scoring.set_recompute(scorer)
     setup_ms = (time.perf_counter() - t0) * 1e3
     state = scoring._snapshot_buffers(model)
 
@@ -175,8 +182,11 @@ def score_case(model, x, y, kind: str, gran, impl: str) -> harness.Case:
         q = scorer(x, y, crit.quantities, keys)
         scoring._restore_buffers(model, state)
         return q
-    return harness.Case(call, info={"impl": getattr(scorer, "impl", "reference"), "impl_requested": impl,
-                                    "setup_ms": round(setup_ms, 1)})
+    info = {"impl": getattr(scorer, "impl", "reference"), "impl_requested": impl,
+            "setup_ms": round(setup_ms, 1)}
+    if recompute:
+        info["recompute"] = True
+    return harness.Case(call, info=info)
 
 
 # ------------------------------------------------------------------ curvature products
@@ -305,6 +315,10 @@ def providers_for(model, x, y, impl: str, names) -> Dict[str, Callable]:
     provs: Dict[str, Callable] = {"gradient": lambda _: gradient_case(model, x, y)}
     for name, (kind, gran, override) in KIND_PROVIDERS.items():
         provs[name] = (lambda _, k=kind, g=gran, i=override or impl: score_case(model, x, y, k, g, i))
+    for name, base in RECOMPUTE_PROVIDERS.items():
+        kind, gran, override = KIND_PROVIDERS[base]
+        provs[name] = (lambda _, k=kind, g=gran, i=override or impl:
+                       score_case(model, x, y, k, g, i, recompute=True))
     provs["jvp_grad:exact"] = lambda _: jvp_grad_case(model, x, y)
     provs["double_backward:exact"] = lambda _: double_backward_case(model, x, y)
     for kind in ("exact", "oba", "ggn"):
