@@ -237,3 +237,21 @@ def test_score_criterion_options(tmp_path, capsys):
                   "hessian_trace", *bad])
         assert e.value.code == 2 and msg in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_score_recompute_flag(tmp_path):
+    """``oba-ext score --recompute``: recorded in scores.json, and the engine's scores are
+    bitwise those of the run without it (in-process, same arguments and seed)."""
+    from oba_ext.cli import build_parser
+    from oba_ext.workflow import run_score
+    base = [a if a != "reference" else "kernel" for a in TINY] + ["--criterion", "oba"]
+    got = {}
+    for flag in ([], ["--recompute"]):
+        out = tmp_path / ("r" if flag else "p")
+        run_score(build_parser().parse_args(["score", *base, "--out", str(out), *flag]))
+        got[bool(flag)] = torch.load(out / "scores.pt")
+        assert json.loads((out / "scores.json").read_text())["recompute"] is bool(flag)
+    assert set(got[True]) == set(got[False])
+    for name, d in got[False].items():
+        for key, t in d.items():
+            assert torch.equal(got[True][name][key], t), (name, key)
