@@ -550,19 +550,7 @@ def refuse_embedding_flags(module_name: Optional[str], max_norm, scale_grad_by_f
     """:class:`~oba_ext.errors.RefusedError` (a ``ValueError``) for the embedding arguments no
     path scores (see :func:`embedding_lookup`), naming module ``module_name`` (an
     ``nn.Embedding``) or, for None, the ``F.embedding`` call."""
-    def who(arg):
-        return (f"module {module_name!r} (Embedding, {arg})" if module_name is not None
-                else f"F.embedding(..., {arg})")
-    if max_norm is not None:
-        raise RefusedError(f"{who(f'max_norm={max_norm}')} renormalizes its weight in place "
-                           f"during forward; scoring would modify the model and differentiate a "
-                           f"different function. Set max_norm=None (renormalize the weight once "
-                           f"beforehand if needed) to score it")
-    if scale_grad_by_freq:
-        raise RefusedError(f"{who('scale_grad_by_freq=True')}: torch scales the weight's "
-                           f"gradient by the inverse index frequency, which is not the derivative "
-                           f"of the loss; set scale_grad_by_freq=False to score it (it changes no "
-                           f"forward value)")
+    _refuse_table_flags("Embedding", "F.embedding", module_name, max_norm, scale_grad_by_freq)
 
 
 def refuse_embedding_bag_flags(module_name: Optional[str], max_norm,
@@ -574,9 +562,16 @@ def refuse_embedding_bag_flags(module_name: Optional[str], max_norm,
     ``scale_grad_by_freq=True`` (torch rescales the weight's gradient by the inverse index
     frequency, which is not the derivative of the loss; the written-out bag,
     :func:`embedding_bag_math`, would silently drop the rescaling)."""
+    _refuse_table_flags("EmbeddingBag", "F.embedding_bag", module_name, max_norm,
+                        scale_grad_by_freq)
+
+
+def _refuse_table_flags(kind: str, fn: str, module_name: Optional[str], max_norm,
+                        scale_grad_by_freq) -> None:
+    """The refusals shared by Embedding and EmbeddingBag (module ``kind``, functional ``fn``)."""
     def who(arg):
-        return (f"module {module_name!r} (EmbeddingBag, {arg})" if module_name is not None
-                else f"F.embedding_bag(..., {arg})")
+        return (f"module {module_name!r} ({kind}, {arg})" if module_name is not None
+                else f"{fn}(..., {arg})")
     if max_norm is not None:
         raise RefusedError(f"{who(f'max_norm={max_norm}')} renormalizes its weight in place "
                            f"during forward; scoring would modify the model and differentiate a "
