@@ -100,6 +100,7 @@ class EngineScorer:
         #: segment reads, and the backward recomputes the segment's ctxs (+1 forward sweep)
         self.recompute = False
         self._segments = {}
+        self._plan = None
 
     # ------------------------------------------------------------------ helpers
     def _check(self, quantities, keys):
@@ -254,7 +255,9 @@ class EngineScorer:
         ctxs = {}
         recipes = {}  # node -> callable () -> (value, tangent) (module docstring)
         run = _StepRunner(self, keys, tangents, want_exact, recorder)
-        segments = self._segment_plan() if self.recompute else {}
+        if self.recompute and self._plan is None:
+            self._plan = self._segment_plan()  # the program is fixed: computed once
+        segments = self._plan if self.recompute else {}
         self._segments = {}
         steps = self.program.steps
         for i, st in enumerate(steps):
