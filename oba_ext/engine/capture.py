@@ -345,6 +345,51 @@ class _grad_mode_recorder:
         return False
 
 
+def _random_states(model: nn.Module) -> Dict[str, object]:
+    """The states of the random-number generators a forward may draw from outside traced
+    tensor ops: torch's CPU (and initialized CUDA) generators, the model's own
+    ``torch.Generator`` attributes, Python's ``random`` and, when imported, NumPy's."""
+    import random
+    import sys
+    from ..reference.oracles import module_generators
+    st = {"torch": torch.get_rng_state(), "Python's random": random.getstate()}
+    if torch.cuda.is_initialized():
+        st["torch.cuda"] = torch.cuda.get_rng_state_all()
+    for i, g in enumerate(module_generators(model)):
+        st[f"the model's torch.Generator #{i}"] = g.get_state()
+    np = sys.modules.get("numpy")
+    if np is not None:
+        st["NumPy's random"] = np.random.get_state()
+    return st
+
+
+def _restore_random_states(model: nn.Module, st: Dict[str, object]) -> None:
+    import random
+    import sys
+    from ..reference.oracles import module_generators
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["Python's random"])
+    if "torch.cuda" in st:
+        torch.cuda.set_rng_state_all(st["torch.cuda"])
+    for i, g in enumerate(module_generators(model)):
+        g.set_state(st[f"the model's torch.Generator #{i}"])
+    if "NumPy's random" in st:
+        sys.modules["numpy"].random.set_state(st["NumPy's random"])
+
+
+def _random_states_changed(before: Dict[str, object], after: Dict[str, object]) -> str:
+    """The names of the generators whose state differs (comma-separated), or ''."""
+    def same(a, b):
+        if isinstance(a, torch.Tensor):
+            return torch.equal(a, b)
+        if isinstance(a, (list, tuple)):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        if hasattr(a, "shape") and hasattr(a, "dtype"):  # numpy arrays
+            return bool((a == b).all())
+        return a == b
+    return ", ".join(k for k in before if k in after and not same(before[k], after[k]))
+
+
 def capture(model: nn.Module, layers: Dict[str, "LayerSpec"], example=None) -> Program:  # noqa: F821
     """Trace ``model`` and compile its graph into :class:`Step` s; ``CaptureError`` if not possible.
 
@@ -357,6 +402,7 @@ def capture(model: nn.Module, layers: Dict[str, "LayerSpec"], example=None) -> P
     if reason is not None:
         raise CaptureError(reason)
     concrete = concrete_defaults(model, example[0]) if example is not None else {}
+    rng_before = _random_states(model)
     try:
         with _grad_mode_recorder() as grad_off:
             graph = _Tracer().trace(model, concrete_args=concrete or None)
@@ -364,6 +410,13 @@ def capture(model: nn.Module, layers: Dict[str, "LayerSpec"], example=None) -> P
         loc = user_location(e)
         raise CaptureError(f"torch.fx symbolic tracing of {type(model).__name__} failed"
                            + (f" at {loc}" if loc else "") + f": {type(e).__name__}: {e}") from e
+    drew = _random_states_changed(rng_before, _random_states(model))
+    if drew:  # put every generator back: the fallback path must draw what it would have
+        _restore_random_states(model, rng_before)
+        raise CaptureError(f"{type(model).__name__}.forward draws random numbers from {drew} "
+                           f"while it is traced (Python's random, NumPy, or a torch random op "
+                           f"with constant arguments such as torch.randperm(8)): the draw would "
+                           f"be frozen into the captured program and every batch would reuse it")
     if grad_off:
         raise CaptureError(f"{type(model).__name__}.forward switches gradients off "
                            f"(torch.no_grad / set_grad_enabled(False)) at "

@@ -263,7 +263,8 @@ class EngineScorer:
         for i, st in enumerate(steps):
             seg = segments.get(i)
             if seg is not None:  # a checkpointed segment starts: keep what it reads, not its ctxs
-                self._segments[seg[1] - 1] = _Segment(seg, self.program, val, tan, recipes, run)
+                self._segments[seg[1] - 1] = _Segment(seg, self.program, val, tan, recipes, run,
+                                                      self.model)
             run(st, val, tan, ctxs, recipes)
             for n in st.free_after:
                 val.pop(n, None)
@@ -438,10 +439,7 @@ class _StepRunner:
         if st.op == "placeholder":
             return
         if st.op == "get_attr":
-            obj = sc.model
-            for part in node.target.split("."):
-                obj = getattr(obj, part)
-            val[node] = obj
+            val[node] = _fetch(sc.model, node.target)
             return
         leaves = list(st.flat)
         for i in st.node_pos:
@@ -504,7 +502,7 @@ class _Segment:
     start, and the step runner; :meth:`recompute` rebuilds its ctxs for the backward,
     bitwise as in the forward."""
 
-    def __init__(self, seg, program, val, tan, recipes, run):
+    def __init__(self, seg, program, val, tan, recipes, run, program_model):
         self.start, self.end = seg
         self.steps = program.steps[self.start:self.end]
         made = {st.node for st in self.steps if st.op != "placeholder"}  # inputs: kept
@@ -512,33 +510,51 @@ class _Segment:
         self.val = {n: val[n] for n in reads if n in val}
         self.tan = {n: tan[n] for n in reads if n in tan}
         self.recipes = {n: recipes[n] for n in reads if n in recipes}
-        self.rng = _rng_state()
+        # generators the segment's ops draw from (torch.rand(..., generator=self.gen): a
+        # constant, or an attribute fx reads with get_attr) are replayed like the global one
+        found = [x for st in self.steps for x in (st.flat or ())]
+        found += list(self.val.values())
+        found += [_fetch(program_model, st.node.target) for st in self.steps
+                  if st.op == "get_attr"]
+        self.generators = list({id(x): x for x in found
+                                if isinstance(x, torch.Generator)}.values())
+        self.rng = _rng_state(self.generators)
         self.run = run
 
     def recompute(self):
         val, tan, recipes, ctxs = dict(self.val), dict(self.tan), dict(self.recipes), {}
-        now = _rng_state()
-        _set_rng_state(self.rng)
+        now = _rng_state(self.generators)
+        _set_rng_state(self.rng, self.generators)
         try:
             for st in self.steps:
                 self.run(st, val, tan, ctxs, recipes)
         finally:
-            _set_rng_state(now)
+            _set_rng_state(now, self.generators)
         return ctxs
 
 
-def _rng_state():
-    """The CPU generator's state, and the CUDA generators' when CUDA is initialized (dropout
-    masks drawn again in a recomputed segment must be the forward's)."""
+def _fetch(model, target: str):
+    obj = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _rng_state(generators=()):
+    """The CPU generator's state, the CUDA generators' when CUDA is initialized, and those of
+    ``generators`` (dropout masks and random ops drawn again in a recomputed segment must be
+    the forward's)."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
+    return torch.get_rng_state(), cuda, [g.get_state() for g in generators]
 
 
-def _set_rng_state(state):
-    cpu, cuda = state
+def _set_rng_state(state, generators=()):
+    cpu, cuda, own = state
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state_all(cuda)
+    for g, st in zip(generators, own):
+        g.set_state(st)
 
 
 def _key_shape(spec, m, k):

@@ -120,6 +120,17 @@ def _call(model, values: Dict[str, Tensor], inputs):
     return functional_call(model, values, args, kwargs, strict=False, tie_weights=True)
 
 
+def module_generators(model: torch.nn.Module):
+    """The ``torch.Generator`` objects held as attributes by ``model``'s modules (a forward
+    drawing ``torch.rand(..., generator=self.gen)``), each once."""
+    found = {}
+    for m in model.modules():
+        for v in vars(m).values():
+            if isinstance(v, torch.Generator):
+                found[id(v)] = v
+    return list(found.values())
+
+
 class FunctionalModel:
     """The model as a function of named tensors, with fixed buffers (cloned per call) and a
     fixed RNG state (replayed per call)."""
@@ -132,6 +143,8 @@ class FunctionalModel:
         self._cuda = dev.type == "cuda"
         self._cuda_rng = torch.cuda.get_rng_state(dev) if self._cuda else None
         self._device = dev
+        # generators the model owns (torch.rand(..., generator=self.gen)): replayed too
+        self._gens = [(g, g.get_state()) for g in module_generators(model)]
 
     @contextlib.contextmanager
     def _rng(self):
@@ -141,6 +154,8 @@ class FunctionalModel:
         torch.set_rng_state(self._cpu_rng)
         if self._cuda:
             torch.cuda.set_rng_state(self._cuda_rng, self._device)
+        for g, state in self._gens:
+            g.set_state(state)
         yield
 
     def loss(self, values: Dict[str, Tensor], mode: Optional[TorchFunctionMode] = None) -> Tensor:
