@@ -135,8 +135,9 @@ class _Runner:
 
     def __init__(self, model, batches, kind, loss_fn, targets, ignore, max_batches, impl,
                  device, dtype, progress, recompute=False):
-        from .scoring import _check_devices, checked_loss, default_loss
+        from .scoring import _check_devices, check_recompute, checked_loss, default_loss
         _check_common(model, impl, max_batches, dtype, loss_fn)
+        check_recompute(recompute)
         if kind not in KINDS:
             raise ValueError(f"kind: expected one of {list(KINDS)}, got {kind!r}")
         model, wrappers = model_prep.unwrap(model)  # as score(): compile / DataParallel / DDP
@@ -157,6 +158,37 @@ class _Runner:
         self.scorer = None
         self.num_batches = 0
         self.recompute = recompute
+
+    def _batch_hvp(self, inputs, tgt, v, index, state):
+        """One batch's product. The engine may meet something it cannot compute only at run
+        time (attention weights feeding the loss): under ``impl="auto"`` this batch and the
+        rest run on the reference path with a one-time warning (the batch's random state and
+        buffers put back first, so dropout draws the same masks); under "kernel" it raises
+        ``RuntimeError`` (``RefusedError`` where every path refuses the cause), as
+        :func:`oba_ext.score` does."""
+        from .engine import CaptureError
+        from .reference.hvp import ReferenceCurvature
+        from .reference.oracles import module_generators
+        from .scoring import _kernel_error, _restore_buffers
+        engine = getattr(self.scorer, "impl", "") == "kernel"
+        gens = module_generators(self.model) if engine else ()
+        rng = model_prep.rng_state(gens) if engine else None
+        try:
+            return self.scorer.hvp(inputs, tgt, self.kind, v)
+        except CaptureError as e:
+            if not engine:
+                raise
+            if self.impl == "kernel":
+                raise _kernel_error(e)(f"impl='kernel': {e}") from e
+            warnings.warn(f"oba_ext.hvp: the fast engine cannot compute this product for "
+                          f"{type(self.model).__name__} ({e}); falling back to the reference "
+                          f"path from batch {index} on", stacklevel=4)
+            _restore_buffers(self.model, state)
+            model_prep.set_rng_state(rng, gens)
+            sc = ReferenceCurvature(self.model, self.layers, self.loss)
+            masks = model_prep.parameter_masks(self.layers)
+            self.scorer = model_prep.MaskedDirections(sc, masks) if masks else sc
+            return self.scorer.hvp(inputs, tgt, self.kind, v)
 
     def __call__(self, v: Dict[str, Tensor]) -> Dict[str, Tensor]:
         from .scoring import (_batch_context, _check_not_empty, _restore_buffers,
@@ -186,7 +218,7 @@ class _Runner:
                         set_recompute(self.scorer)
                 with torch.enable_grad(), _batch_context(index, inputs, tgt, self.model,
                                                          "oba_ext.hvp"):
-                    out = self.scorer.hvp(inputs, tgt, self.kind, v)
+                    out = self._batch_hvp(inputs, tgt, v, index, state)
                 _restore_buffers(self.model, state)
                 for name, t in out.items():
                     if not torch.isfinite(t).all():
@@ -258,10 +290,19 @@ class CurvatureOperator(LinearOperator):
     operators; ``to_scipy()`` returns itself. Each product is one pass over ``batches`` (one
     engine sweep per batch; columns of a matrix one after the other), so ``batches`` must be
     re-iterable (a list or a DataLoader). Construct with :func:`curvature_operator`.
+
+    Randomness: a model in train mode with dropout (or any random op) would draw new masks in
+    every product, and ``M`` would be a different, non-symmetric matrix each time. Every product
+    therefore starts from the random state the operator was built with (torch's generators and
+    the model's own), so all products see the same masks and ``M`` is one fixed symmetric
+    matrix; the caller's random state is put back after each product.
     """
 
     def __init__(self, runner: _Runner):
+        from .reference.oracles import module_generators
         self._runner = runner
+        self._gens = module_generators(runner.model)
+        self._rng = model_prep.rng_state(self._gens)
         self.names = list(runner.params)
         self.shapes = [tuple(p.shape) for p in runner.params.values()]
         self.numels = [p.numel() for p in runner.params.values()]
@@ -285,7 +326,12 @@ class CurvatureOperator(LinearOperator):
 
     def _torch_matvec(self, x: Tensor) -> Tensor:
         x = x.detach().to(device=self.device, dtype=self.torch_dtype)
-        return self.flatten(self._runner(self.unflatten(x)))
+        now = model_prep.rng_state(self._gens)
+        model_prep.set_rng_state(self._rng, self._gens)  # the same masks in every product
+        try:
+            return self.flatten(self._runner(self.unflatten(x)))
+        finally:
+            model_prep.set_rng_state(now, self._gens)
 
     def _torch_matmat(self, x: Tensor) -> Tensor:
         if x.dim() == 1:

@@ -271,3 +271,21 @@ def local_rank(group=None) -> Optional[int]:
 __all__ = ["unwrap", "strip_prefix", "effective_weights", "detached_masked", "has_masks",
            "rank_device", "local_rank", "check_device_available",
            "check_initialized"]
+
+
+def rng_state(generators=()):
+    """The CPU generator's state, the CUDA generators' when CUDA is initialized, and those of
+    ``generators`` (``torch.Generator`` objects a forward draws from): what must be put back
+    for a forward to draw the same dropout masks and random values again."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda, [g.get_state() for g in generators]
+
+
+def set_rng_state(state, generators=()) -> None:
+    """Put back a :func:`rng_state` (``generators`` as given to it)."""
+    cpu, cuda, own = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+    for g, st in zip(generators, own):
+        g.set_state(st)

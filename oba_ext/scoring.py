@@ -39,6 +39,7 @@ from .heads import add_head_scores, helper_keys
 from .errors import EmptyBatchError, RefusedError
 from .losses import checked_loss, default_loss  # noqa: F401  (re-exported: public names)
 from .reference import ReferenceScorer
+from .reference.oracles import module_generators
 from .results import GRANULARITIES, LayerScores, ScoreResult
 from .targets import LayerSpec, find_layers, target_parameters
 
@@ -115,14 +116,20 @@ def _make_scorer(model, layers, loss_fn, impl: str, crit, example):
         return ReferenceScorer(model, layers, loss_fn)
 
 
+def check_recompute(recompute) -> None:
+    """``TypeError`` unless ``recompute`` is a bool (``"no"`` would read as True)."""
+    if not isinstance(recompute, bool):
+        raise TypeError(f"recompute: expected True or False, got {recompute!r}")
+
+
 def set_recompute(scorer) -> None:
     """Turn on ``recompute`` (activation checkpointing, :func:`score`) on an engine scorer;
     warn once when ``scorer`` is the reference path, which has no such mode."""
     if getattr(scorer, "impl", "reference") == "kernel":
         scorer.recompute = True
     else:
-        warnings.warn("oba_ext: recompute=True applies to the engine (impl='kernel'); the "
-                      "reference path runs autograd and ignores it", stacklevel=3)
+        warnings.warn("oba_ext: recompute=True applies to the engine (impl='kernel'); this "
+                      "kind or model runs on the reference path, which ignores it", stacklevel=3)
 
 
 class _Accumulator:
@@ -303,6 +310,7 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
         raise ValueError(f"max_batches: expected a positive int or None, got {max_batches!r}")
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every: expected >= 1, got {checkpoint_every}")
+    check_recompute(recompute)
     if loss_fn is None:
         loss_fn = default_loss
     if not callable(loss_fn):
@@ -341,6 +349,7 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
     if checkpoint is not None:  # a resumed run must score the same function of the same θ
         meta["model"] = _fingerprint(model.state_dict(keep_vars=False))
     skip = 0
+    resume_rng = None
     if checkpoint is not None and os.path.exists(checkpoint):
         st = torch.load(checkpoint, map_location="cpu", weights_only=False)
         if st.get("meta") != meta:
@@ -348,8 +357,10 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
                              f"({st.get('meta')}); expected {meta}. Delete it or pass another path")
         acc.load_state_dict(st["acc"], model_device)
         skip = acc.num_batches
+        resume_rng = st.get("rng")  # where the interrupted run's random state stood
 
     state = _snapshot_buffers(model)
+    gens = module_generators(model)  # generators a forward may draw from (fallback replay)
     scorer = None
     it = iter(batches)
     bar = None
@@ -370,6 +381,9 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
             seen += 1
             if index < skip:
                 continue
+            if resume_rng is not None:  # dropout draws the masks the uninterrupted run drew
+                _prep.set_rng_state(resume_rng, gens)
+                resume_rng = None
             inputs, tgt = _split_batch(batch, index)
             _check_not_empty(inputs, tgt, index)
             inputs = _to(inputs, model_device, dtype)
@@ -382,6 +396,9 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
                     scorer = _make_scorer(model, layers, loss, impl, crit, (inputs, tgt))
                 if recompute:
                     set_recompute(scorer)
+            # the random state before the batch: a fallback below redraws the same masks
+            rng = (_prep.rng_state(gens) if impl == "auto" and
+                   getattr(scorer, "impl", "") == "kernel" else None)
             with torch.enable_grad(), _batch_context(index, inputs, tgt, model):
                 # (enable_grad: callers may hold no_grad, as Torch-Pruning's pruners do)
                 try:
@@ -399,6 +416,7 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
                                   f"{type(model).__name__} ({e}); falling back to the reference "
                                   f"path from batch {index} on", stacklevel=2)
                     _restore_buffers(model, state)
+                    _prep.set_rng_state(rng, gens)  # the engine drew this batch's masks
                     scorer = _reference_scorer(model, layers, loss, curvature)
                     q = _score_batch(scorer, crit, inputs, tgt, keys, opts, index, direction)
             acc.add(_apply_criterion(crit, q), index,
@@ -407,7 +425,8 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
             if bar is not None:
                 bar.update(1)
             if checkpoint is not None and acc.num_batches % checkpoint_every == 0:
-                _save_atomic({"meta": meta, "acc": acc.state_dict()}, checkpoint)
+                _save_atomic({"meta": meta, "acc": acc.state_dict(),
+                              "rng": _prep.rng_state(gens)}, checkpoint)
     except Exception as e:
         if not distributed:
             raise
@@ -422,7 +441,8 @@ def score(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable] = Non
     if seen == 0:
         raise ValueError("batches: the iterable yielded no batch (nothing to score)")
     if checkpoint is not None:
-        _save_atomic({"meta": meta, "acc": acc.state_dict()}, checkpoint)
+        _save_atomic({"meta": meta, "acc": acc.state_dict(), "rng": _prep.rng_state(gens)},
+                     checkpoint)
 
     num, total = acc.num_batches, acc.total_weight
     if distributed:

@@ -142,3 +142,101 @@ def test_randomness_fx_would_freeze_is_refused_and_auto_falls_back(how):
     for n in ("a", "b", "c"):
         assert torch.equal(res["auto"][n].out, res["reference"][n].out), n
     assert states["auto"] == states["reference"]  # capture put every generator back
+
+
+class WeightsFeedLoss(nn.Module):
+    """Train-mode dropout, then MHA whose attention weights feed the loss: the engine refuses
+    only at run time, after drawing the batch's dropout mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.i, self.d = nn.Linear(8, 8), nn.Dropout(0.4)
+        self.m, self.o = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.d(torch.tanh(self.i(x)))
+        y, w = self.m(h, h, h)
+        return self.o(y.mean(1)) + w.mean((1, 2))[:, None]
+
+
+def _seq_batches(n=2):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(3, 5, 8, generator=g, dtype=D), torch.randint(0, 3, (3,), generator=g))
+            for _ in range(n)]
+
+
+def test_fallback_mid_run_redraws_the_same_masks():
+    torch.manual_seed(0)
+    m = WeightsFeedLoss().double().train()
+    batches = _seq_batches()
+    out = {}
+    for impl in ("auto", "reference"):
+        torch.manual_seed(7)
+        r = _score(m, batches, kind="exact", impl=impl)
+        out[impl] = (r["i"].out, torch.rand(1))
+    assert torch.equal(out["auto"][0], out["reference"][0])
+    assert torch.equal(out["auto"][1], out["reference"][1])  # the RNG advanced once, not twice
+
+
+def test_hvp_and_operator_fall_back_at_run_time_like_score():
+    torch.manual_seed(0)
+    m = WeightsFeedLoss().double().eval()
+    batches = _seq_batches(1)
+    g = torch.Generator().manual_seed(3)
+    v = {n: torch.randn(p.shape, generator=g, dtype=D) for n, p in m.named_parameters()}
+    want = oba_ext.hvp(m, batches, v, impl="reference")
+    with pytest.warns(UserWarning, match="falling back to the reference path"):
+        got = oba_ext.hvp(m, batches, v, impl="auto")
+    assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)
+    with pytest.raises(RuntimeError, match="impl='kernel'"):
+        oba_ext.hvp(m, batches, v, impl="kernel")
+    op = oba_ext.curvature_operator(m, batches)
+    x = torch.randn(op.shape[0], generator=g, dtype=D)
+    with pytest.warns(UserWarning, match="falling back"):
+        y = op @ x
+    assert torch.isfinite(y).all() and y.shape == x.shape
+
+
+def test_operator_products_share_the_masks_of_a_train_mode_model():
+    """The same product twice is bitwise the same, and M is symmetric (zᵀMx = xᵀMz), with
+    dropout active; the caller's random state is put back after each product."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3)).double()
+    m.train()
+    batches = _batches(2)
+    for rc in (False, True):
+        op = oba_ext.curvature_operator(m, batches, impl="kernel", recompute=rc)
+        g = torch.Generator().manual_seed(4)
+        x, z = (torch.randn(op.shape[0], generator=g, dtype=D) for _ in range(2))
+        torch.manual_seed(11)
+        mx = op @ x
+        after = torch.rand(1)
+        torch.manual_seed(11)
+        assert torch.equal(op @ x, mx) and torch.equal(torch.rand(1), after)
+        mz = op @ z
+        assert abs(torch.dot(z, mx) - torch.dot(x, mz)) <= 1e-12 * mx.norm() * z.norm()
+
+
+def test_checkpoint_resume_of_a_train_mode_model_is_identical(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3)).double()
+    m.train()
+    batches = _batches(4)
+    torch.manual_seed(3)
+    full = _score(m, batches, kind="oba", impl="kernel")
+    ck = str(tmp_path / "ck.pt")
+    torch.manual_seed(3)
+    _score(m, batches[:2], kind="oba", impl="kernel", checkpoint=ck, checkpoint_every=1)
+    torch.manual_seed(99)  # whatever ran in between
+    resumed = _score(m, batches, kind="oba", impl="kernel", checkpoint=ck, checkpoint_every=1)
+    for n in ("0", "3"):
+        assert torch.equal(resumed[n].out, full[n].out), n
+
+
+@pytest.mark.parametrize("bad", ["no", 2, None])
+def test_recompute_must_be_a_bool(bad):
+    m = nn.Sequential(nn.Linear(6, 3)).double()
+    with pytest.raises(TypeError, match="recompute"):
+        oba_ext.score(m, _batches(1), recompute=bad, progress=False)
+    with pytest.raises(TypeError, match="recompute"):
+        oba_ext.hvp(m, _batches(1), {}, recompute=bad)

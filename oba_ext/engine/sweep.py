@@ -33,6 +33,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from ..inputs import call_args, describe
+from ..model_prep import rng_state as _rng_state, set_rng_state as _set_rng_state
 from ..layers import KINDS
 from .capture import CaptureError, Program, inspect_empty
 from .loss import loss_streams, resolve_loss_rule
@@ -538,23 +539,6 @@ def _fetch(model, target: str):
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def _rng_state(generators=()):
-    """The CPU generator's state, the CUDA generators' when CUDA is initialized, and those of
-    ``generators`` (dropout masks and random ops drawn again in a recomputed segment must be
-    the forward's)."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda, [g.get_state() for g in generators]
-
-
-def _set_rng_state(state, generators=()):
-    cpu, cuda, own = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
-    for g, st in zip(generators, own):
-        g.set_state(st)
 
 
 def _key_shape(spec, m, k):
