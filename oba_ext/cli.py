@@ -49,6 +49,9 @@ def _common(p: argparse.ArgumentParser, scoring_only: bool = False) -> None:
     g.add_argument("--train-mode", action="store_true",
                    help="score with BatchNorm in train mode (default: eval mode; in train mode "
                         "conv output scores before BN vanish, see SPEC §7.3)")
+    g.add_argument("--recompute", action="store_true",
+                   help="activation checkpointing: recompute forward segments in the backward "
+                        "sweep (peak memory down, about one more forward in time; engine only)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", default="out", metavar="DIR", help="output folder (default: %(default)s)")
@@ -113,9 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a parameter of the criterion, repeatable, e.g. --criterion hessian_trace "
                         "--criterion-option num_samples=64 --criterion-option weighted=true "
                         "(oba_ext.CRITERIA[name].options lists them)")
-    s.add_argument("--recompute", action="store_true",
-                   help="activation checkpointing: recompute forward segments in the backward "
-                        "sweep (peak memory down, about one more forward in time; engine only)")
     s.add_argument("--checkpoint", metavar="PATH", help="score-state file; an interrupted run resumes from it")
     s.add_argument("--checkpoint-every", type=int, default=10, metavar="K", help="save every K batches")
     s.add_argument("--distributed", action="store_true",

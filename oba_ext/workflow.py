@@ -193,13 +193,15 @@ def _prune_one(model, criterion, batches, example, args, train_loader, test_load
     if args.sparsity is not None:
         pruned = copy.deepcopy(model)
         masks, res = prune_unstructured(pruned, batches, args.sparsity, kind=criterion, scope=args.scope,
-                                        permanent=args.permanent, impl=args.impl, progress=progress)
+                                        permanent=args.permanent, impl=args.impl, progress=progress,
+                                        recompute=args.recompute)
         facts["sparsity"] = sparsity_of(pruned, list(masks))
         scores = res
     else:
         imp = OBAImportance(kind=criterion, batches=batches, impl=args.impl, progress=progress,
                             eval_mode=not args.train_mode, group_reduction=args.group_reduction,
-                            normalizer=None if args.normalizer == "none" else args.normalizer)
+                            normalizer=None if args.normalizer == "none" else args.normalizer,
+                            score_kwargs={"recompute": args.recompute})
         scores = imp.scores_for(model)  # the unpruned model's scores (cached for the search)
         kw = dict(global_pruning=not args.local, round_to=args.round_to, ignored_layers=args.ignore)
         if args.flops_ratio is not None or args.params_ratio is not None:
@@ -261,7 +263,8 @@ def _prune_equivalent(model, criterion: str, batches, example, args, train_loade
         raise UsageError(f"--equivalent-pruning: {args.model} has no conv→BN→act→conv or "
                          f"Linear→act→Linear chain to compress (after --ignore)")
     eq.insert_compressors(work, chains)
-    scores = eq.score_compressors(work, batches, kind=criterion, impl=args.impl, progress=progress)
+    scores = eq.score_compressors(work, batches, kind=criterion, impl=args.impl, progress=progress,
+                                  recompute=args.recompute)
     sel = dict(global_ranking=not args.local, round_to=args.round_to or 1)
     facts: Dict[str, object] = {"criterion": criterion, "equivalent_pruning": True,
                                 "chains": [[c.producer, c.consumer] for c in chains]}

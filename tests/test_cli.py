@@ -255,3 +255,21 @@ def test_score_recompute_flag(tmp_path):
     for name, d in got[False].items():
         for key, t in d.items():
             assert torch.equal(got[True][name][key], t), (name, key)
+
+
+def test_prune_recompute_reaches_the_scorer(tmp_path, monkeypatch):
+    """``oba-ext prune --recompute`` passes recompute=True to every score() it makes."""
+    import oba_ext.scoring as scoring
+    from oba_ext.cli import build_parser
+    from oba_ext.workflow import run_prune
+    seen = []
+    real = scoring.score
+
+    def spy(*a, **kw):
+        seen.append(kw.get("recompute"))
+        return real(*a, **kw)
+    monkeypatch.setattr(scoring, "score", spy)  # prune_unstructured imports it when called
+    args = build_parser().parse_args(["prune", *TINY, "--out", str(tmp_path / "p"),
+                                      "--sparsity", "0.5", "--criteria", "oba", "--recompute"])
+    run_prune(args)
+    assert seen and all(r is True for r in seen), seen
