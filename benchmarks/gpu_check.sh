@@ -12,7 +12,10 @@
 #   4. the CUDA tests (`pytest -m cuda`; in smoke mode they are collected and skip)
 #   5. bench_scoring: resnet50 (224², batch 64) and ViT-B/16 (224², batch 64), float32 and bf16,
 #      the gradient as the unit, with the HVP baselines (torch.func jvp(grad), double backward;
-#      curvlinops/BackPACK providers when bench_scoring offers them and they are installed)
+#      curvlinops/BackPACK providers when bench_scoring offers them and they are installed).
+#      Each provider is timed alternately with the gradient (paired ratios), which doubles the
+#      calls per provider: 6 pairs (CUDA-event timing on a dedicated GPU varies little), at most
+#      12 s per provider, keep the step within the budget.
 #   6. kernel microbenchmarks: channel-reduction GB/s against a device-to-device copy (Linear and
 #      Conv layouts), weight-score TFLOP/s, attention kernels vs their O(N²) twins
 # CSVs land in OUTDIR (never in benchmarks/results/ directly: a human commits them there with the
@@ -111,8 +114,8 @@ if [[ $smoke -eq 1 ]]; then
      --providers oba[out,in] exact[out,in] jvp_grad:exact)
   dtypes=(float32 bfloat16)
 else
-  S=(--device cuda --models resnet50 --image 224 --batch 64 --rep 10 --warmup 2 --max-seconds 20)
-  V=(--device cuda --models vit_b_16 --vit-image 224 --vit-patch 16 --batch 64 --rep 10 --warmup 2 --max-seconds 20)
+  S=(--device cuda --models resnet50 --image 224 --batch 64 --rep 6 --warmup 2 --max-seconds 12)
+  V=(--device cuda --models vit_b_16 --vit-image 224 --vit-patch 16 --batch 64 --rep 6 --warmup 2 --max-seconds 12)
   dtypes=(float32 bfloat16)
 fi
 for dt in "${dtypes[@]}"; do
