@@ -158,6 +158,8 @@ class _Runner:
         self.scorer = None
         self.num_batches = 0
         self.recompute = recompute
+        from .reference.oracles import module_generators
+        self.gens = module_generators(model)  # the model's own generators, found once
 
     def _batch_hvp(self, inputs, tgt, v, index, state):
         """One batch's product. The engine may meet something it cannot compute only at run
@@ -167,11 +169,9 @@ class _Runner:
         ``RuntimeError`` (``RefusedError`` where every path refuses the cause), as
         :func:`oba_ext.score` does."""
         from .engine import CaptureError
-        from .reference.hvp import ReferenceCurvature
-        from .reference.oracles import module_generators
-        from .scoring import _kernel_error, _restore_buffers
+        from .scoring import _kernel_error, _reference_scorer, _restore_buffers
         engine = getattr(self.scorer, "impl", "") == "kernel"
-        gens = module_generators(self.model) if engine else ()
+        gens = self.gens
         rng = model_prep.rng_state(gens) if engine else None
         try:
             return self.scorer.hvp(inputs, tgt, self.kind, v)
@@ -185,9 +185,7 @@ class _Runner:
                           f"path from batch {index} on", stacklevel=4)
             _restore_buffers(self.model, state)
             model_prep.set_rng_state(rng, gens)
-            sc = ReferenceCurvature(self.model, self.layers, self.loss)
-            masks = model_prep.parameter_masks(self.layers)
-            self.scorer = model_prep.MaskedDirections(sc, masks) if masks else sc
+            self.scorer = _reference_scorer(self.model, self.layers, self.loss, True)
             return self.scorer.hvp(inputs, tgt, self.kind, v)
 
     def __call__(self, v: Dict[str, Tensor]) -> Dict[str, Tensor]:
@@ -299,9 +297,8 @@ class CurvatureOperator(LinearOperator):
     """
 
     def __init__(self, runner: _Runner):
-        from .reference.oracles import module_generators
         self._runner = runner
-        self._gens = module_generators(runner.model)
+        self._gens = runner.gens
         self._rng = model_prep.rng_state(self._gens)
         self.names = list(runner.params)
         self.shapes = [tuple(p.shape) for p in runner.params.values()]

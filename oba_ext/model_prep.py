@@ -274,18 +274,31 @@ __all__ = ["unwrap", "strip_prefix", "effective_weights", "detached_masked", "ha
 
 
 def rng_state(generators=()):
-    """The CPU generator's state, the CUDA generators' when CUDA is initialized, and those of
-    ``generators`` (``torch.Generator`` objects a forward draws from): what must be put back
-    for a forward to draw the same dropout masks and random values again."""
+    """The random state a forward may draw from: torch's CPU generator, the CUDA generators
+    when CUDA is initialized, those of ``generators`` (``torch.Generator`` objects the model
+    owns), Python's ``random`` and, when imported, NumPy's global generator. What must be put
+    back for a forward to draw the same dropout masks and random values again."""
+    import random
+    import sys
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda, [g.get_state() for g in generators]
+    np = sys.modules.get("numpy")
+    return (torch.get_rng_state(), cuda, [g.get_state() for g in generators], random.getstate(),
+            np.random.get_state() if np is not None else None)
 
 
 def set_rng_state(state, generators=()) -> None:
-    """Put back a :func:`rng_state` (``generators`` as given to it)."""
-    cpu, cuda, own = state
+    """Put back a :func:`rng_state` (``generators`` as given to it). CUDA states are set for
+    the devices visible now (a checkpoint written with more GPUs visible sets the first ones)."""
+    import random
+    import sys
+    cpu, cuda, own, py, npst = state
     torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
+    if cuda is not None and torch.cuda.is_available():
+        for i, st in enumerate(cuda[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(st, i)
     for g, st in zip(generators, own):
         g.set_state(st)
+    random.setstate(py)
+    np = sys.modules.get("numpy")
+    if npst is not None and np is not None:
+        np.random.set_state(npst)

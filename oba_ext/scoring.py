@@ -521,9 +521,11 @@ def _engine_refusal():
 
 
 def _reference_scorer(model, layers, loss, curvature: bool):
-    if curvature:
+    if curvature:  # as make_curvature_scorer builds it: a direction moves masked weights by 0
         from .reference.hvp import ReferenceCurvature
-        return ReferenceCurvature(model, layers, loss)
+        sc = ReferenceCurvature(model, layers, loss)
+        masks = _prep.parameter_masks(layers)
+        return _prep.MaskedDirections(sc, masks) if masks else sc
     from .reference import ReferenceScorer
     return ReferenceScorer(model, layers, loss)
 

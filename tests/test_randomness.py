@@ -240,3 +240,111 @@ def test_recompute_must_be_a_bool(bad):
         oba_ext.score(m, _batches(1), recompute=bad, progress=False)
     with pytest.raises(TypeError, match="recompute"):
         oba_ext.hvp(m, _batches(1), {}, recompute=bad)
+
+
+def test_masked_model_falling_back_mid_run_keeps_its_masks_along_a_direction():
+    import torch.nn.utils.prune as prune
+    torch.manual_seed(0)
+    m = WeightsFeedLoss().double().eval()
+    prune.l1_unstructured(m.i, "weight", amount=0.5)
+    prune.l1_unstructured(m.o, "weight", amount=0.5)
+    batches = _seq_batches(2)
+    g = torch.Generator().manual_seed(3)
+    direction = {n.replace("_orig", ""): torch.randn(p.shape, generator=g, dtype=D)
+                 for n, p in m.named_parameters()}
+    res = {impl: _score(m, batches, kind="exact", direction=direction, impl=impl)
+           for impl in ("reference", "auto")}
+    for n in ("i", "o"):
+        assert_close_rel(res["auto"][n].out, res["reference"][n].out, f"{n}.out")
+
+
+class DrawThenUntraceable(nn.Module):
+    """Python's random, then a data-dependent branch fx cannot trace: capture fails after the
+    draw."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if random.random() < 0.5:
+            h = h + torch.tanh(self.b(h))
+        if h.sum() > 0:
+            h = h * 2
+        return self.c(h)
+
+
+def test_a_failed_trace_puts_the_random_state_back():
+    torch.manual_seed(0)
+    m = DrawThenUntraceable().double().train()
+    batches = _batches(4)
+    random.seed(0)
+    s0 = random.getstate()
+    with pytest.raises(CaptureError):
+        build_scorer(m, find_layers(m), checked_loss(default_loss), batches[0])
+    assert random.getstate() == s0
+    res, nxt = {}, {}
+    for impl in ("auto", "reference"):
+        random.seed(0)
+        res[impl] = _score(m, batches, kind="exact", impl=impl)
+        nxt[impl] = random.random()
+    assert nxt["auto"] == nxt["reference"]
+    for n in ("a", "b", "c"):
+        assert torch.equal(res["auto"][n].out, res["reference"][n].out), n
+
+
+class NumpyScale(nn.Module):
+    """One NumPy draw per forward, logged."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.log = []
+
+    def forward(self, x):
+        s = float(np.random.uniform(0.5, 1.5))
+        if not isinstance(x, torch.fx.Proxy):
+            self.log.append((float(x.detach().sum()), s))
+        h = torch.tanh(self.a(x)) * s
+        return self.c(torch.tanh(self.b(h)) * h)
+
+
+def test_python_and_numpy_draws_are_replayed_by_the_oracles_operator_and_resume(tmp_path):
+    """The reference oba oracle's passes of a batch all see the batch's one NumPy draw, and the
+    draws follow NumPy's sequence (one per batch); operator products of a model drawing from
+    Python's random are one fixed symmetric matrix; a resumed run draws what the uninterrupted
+    one drew."""
+    torch.manual_seed(0)
+    m = NumpyScale().double().train()
+    batches = _batches(3)
+    np.random.seed(0)
+    _score(m, batches, kind="oba", impl="reference")
+    np.random.seed(0)
+    want = [float(np.random.uniform(0.5, 1.5)) for _ in batches]
+    per_batch = {}
+    for k, s in m.log:
+        per_batch.setdefault(k, set()).add(s)
+    assert all(len(v) == 1 for v in per_batch.values()) and len(per_batch) == len(batches)
+    assert sorted(v.pop() for v in per_batch.values()) == sorted(want)
+
+    op = oba_ext.curvature_operator(FrozenDraw("python").double().train(), batches)
+    g = torch.Generator().manual_seed(4)
+    x, z = (torch.randn(op.shape[0], generator=g, dtype=D) for _ in range(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mx = op @ x
+        assert torch.equal(op @ x, mx)
+        mz = op @ z
+    assert abs(torch.dot(z, mx) - torch.dot(x, mz)) <= 1e-12 * mx.norm() * z.norm()
+
+    ck = str(tmp_path / "np.pt")
+    np.random.seed(1)
+    full = _score(m, batches, kind="exact", impl="reference")
+    np.random.seed(1)
+    _score(m, batches[:2], kind="exact", impl="reference", checkpoint=ck, checkpoint_every=1)
+    np.random.seed(99)
+    resumed = _score(m, batches, kind="exact", impl="reference", checkpoint=ck,
+                     checkpoint_every=1)
+    for n in ("a", "b", "c"):
+        assert torch.equal(resumed[n].out, full[n].out), n

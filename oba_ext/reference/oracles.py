@@ -24,6 +24,7 @@ from torch.autograd import forward_ad as fwAD
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
+from .. import model_prep
 from ..errors import RefusedError
 from ..inputs import call_args
 from .bilinear import BILINEAR, INPLACE_PRODUCTS
@@ -143,8 +144,10 @@ class FunctionalModel:
         self._cuda = dev.type == "cuda"
         self._cuda_rng = torch.cuda.get_rng_state(dev) if self._cuda else None
         self._device = dev
-        # generators the model owns (torch.rand(..., generator=self.gen)): replayed too
-        self._gens = [(g, g.get_state()) for g in module_generators(model)]
+        # generators the model owns (torch.rand(..., generator=self.gen)), Python's random and
+        # NumPy's: replayed too
+        self._gens = module_generators(model)
+        self._state = model_prep.rng_state(self._gens)
 
     @contextlib.contextmanager
     def _rng(self):
@@ -154,8 +157,7 @@ class FunctionalModel:
         torch.set_rng_state(self._cpu_rng)
         if self._cuda:
             torch.cuda.set_rng_state(self._cuda_rng, self._device)
-        for g, state in self._gens:
-            g.set_state(state)
+        model_prep.set_rng_state(self._state, self._gens)
         yield
 
     def loss(self, values: Dict[str, Tensor], mode: Optional[TorchFunctionMode] = None) -> Tensor:
