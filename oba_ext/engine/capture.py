@@ -200,13 +200,17 @@ class Step:
 
 
 class Program:
-    """A captured model: ``steps`` in topological order, ``output`` node, ``placeholders``."""
+    """A captured model: ``steps`` in topological order, ``output`` node, ``placeholders``.
+    A model returning a tuple/list/dict has ``output`` None and its flattened structure in
+    ``output_leaves`` (nodes or constants) and ``output_spec`` (``torch.utils._pytree``)."""
 
-    def __init__(self, steps, output, placeholders, defaults):
+    def __init__(self, steps, output, placeholders, defaults, output_leaves=None,
+                 output_spec=None):
         self.steps = steps
         self.output = output
         self.placeholders = placeholders
         self.defaults = defaults
+        self.output_leaves, self.output_spec = output_leaves, output_spec
 
 
 def _fetch_attr(model, target: str):
@@ -407,6 +411,8 @@ def capture(model: nn.Module, layers: Dict[str, "LayerSpec"], example=None) -> P
         with _grad_mode_recorder() as grad_off:
             graph = _Tracer().trace(model, concrete_args=concrete or None)
     except Exception as e:  # fx raises many types (TraceError, TypeError, …) for untraceable code
+        if _random_states_changed(rng_before, _random_states(model)):
+            _restore_random_states(model, rng_before)  # the fallback path must draw the same
         loc = user_location(e)
         raise CaptureError(f"torch.fx symbolic tracing of {type(model).__name__} failed"
                            + (f" at {loc}" if loc else "") + f": {type(e).__name__}: {e}") from e
@@ -473,9 +479,11 @@ def _compile(model, layers, graph) -> Program:
                 live[node] = False
             elif node.op == "output":
                 output = node.args[0]
-                if not isinstance(output, fx.Node):
-                    raise CaptureError(f"{type(model).__name__} returns {type(output).__name__}; the "
-                                       f"engine needs a model that returns a single tensor")
+                if not isinstance(output, fx.Node):  # a tuple/list/dict of values
+                    out_leaves, out_spec = pytree.tree_flatten(output)
+                    if not any(isinstance(x, fx.Node) for x in out_leaves):
+                        raise CaptureError(f"{type(model).__name__} returns "
+                                           f"{type(output).__name__} holding no computed value")
                 continue
             else:
                 reason = R.unsupported_reason(node, modules)
@@ -550,7 +558,9 @@ def _compile(model, layers, graph) -> Program:
         raise
     if output is None:
         raise CaptureError("the traced graph has no output")
-    if not live.get(output, False):
+    structured = not isinstance(output, fx.Node)
+    out_nodes = {x for x in out_leaves if isinstance(x, fx.Node)} if structured else {output}
+    if not any(live.get(n, False) for n in out_nodes):
         raise CaptureError("the model output does not depend on any target layer")
     # free each value after its last forward reader
     last = {}
@@ -558,8 +568,10 @@ def _compile(model, layers, graph) -> Program:
         for i in st.node_pos:
             last[st.flat[i]] = st
     for n, st in last.items():
-        if n is not output:
+        if n not in out_nodes:
             st.free_after.append(n)
+    if structured:
+        return Program(steps, None, placeholders, defaults, out_leaves, out_spec)
     return Program(steps, output, placeholders, defaults)
 
 

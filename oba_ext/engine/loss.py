@@ -101,6 +101,64 @@ def autograd_loss_streams(loss_fn, z: Tensor, t_z: Optional[Tensor], targets, ex
     return g.detach(), c
 
 
+class OutputDict(dict):
+    """A dict the model returned, as the loss sees it on the engine. fx traces a dict subclass
+    such as a Hugging Face ``ModelOutput`` as a plain dict, so this one also offers what a
+    ``ModelOutput`` does: attribute access (``out.logits``) and integer/slice indexing over its
+    non-None values (``out[0]``)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, slice)):
+            return self.to_tuple()[key]
+        return super().__getitem__(key)
+
+    def to_tuple(self):
+        return tuple(v for v in self.values() if v is not None)
+
+
+def _as_returned(z):
+    """fx's immutable dicts (nested too) as :class:`OutputDict`; other values as they are."""
+    if isinstance(z, dict):
+        return OutputDict((k, _as_returned(v)) for k, v in z.items())
+    if type(z) in (tuple, list) or type(z).__name__ == "immutable_list":
+        return type(z)(_as_returned(v) for v in z) if type(z) is tuple else [_as_returned(v) for v in z]
+    return z
+
+
+def structured_loss_streams(loss_fn, leaves, spec, t_leaves, targets, exact: bool):
+    """``(G, C)`` for a model returning a tuple/list/dict: ``leaves`` its flattened values
+    (``torch.utils._pytree`` ``spec``), ``t_leaves`` their tangents (None = 0). Returns two
+    lists aligned with ``leaves``: ``∇ℓ`` and, for ``exact``, ``∇²ℓ·T`` at each floating
+    tensor leaf (None elsewhere and where zero), by (double) backward through the loss only."""
+    from torch.utils import _pytree as pytree
+    idx = [i for i, x in enumerate(leaves) if isinstance(x, Tensor) and x.is_floating_point()]
+    with torch.enable_grad():
+        req = list(leaves)
+        for i in idx:
+            req[i] = leaves[i].detach().requires_grad_(True)
+        loss = loss_fn(_as_returned(pytree.tree_unflatten(req, spec)), targets)
+        want_c = exact and any(t_leaves[i] is not None for i in idx)
+        gs = torch.autograd.grad(loss, [req[i] for i in idx], create_graph=want_c,
+                                 allow_unused=True)
+        g_out, c_out = [None] * len(leaves), [None] * len(leaves)
+        for i, g in zip(idx, gs):
+            g_out[i] = g.detach() if g is not None else None
+        if want_c:
+            dot = sum((g * t_leaves[i]).sum() for i, g in zip(idx, gs)
+                      if g is not None and g.requires_grad and t_leaves[i] is not None)
+            if isinstance(dot, Tensor):
+                cs = torch.autograd.grad(dot, [req[i] for i in idx], allow_unused=True)
+                for i, c in zip(idx, cs):
+                    c_out[i] = c.detach() if c is not None else None
+    return g_out, c_out
+
+
 def loss_streams(rule, loss_fn, z, t_z, targets, exact: bool):
     """(G, C) at the model output for one mode; C is None when it is zero."""
     if rule is not None:

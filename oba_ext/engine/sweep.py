@@ -36,7 +36,7 @@ from ..inputs import call_args, describe
 from ..model_prep import rng_state as _rng_state, set_rng_state as _set_rng_state
 from ..layers import KINDS
 from .capture import CaptureError, Program, inspect_empty
-from .loss import loss_streams, resolve_loss_rule
+from .loss import loss_streams, resolve_loss_rule, structured_loss_streams
 from .rules import Call
 from .rules.pairs import as_pair, halves, new_pair
 
@@ -194,15 +194,14 @@ class EngineScorer:
                                                recorder)
             finally:
                 self._direction, self._product = None, False
-            z, t_z = val[self.program.output], tan.get(self.program.output)
+            z, t_z = self._output(val, tan)
             if kind == "ggn":
                 if t_z is None:  # nothing moved: GGN·v = 0
                     return {}
-                _, c = loss_streams(self.loss_rule, self.loss_fn, z, t_z, targets, exact=True)
+                _, c = self._loss_streams(z, t_z, targets, exact=True)
                 self._backward(ctxs, c, None, None, False, last=True)
             else:
-                g, c = loss_streams(self.loss_rule, self.loss_fn, z, t_z, targets,
-                                    exact=(kind == "exact"))
+                g, c = self._loss_streams(z, t_z, targets, exact=(kind == "exact"))
                 self._backward(ctxs, g, c, kind, False, last=True)
         return {self.layers[layer].qualified(k): v for layer, d in results.items()
                 for k, v in d.items()}
@@ -239,16 +238,34 @@ class EngineScorer:
 
         with torch.no_grad():
             val, tan, ctxs = self._forward(inputs, keys, tangents, "exact" in modes, recorder)
-            z, t_z = val[self.program.output], tan.get(self.program.output)
+            z, t_z = self._output(val, tan)
             passes = modes if modes else [None]
             g_z = None
             for i, mode in enumerate(passes):
-                g, c = loss_streams(self.loss_rule, self.loss_fn, z, t_z, targets,
-                                    exact=(mode == "exact"))
+                g, c = self._loss_streams(z, t_z, targets, exact=(mode == "exact"))
                 g_z = g if g_z is None else g_z
                 self._backward(ctxs, g_z, c, mode, first and i == 0, last=(i == len(passes) - 1))
         self._fill(results, quantities, keys)
         return results
+
+    def _output(self, val, tan):
+        """``(z, T_z)``: the output node's value and tangent, or for a model returning a
+        tuple/list/dict (``program.output_leaves``) the two lists of its flattened leaves
+        (constants as they are, tangents None where zero; ``T_z`` None when all are)."""
+        prog = self.program
+        if prog.output_spec is None:
+            return val[prog.output], tan.get(prog.output)
+        z = [val[x] if isinstance(x, fx.Node) else x for x in prog.output_leaves]
+        t = [tan.get(x) if isinstance(x, fx.Node) else None for x in prog.output_leaves]
+        return z, (t if any(x is not None for x in t) else None)
+
+    def _loss_streams(self, z, t_z, targets, exact):
+        """``(G, C)`` at the output (:func:`loss_streams`); per leaf for a structured output."""
+        prog = self.program
+        if prog.output_spec is None:
+            return loss_streams(self.loss_rule, self.loss_fn, z, t_z, targets, exact=exact)
+        t = t_z if t_z is not None else [None] * len(z)
+        return structured_loss_streams(self.loss_fn, z, prog.output_spec, t, targets, exact)
 
     def _forward(self, inputs, keys, tangents, want_exact, recorder):
         val = self._inputs(inputs)
@@ -339,8 +356,20 @@ class EngineScorer:
             ctxs[node] = ctx
 
     def _backward(self, ctxs, g_z, c_z, mode, first, last):
-        cot = {self.program.output: [g_z, c_z]}
         live = self.live
+        prog = self.program
+        if prog.output_spec is None:
+            cot = {prog.output: [g_z, c_z]}
+        else:  # one seed per output leaf (summed where a value is returned twice)
+            cot = {}
+            c_list = c_z if c_z is not None else [None] * len(g_z)
+            for x, g, c in zip(prog.output_leaves, g_z, c_list):
+                if not isinstance(x, fx.Node) or not live.get(x, False) or (g is None and c is None):
+                    continue
+                if g is None:
+                    g = torch.zeros_like(c)
+                old = cot.get(x)
+                cot[x] = [g, c] if old is None else [old[0] + g, _add(old[1], c)]
 
         def acc(n, g, c):
             old = cot.get(n)
