@@ -126,8 +126,10 @@ def _as_returned(z):
     """fx's immutable dicts (nested too) as :class:`OutputDict`; other values as they are."""
     if isinstance(z, dict):
         return OutputDict((k, _as_returned(v)) for k, v in z.items())
-    if type(z) in (tuple, list) or type(z).__name__ == "immutable_list":
-        return type(z)(_as_returned(v) for v in z) if type(z) is tuple else [_as_returned(v) for v in z]
+    if isinstance(z, list):  # fx's immutable_list too
+        return [_as_returned(v) for v in z]
+    if type(z) is tuple:
+        return tuple(_as_returned(v) for v in z)
     return z
 
 

@@ -320,7 +320,7 @@ class EngineScorer:
         cands = [b for b in range(lo, hi + 1) if crossing[b] <= m]
         target = max(2, int(math.ceil(math.sqrt(len(live_idx)))))
         per = len(live_idx) / target
-        plan, start, count = {}, 0, 0
+        plan, start = {}, 0
         live_before = [0] * (n + 1)
         for i in range(n):
             live_before[i + 1] = live_before[i] + (1 if steps[i].live else 0)
