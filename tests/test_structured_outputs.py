@@ -134,3 +134,30 @@ def test_hf_model_output_keeps_its_access_on_the_engine(loss):
     ref = oba_ext.score(m, data, impl="reference", **kw)
     for n in ref:
         assert_close_rel(eng[n].out, ref[n].out, f"{loss} {n}.out")
+
+
+def test_loss_reading_what_the_traced_dict_lacks_falls_back():
+    """A ModelOutput field left None is absent from the traced dict: a loss reading it falls
+    back to the reference path (auto, with a warning) and gets the reference's numbers."""
+    mo = pytest.importorskip("transformers.modeling_outputs")
+
+    class HF(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return mo.SequenceClassifierOutput(logits=self.head(torch.tanh(self.a(x))))
+
+    def loss(o, y):
+        extra = 0.0 if o.hidden_states is None else o.hidden_states[0].sum()
+        return F.cross_entropy(o.logits, y) + extra
+    torch.manual_seed(4)
+    m = HF().double()
+    data = [_xy(4)]
+    with pytest.warns(UserWarning, match="hidden_states"):
+        auto = oba_ext.score(m, data, loss_fn=loss, kind="exact", impl="auto", progress=False)
+    ref = oba_ext.score(m, data, loss_fn=loss, kind="exact", impl="reference", progress=False)
+    assert auto.impl == "reference"
+    for n in ref:
+        assert torch.equal(auto[n].out, ref[n].out), n

@@ -122,6 +122,10 @@ class OutputDict(dict):
         return tuple(v for v in self.values() if v is not None)
 
 
+def _has_dict(z) -> bool:
+    return isinstance(z, dict) or (isinstance(z, (list, tuple)) and any(_has_dict(v) for v in z))
+
+
 def _as_returned(z):
     """fx's immutable dicts (nested too) as :class:`OutputDict`; other values as they are."""
     if isinstance(z, dict):
@@ -144,7 +148,19 @@ def structured_loss_streams(loss_fn, leaves, spec, t_leaves, targets, exact: boo
         req = list(leaves)
         for i in idx:
             req[i] = leaves[i].detach().requires_grad_(True)
-        loss = loss_fn(_as_returned(pytree.tree_unflatten(req, spec)), targets)
+        out = _as_returned(pytree.tree_unflatten(req, spec))
+        try:
+            loss = loss_fn(out, targets)
+        except (AttributeError, KeyError, IndexError) as e:
+            if not _has_dict(out):
+                raise
+            # the loss reads something of the real output that the traced dict lacks (a
+            # ModelOutput field left None, a method of the output class): not this engine's
+            # to guess; the reference path calls the model itself
+            from .capture import CaptureError  # noqa: PLC0415 (capture imports the rules)
+            raise CaptureError(f"the loss reads {type(e).__name__} {e} from the model's "
+                               f"output, which the engine sees as a traced dict (a ModelOutput "
+                               f"or dict subclass loses its class in tracing)") from e
         want_c = exact and any(t_leaves[i] is not None for i in idx)
         gs = torch.autograd.grad(loss, [req[i] for i in idx], create_graph=want_c,
                                  allow_unused=True)
