@@ -136,26 +136,129 @@ def test_hf_model_output_keeps_its_access_on_the_engine(loss):
         assert_close_rel(eng[n].out, ref[n].out, f"{loss} {n}.out")
 
 
-def test_loss_reading_what_the_traced_dict_lacks_falls_back():
-    """A ModelOutput field left None is absent from the traced dict: a loss reading it falls
-    back to the reference path (auto, with a warning) and gets the reference's numbers."""
+def test_model_output_is_the_real_class_on_the_engine():
+    """fx traces a ModelOutput as a dict of its set fields; the engine hands the loss the real
+    class (learned from one example call), so fields left None, isinstance, setting a field
+    and integer keys of a plain dict behave as on the reference path."""
     mo = pytest.importorskip("transformers.modeling_outputs")
+    from transformers.utils import ModelOutput
 
     class HF(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+            self.a, self.head, self.b = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 3)
 
         def forward(self, x):
-            return mo.SequenceClassifierOutput(logits=self.head(torch.tanh(self.a(x))))
+            h = torch.tanh(self.a(x))
+            return mo.SequenceClassifierOutput(logits=self.head(h), attentions=(self.b(h),))
+
+    class IntKeys(HF):
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return {1: self.head(h), 0: self.b(h)}
+
+    def hf_loss(o, y):
+        assert isinstance(o, ModelOutput)
+        extra = 0.0 if o.hidden_states is None else o.hidden_states[0].sum()
+        o.logits = o.logits / 0.5  # a ModelOutput updates its dict entry too
+        return F.cross_entropy(o[0], y) + extra + 0.1 * o.attentions[0].square().mean()
+
+    torch.manual_seed(4)
+    data = [_xy(4)]
+    for model, loss in ((HF(), hf_loss), (IntKeys(), lambda o, y: F.cross_entropy(o[0], y))):
+        m = model.double()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            eng = oba_ext.score(m, data, loss_fn=loss, kind="exact", impl="auto", progress=False)
+        ref = oba_ext.score(m, data, loss_fn=loss, kind="exact", impl="reference", progress=False)
+        assert eng.impl == "kernel"
+        for n in ref:
+            if ref[n].out.any():
+                assert_close_rel(eng[n].out, ref[n].out, f"{type(m).__name__} {n}.out")
+            else:
+                assert not eng[n].out.any(), n
+
+
+def test_a_value_returned_twice_is_one_tensor_for_the_loss():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(6, 3)
+
+        def forward(self, x):
+            z = self.a(x)
+            return z, z
 
     def loss(o, y):
-        extra = 0.0 if o.hidden_states is None else o.hidden_states[0].sum()
-        return F.cross_entropy(o.logits, y) + extra
-    torch.manual_seed(4)
-    m = HF().double()
-    data = [_xy(4)]
-    with pytest.warns(UserWarning, match="hidden_states"):
+        return F.cross_entropy(o[0], y) * (2.0 if o[0] is o[1] else 1.0)
+    torch.manual_seed(5)
+    m = Twice().double()
+    data = [_xy(5)]
+    eng = oba_ext.score(m, data, loss_fn=loss, kind="exact", impl="kernel", progress=False)
+    ref = oba_ext.score(m, data, loss_fn=loss, kind="exact", impl="reference", progress=False)
+    assert_close_rel(eng["a"].out, ref["a"].out, "a.out")
+
+
+def test_oba_refuses_a_loss_that_multiplies_outputs_and_auto_agrees_with_reference():
+    """CLIP-style CE(o[0] @ o[1].T): SPEC §2 drops the loss's curvature, the reference oracle
+    counts the product; the engine refuses oba (auto falls back), exact runs on the engine."""
+    class Clip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fi, self.ft = nn.Linear(5, 4), nn.Linear(6, 4)
+
+        def forward(self, xi, xt):
+            return self.fi(torch.tanh(xi)), self.ft(xt)
+    torch.manual_seed(6)
+    m = Clip().double()
+    g = torch.Generator().manual_seed(6)
+    data = [((torch.randn(8, 5, generator=g, dtype=D), torch.randn(8, 6, generator=g, dtype=D)),
+             torch.arange(8))]
+
+    def loss(o, y):
+        return F.cross_entropy(o[0] @ o[1].T, y)
+    with pytest.raises(RuntimeError, match="multiplies two values"):
+        oba_ext.score(m, data, loss_fn=loss, kind="oba", impl="kernel", progress=False)
+    with pytest.warns(UserWarning, match="multiplies two values"):
+        auto = oba_ext.score(m, data, loss_fn=loss, kind="oba", impl="auto", progress=False)
+    ref = oba_ext.score(m, data, loss_fn=loss, kind="oba", impl="reference", progress=False)
+    assert auto.impl == "reference"
+    for n in ref:
+        assert torch.equal(auto[n].out, ref[n].out), n
+    ex = oba_ext.score(m, data, loss_fn=loss, kind="exact", impl="kernel", progress=False)
+    exr = oba_ext.score(m, data, loss_fn=loss, kind="exact", impl="reference", progress=False)
+    for n in exr:
+        assert_close_rel(ex[n].out, exr[n].out, f"exact {n}.out")
+
+
+def test_in_place_loss_and_namedtuple_outputs():
+    """A loss working on the output in place matches the reference; a namedtuple output (one
+    fx call the engine cannot take apart) falls back under auto instead of failing."""
+    import collections
+    NT = collections.namedtuple("NT", "logits aux")
+
+    class Two(nn.Module):
+        def __init__(self, nt=False):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(6, 7), nn.Linear(7, 3), nn.Linear(7, 3)
+            self.nt = nt
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return NT(self.b(h), self.c(h)) if self.nt else (self.b(h), self.c(h))
+    torch.manual_seed(7)
+    data = [_xy(7)]
+    m = Two().double()
+    loss = lambda o, y: F.cross_entropy(o[0].add_(o[1]), y)  # noqa: E731
+    for kind in ("oba", "exact"):
+        eng = oba_ext.score(m, data, loss_fn=loss, kind=kind, impl="kernel", progress=False)
+        ref = oba_ext.score(m, data, loss_fn=loss, kind=kind, impl="reference", progress=False)
+        for n in ref:
+            assert_close_rel(eng[n].out, ref[n].out, f"in place {kind} {n}.out")
+    m = Two(nt=True).double()
+    loss = lambda o, y: F.cross_entropy(o.logits + o.aux, y)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         auto = oba_ext.score(m, data, loss_fn=loss, kind="exact", impl="auto", progress=False)
     ref = oba_ext.score(m, data, loss_fn=loss, kind="exact", impl="reference", progress=False)
     assert auto.impl == "reference"

@@ -429,13 +429,52 @@ def capture(model: nn.Module, layers: Dict[str, "LayerSpec"], example=None) -> P
                            f"{grad_off[0]}: fx does not record grad mode, so the engine would "
                            f"differentiate through that stop-gradient")
     try:
-        return _compile(model, layers, graph)
+        program = _compile(model, layers, graph)
     except CaptureError as e:
         node = getattr(e, "node", None)
         loc = _node_location(node)
         if loc and loc not in str(e):
             raise CaptureError(f"{e} (at {loc})", refused=e.refused) from e
         raise
+    if program.output_spec is not None:
+        program.output_spec = _real_output_spec(model, example, program)
+    return program
+
+
+def _real_output_spec(model: nn.Module, example, program) -> "pytree.TreeSpec":
+    """The pytree spec of what the model really returns, for a structured output. fx records a
+    dict subclass (a Hugging Face ``ModelOutput``) as a plain dict and loses its class; one
+    eager call on the example batch (no gradients; buffers and every random generator put
+    back) gives the real structure, so the loss sees the same object type on the engine as on
+    the reference path (``isinstance``, attribute access, fields left None). ``CaptureError``
+    when there is no example or the real leaves do not match the traced ones one to one."""
+    if example is None:
+        raise CaptureError(f"{type(model).__name__} returns a structure; the engine needs an "
+                           f"example batch to learn its real type")
+    from ..inputs import call_args
+    args, kwargs = call_args(example[0])
+    bufs = {n: b.clone() for n, b in model.named_buffers()}
+    rng = _random_states(model)
+    try:
+        with torch.no_grad():
+            real = model(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - the reference path will raise it again, by name
+        raise CaptureError(f"the example call of {type(model).__name__} failed "
+                           f"({type(e).__name__}: {e})") from e
+    finally:
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                if n in bufs:
+                    b.copy_(bufs[n])
+        _restore_random_states(model, rng)
+    leaves, spec = pytree.tree_flatten(real)
+    traced = program.output_leaves
+    same = len(leaves) == len(traced) and all(
+        isinstance(a, torch.Tensor) == isinstance(b, fx.Node) for a, b in zip(leaves, traced))
+    if not same:
+        raise CaptureError(f"the traced output of {type(model).__name__} does not match what it "
+                           f"returns ({type(real).__name__} with {len(leaves)} leaves)")
+    return spec
 
 
 def _compile(model, layers, graph) -> Program:

@@ -89,7 +89,7 @@ def autograd_loss_streams(loss_fn, z: Tensor, t_z: Optional[Tensor], targets, ex
     """``G = ∇ℓ(z)`` and, for ``exact``, ``C = ∇²ℓ·T_z`` by (double) backward."""
     with torch.enable_grad():
         zz = z.detach().requires_grad_(True)
-        loss = loss_fn(zz, targets)
+        loss = loss_fn(zz.clone(), targets)  # a clone: the loss may work on it in place
         want_c = exact and t_z is not None
         (g,) = torch.autograd.grad(loss, zz, create_graph=want_c)
         c = None
@@ -101,80 +101,86 @@ def autograd_loss_streams(loss_fn, z: Tensor, t_z: Optional[Tensor], targets, ex
     return g.detach(), c
 
 
-class OutputDict(dict):
-    """A dict the model returned, as the loss sees it on the engine. fx traces a dict subclass
-    such as a Hugging Face ``ModelOutput`` as a plain dict, so this one also offers what a
-    ``ModelOutput`` does: attribute access (``out.logits``) and integer/slice indexing over its
-    non-None values (``out[0]``)."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def __getitem__(self, key):
-        if isinstance(key, (int, slice)):
-            return self.to_tuple()[key]
-        return super().__getitem__(key)
-
-    def to_tuple(self):
-        return tuple(v for v in self.values() if v is not None)
-
-
-def _has_dict(z) -> bool:
-    return isinstance(z, dict) or (isinstance(z, (list, tuple)) and any(_has_dict(v) for v in z))
-
-
-def _as_returned(z):
-    """fx's immutable dicts (nested too) as :class:`OutputDict`; other values as they are."""
-    if isinstance(z, dict):
-        return OutputDict((k, _as_returned(v)) for k, v in z.items())
-    if isinstance(z, list):  # fx's immutable_list too
-        return [_as_returned(v) for v in z]
-    if type(z) is tuple:
-        return tuple(_as_returned(v) for v in z)
-    return z
-
-
 def structured_loss_streams(loss_fn, leaves, spec, t_leaves, targets, exact: bool):
-    """``(G, C)`` for a model returning a tuple/list/dict: ``leaves`` its flattened values
-    (``torch.utils._pytree`` ``spec``), ``t_leaves`` their tangents (None = 0). Returns two
-    lists aligned with ``leaves``: ``∇ℓ`` and, for ``exact``, ``∇²ℓ·T`` at each floating
-    tensor leaf (None elsewhere and where zero), by (double) backward through the loss only."""
+    """``(G, C)`` for a model returning a structure (tuple, list, dict, ``ModelOutput``):
+    ``leaves`` its flattened values (``torch.utils._pytree`` ``spec``, the real output's),
+    ``t_leaves`` their tangents (None = 0). Returns two lists aligned with ``leaves``: ``∇ℓ``
+    and, for ``exact``, ``∇²ℓ·T`` at each floating tensor leaf (None elsewhere and where zero),
+    by (double) backward through the loss only. A value returned twice is one tensor for the
+    loss (``o[0] is o[1]``), and its G/C is given at its first position only."""
     from torch.utils import _pytree as pytree
-    idx = [i for i, x in enumerate(leaves) if isinstance(x, Tensor) and x.is_floating_point()]
+    first = {}  # id(value) -> first position
+    for i, x in enumerate(leaves):
+        if isinstance(x, Tensor) and x.is_floating_point():
+            first.setdefault(id(x), i)
+    idx = sorted(first.values())
     with torch.enable_grad():
-        req = list(leaves)
-        for i in idx:
-            req[i] = leaves[i].detach().requires_grad_(True)
-        out = _as_returned(pytree.tree_unflatten(req, spec))
-        try:
-            loss = loss_fn(out, targets)
-        except (AttributeError, KeyError, IndexError) as e:
-            if not _has_dict(out):
-                raise
-            # the loss reads something of the real output that the traced dict lacks (a
-            # ModelOutput field left None, a method of the output class): not this engine's
-            # to guess; the reference path calls the model itself
-            from .capture import CaptureError  # noqa: PLC0415 (capture imports the rules)
-            raise CaptureError(f"the loss reads {type(e).__name__} {e} from the model's "
-                               f"output, which the engine sees as a traced dict (a ModelOutput "
-                               f"or dict subclass loses its class in tracing)") from e
-        want_c = exact and any(t_leaves[i] is not None for i in idx)
+        req = {i: leaves[i].detach().requires_grad_(True) for i in idx}
+        seen = {i: r.clone() for i, r in req.items()}  # not leaves: the loss may work in place
+        inp = [seen[first[id(x)]] if isinstance(x, Tensor) and id(x) in first else x
+               for x in leaves]
+        loss = loss_fn(pytree.tree_unflatten(inp, spec), targets)
+        tans = {i: _sum_tangents(t_leaves, leaves, first, i) for i in idx}
+        want_c = exact and any(t is not None for t in tans.values())
         gs = torch.autograd.grad(loss, [req[i] for i in idx], create_graph=want_c,
                                  allow_unused=True)
         g_out, c_out = [None] * len(leaves), [None] * len(leaves)
         for i, g in zip(idx, gs):
             g_out[i] = g.detach() if g is not None else None
         if want_c:
-            dot = sum((g * t_leaves[i]).sum() for i, g in zip(idx, gs)
-                      if g is not None and g.requires_grad and t_leaves[i] is not None)
+            dot = sum((g * tans[i]).sum() for i, g in zip(idx, gs)
+                      if g is not None and g.requires_grad and tans[i] is not None)
             if isinstance(dot, Tensor):
                 cs = torch.autograd.grad(dot, [req[i] for i in idx], allow_unused=True)
                 for i, c in zip(idx, cs):
                     c_out[i] = c.detach() if c is not None else None
     return g_out, c_out
+
+
+def _sum_tangents(t_leaves, leaves, first, i):
+    """The tangent of the value at position ``i`` (the same value returned twice has one)."""
+    ts = [t_leaves[j] for j, x in enumerate(leaves)
+          if isinstance(x, Tensor) and first.get(id(x)) == i and t_leaves[j] is not None]
+    return ts[0] if ts else None
+
+
+def loss_multiplies(loss_fn, z, targets, spec=None, dependent=None) -> Optional[str]:
+    """The name of a bilinear op (matmul, product, ...) inside ``loss_fn`` whose two operands
+    both depend on θ through the model output ``z`` (a tensor, or with ``spec`` the list of
+    a structure's leaves, ``dependent[i]`` whether leaf i depends on θ), or None.
+    SPEC §2 drops the loss's own curvature from Ĥ, while the reference Φ-oracle records every
+    bilinear node the loss evaluates; the engine refuses such a loss for ``oba`` rather than
+    disagree with it silently (a CLIP-style ``CE(o[0] @ o[1].T)``)."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils import _pytree as pytree
+    from ..reference.bilinear import BILINEAR
+    found = []
+
+    class _Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            split = BILINEAR.get(func)
+            if split is not None and not found:
+                parts = split(args, kwargs)
+                if parts is not None and all(isinstance(p, Tensor) and p.requires_grad
+                                             for p in parts[:2]):
+                    found.append(getattr(func, "__name__", str(func)))
+            return func(*args, **kwargs)
+
+    with torch.enable_grad():
+        if spec is not None:
+            seen = {}
+            inp = []
+            for x, dep in zip(z, dependent):
+                if isinstance(x, Tensor) and x.is_floating_point() and dep:
+                    x = seen.setdefault(id(x), x.detach().requires_grad_(True).clone())
+                inp.append(x)
+            out = pytree.tree_unflatten(inp, spec)
+        else:
+            out = z.detach().requires_grad_(True).clone()  # the loss may work in place
+        with _Spy():
+            loss_fn(out, targets)
+    return found[0] if found else None
 
 
 def loss_streams(rule, loss_fn, z, t_z, targets, exact: bool):

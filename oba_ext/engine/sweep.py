@@ -36,7 +36,7 @@ from ..inputs import call_args, describe
 from ..model_prep import rng_state as _rng_state, set_rng_state as _set_rng_state
 from ..layers import KINDS
 from .capture import CaptureError, Program, inspect_empty
-from .loss import loss_streams, resolve_loss_rule, structured_loss_streams
+from .loss import loss_multiplies, loss_streams, resolve_loss_rule, structured_loss_streams
 from .rules import Call
 from .rules.pairs import as_pair, halves, new_pair
 
@@ -102,6 +102,7 @@ class EngineScorer:
         self.recompute = False
         self._segments = {}
         self._plan = None
+        self._loss_products_checked = False
 
     # ------------------------------------------------------------------ helpers
     def _check(self, quantities, keys):
@@ -201,6 +202,8 @@ class EngineScorer:
                 _, c = self._loss_streams(z, t_z, targets, exact=True)
                 self._backward(ctxs, c, None, None, False, last=True)
             else:
+                if kind == "oba":
+                    self._check_loss_products(z, targets)
                 g, c = self._loss_streams(z, t_z, targets, exact=(kind == "exact"))
                 self._backward(ctxs, g, c, kind, False, last=True)
         return {self.layers[layer].qualified(k): v for layer, d in results.items()
@@ -242,6 +245,8 @@ class EngineScorer:
             passes = modes if modes else [None]
             g_z = None
             for i, mode in enumerate(passes):
+                if mode == "oba":
+                    self._check_loss_products(z, targets)
                 g, c = self._loss_streams(z, t_z, targets, exact=(mode == "exact"))
                 g_z = g if g_z is None else g_z
                 self._backward(ctxs, g_z, c, mode, first and i == 0, last=(i == len(passes) - 1))
@@ -254,10 +259,36 @@ class EngineScorer:
         (constants as they are, tangents None where zero; ``T_z`` None when all are)."""
         prog = self.program
         if prog.output_spec is None:
-            return val[prog.output], tan.get(prog.output)
+            z = val[prog.output]
+            if not isinstance(z, torch.Tensor):  # e.g. a namedtuple: fx records one call
+                raise CaptureError(f"the model returns {type(z).__name__}, which fx records as "
+                                   f"one call the engine cannot take apart")
+            return z, tan.get(prog.output)
         z = [val[x] if isinstance(x, fx.Node) else x for x in prog.output_leaves]
         t = [tan.get(x) if isinstance(x, fx.Node) else None for x in prog.output_leaves]
         return z, (t if any(x is not None for x in t) else None)
+
+    def _check_loss_products(self, z, targets):
+        """``CaptureError`` for an ``oba`` sweep whose loss multiplies two values that depend on
+        the model output (:func:`loss_multiplies`); checked once per scorer, and only for a
+        loss without a hand-written rule (cross-entropy and MSE have no such product)."""
+        if self._loss_products_checked:
+            return
+        prog = self.program
+        if self.loss_rule is None or prog.output_spec is not None:
+            dep = None
+            if prog.output_spec is not None:
+                dep = [isinstance(x, fx.Node) and self.live.get(x, False)
+                       for x in prog.output_leaves]
+            name = loss_multiplies(self.loss_fn, z, targets, prog.output_spec, dep)
+            if name is not None:
+                raise CaptureError(
+                    f"the loss multiplies two values computed from the model's output ({name}): "
+                    f"SPEC §2 drops the loss's own curvature from OBA's Ĥ, while the reference "
+                    f"oracle counts products inside the loss, so the engine does not score it "
+                    f"for oba (exact, taylor and ggn are unaffected); write the product into "
+                    f"the model's forward to score it as a product of activations")
+        self._loss_products_checked = True
 
     def _loss_streams(self, z, t_z, targets, exact):
         """``(G, C)`` at the output (:func:`loss_streams`); per leaf for a structured output."""
